@@ -1,0 +1,21 @@
+"""jaxsce: numerically stable softmax and softmax cross-entropy for JAX.
+
+Everything public is re-exported here; the implementation lives in private
+modules, one per concern.
+"""
+
+from ._cross_entropy import cross_entropy as cross_entropy
+from ._reduce import LossAux as LossAux
+from ._softmax import log_softmax as log_softmax
+from ._softmax import logsumexp as logsumexp
+from ._softmax import softmax as softmax
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LossAux",
+    "cross_entropy",
+    "log_softmax",
+    "logsumexp",
+    "softmax",
+]

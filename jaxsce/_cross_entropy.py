@@ -1,0 +1,303 @@
+"""``cross_entropy``: softmax cross-entropy with PyTorch's options and analytic gradients."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import checkify
+
+from . import _reduce, _rows, _validate
+from ._targets import Options
+
+AxisName = str | tuple[str, ...] | None
+
+
+def axis_size(axis_name: AxisName) -> int:
+    """Static size of a (tuple of) mesh axis inside ``shard_map``."""
+    if axis_name is None:
+        return 1
+    try:
+        return int(lax.axis_size(axis_name))
+    except (NameError, ValueError) as e:
+        raise ValueError(
+            f"axis_name={axis_name!r} is not a mesh axis bound here: call the "
+            f"loss inside jax.shard_map over a mesh with that axis ({e})."
+        ) from None
+
+
+def check_static_options(
+    *,
+    reduction: str,
+    ignore_index: Any,
+    label_smoothing: Any,
+    z_loss: Any,
+    logit_softcap: Any,
+    derivative: str,
+) -> dict:
+    """Validates the static options shared by every loss; returns them normalized."""
+    return dict(
+        reduction=_validate.check_choice(reduction, "reduction", _validate.REDUCTIONS),
+        ignore_index=_validate.check_ignore_index(ignore_index),
+        label_smoothing=_validate.static_float(label_smoothing, "label_smoothing", low=0.0, high=1.0),
+        z_loss=_validate.static_float(z_loss, "z_loss", low=0.0),
+        logit_softcap=None
+        if logit_softcap is None
+        else _validate.static_float(logit_softcap, "logit_softcap", low=0.0, low_open=True),
+        derivative=_validate.check_choice(derivative, "derivative", _validate.DERIVATIVES),
+    )
+
+
+def label_validity(labels, num_classes: int, valid, ignore_index, check_labels: bool):
+    """Applies ``ignore_index``; returns ``(int32-or-wider labels, valid)``.
+
+    A label outside ``[0, C)`` that is counted is mapped to -1, which the
+    kernel turns into a NaN loss; with ``check_labels`` a checkify error names
+    the first offending flat index and value instead.
+    """
+    if ignore_index is not None:
+        valid = valid & (labels != ignore_index)
+    in_range = (labels >= 0) & (labels < num_classes)
+    if check_labels:
+        bad = valid & ~in_range
+        first = jnp.argmax(bad)
+        checkify.check(
+            ~jnp.any(bad),
+            f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
+            "found {value} at flat index {index}",
+            value=labels.reshape(-1)[first],
+            index=first,
+        )
+    wide = jnp.int64 if num_classes > np.iinfo(np.int32).max else jnp.int32
+    labels = jnp.where(in_range, labels, -1).astype(wide)
+    return labels, valid
+
+
+def finish(ce, lse, correct, w_y, valid, *, z_loss, reduction, return_aux, batch_axis_name, batch_shape):
+    """Adds the z-loss, reduces, and builds the auxiliary outputs."""
+    z_term = z_loss * jnp.square(lse) if z_loss else jnp.zeros_like(lse)
+    per_example = ce + z_term if z_loss else ce
+    loss = _reduce.reduce_loss(per_example, w_y, reduction, batch_axis_name)
+    if reduction == "none":
+        loss = loss.reshape(batch_shape)
+    if not return_aux:
+        return loss
+    aux = _reduce.make_aux(lse.reshape(batch_shape), z_term.reshape(batch_shape), correct, valid, batch_axis_name)
+    return loss, aux
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "axis",
+        "reduction",
+        "ignore_index",
+        "label_smoothing",
+        "z_loss",
+        "logit_softcap",
+        "return_aux",
+        "derivative",
+        "axis_name",
+        "batch_axis_name",
+        "check_labels",
+    ),
+)
+def cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    axis: int | Sequence[int] = -1,
+    where: jax.Array | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    weight: jax.Array | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    return_aux: bool = False,
+    derivative: str = "vjp",
+    axis_name: AxisName = None,
+    batch_axis_name: AxisName = None,
+    check_labels: bool = False,
+) -> jax.Array | tuple[jax.Array, _reduce.LossAux]:
+    r"""Softmax cross-entropy with an analytic gradient.
+
+    For an example with logits :math:`z` over :math:`C` classes, soft-capped
+    logits :math:`s` (``s = z`` unless ``logit_softcap``) and target vector
+    :math:`q`:
+
+    .. math::
+        \ell = \sum_c q_c \bigl(\mathrm{lse}(s) - s_c\bigr)
+               + \lambda\,\mathrm{lse}(s)^2,
+        \qquad
+        \frac{\partial \ell}{\partial s} = Q\,\mathrm{softmax}(s) - q
+               + 2\lambda\,\mathrm{lse}(s)\,\mathrm{softmax}(s),
+
+    with :math:`Q = \sum_c q_c` and :math:`\lambda` = ``z_loss``. PyTorch's
+    options set :math:`q` (``torch.nn.functional.cross_entropy``):
+
+    * class id :math:`y`: :math:`q = (1-\varepsilon)\,w_y e_y + \tfrac{\varepsilon}{C} w`,
+      where :math:`w` = ``weight`` (ones if None), :math:`\varepsilon` =
+      ``label_smoothing``; without options, :math:`\ell = -\log p_y` and the
+      gradient is the tutorial's :math:`p - y`;
+    * probability target :math:`t`: :math:`q = w \odot ((1-\varepsilon)\,t + \tfrac{\varepsilon}{C})`.
+
+    Reductions: ``"none"`` returns per-example losses (batch shape);
+    ``"sum"`` their sum; ``"mean"`` their sum divided by the number of counted
+    examples, or, for class ids with ``weight``, by :math:`\sum_n w_{y_n}` over
+    counted examples (PyTorch). Probability targets with ``weight`` divide by
+    the count (PyTorch).
+
+    Args:
+      logits: floating array ``[..., C, ...]``; any number of batch axes.
+      labels: class ids (any integer dtype) of ``logits.shape`` without
+        ``axis``; or probability targets (floating) of ``logits.shape``.
+      axis: class axis, or tuple of axes whose product is the class set (a
+        class id is then the row-major flat index over them, in the order
+        given). Need not be last.
+      where: boolean mask of the batch shape (``logits.shape`` without
+        ``axis``): examples where it is False contribute exactly 0 to the
+        loss and get exactly 0 gradient, even if their logits are NaN.
+      reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
+      ignore_index: class id marking examples to skip (PyTorch uses -100).
+        Class-id labels only.
+      weight: per-class weights ``[C]``, floating; treated as constants (no
+        gradient flows to them, as in PyTorch).
+      label_smoothing: :math:`\varepsilon \in [0, 1]`.
+      z_loss: :math:`\lambda \ge 0`, adds :math:`\lambda\,\mathrm{lse}^2` per
+        counted example (PaLM, T5X). Not multiplied by class weights.
+      logit_softcap: ``cap > 0``: logits become ``cap * tanh(logits / cap)``
+        before the softmax (Gemma 2); the gradient includes the chain rule.
+      return_aux: also return a :class:`LossAux` (per-example ``lse`` and
+        z-loss, accuracy, count), computed in the same pass.
+      derivative: ``"vjp"`` (default): a ``jax.custom_vjp`` that saves only the
+        logits and one float per example; fastest and leanest for
+        ``jax.grad``, but cannot be used with ``jax.jvp``/``jax.jacfwd``.
+        ``"jvp"``: the same analytic derivative as a ``jax.custom_jvp``, so
+        forward mode, ``jax.hessian`` and higher orders work; reverse mode
+        then keeps ``softmax``-sized intermediates.
+      axis_name: mesh axis (inside ``jax.shard_map``) over which the class
+        axis is split; ``logits`` is then the local slice, ``labels`` hold
+        global class ids and ``weight`` is the local slice of the class
+        weights. Communication: one ``pmax`` and one ``psum`` of a few floats
+        per example.
+      batch_axis_name: mesh axes over which the examples are split: ``"sum"``
+        and ``"mean"`` then reduce over all shards, and the mean's denominator
+        counts global examples.
+      check_labels: add a ``jax.experimental.checkify`` check that every
+        counted label lies in ``[0, C)``, naming the first offending index and
+        value. Wrap the caller in ``checkify.checkify`` to use it under jit.
+
+    Returns:
+      The loss: a scalar for ``"mean"``/``"sum"``, the batch shape for
+      ``"none"``; float32 for 16-bit or float32 logits, float64 for float64.
+      With ``return_aux``: ``(loss, aux)``. Gradients come back in the dtype
+      of ``logits`` (and of probability ``labels``).
+
+    Raises:
+      TypeError: non-floating ``logits`` or ``weight``; ``labels`` neither
+        integer nor floating; non-boolean ``where``; non-static options.
+      ValueError: ``labels``/``where``/``weight`` of the wrong shape,
+        ``axis`` out of range, an unknown ``reduction`` or ``derivative``,
+        options out of range, ``ignore_index`` with probability targets.
+
+    Note:
+      Logits of ``-inf`` (masked vocabulary) are allowed: the loss stays
+      finite while the target's logit is finite (for probability targets,
+      ``0 * log 0 = 0``). A NaN or ``+inf`` logit in a counted example makes
+      its loss and gradient NaN. A counted class id outside ``[0, C)`` gives
+      NaN (PyTorch raises; a plausible number would hide the bug). When
+      nothing is counted, ``"mean"`` gives 0 with zero gradient (PyTorch:
+      NaN).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxsce
+      >>> logits = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]])
+      >>> labels = jnp.array([0, 1])
+      >>> jaxsce.cross_entropy(logits, labels)
+      Array(0.32656..., dtype=float32)
+      >>> jax.grad(jaxsce.cross_entropy)(logits, labels).sum(-1)  # p - y sums to 0
+      Array([0., 0.], dtype=float32)
+    """
+    opt = check_static_options(
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        derivative=derivative,
+    )
+    logits = _validate.check_floating(logits, "logits")
+    axes = _validate.canonical_axes(axis, logits.ndim)
+    batch_shape = tuple(d for i, d in enumerate(logits.shape) if i not in axes)
+    local_classes = math.prod(logits.shape[a] for a in axes)
+    num_classes = local_classes * axis_size(axis_name)
+
+    labels = jnp.asarray(labels)
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        soft = False
+        if labels.shape != batch_shape:
+            raise ValueError(
+                f"integer labels have shape {labels.shape}, but logits of shape "
+                f"{logits.shape} with class axis {axis} need shape {batch_shape}."
+            )
+    elif jnp.issubdtype(labels.dtype, jnp.floating):
+        soft = True
+        if labels.shape != logits.shape:
+            raise ValueError(
+                f"probability labels (dtype {labels.dtype}) have shape {labels.shape}, "
+                f"but must have the logits' shape {logits.shape}."
+            )
+        if opt["ignore_index"] is not None:
+            raise ValueError("ignore_index applies to class-id labels only, got probability labels.")
+    else:
+        raise TypeError(
+            f"labels must be integer class ids or floating probabilities, got "
+            f"dtype {labels.dtype} with shape {labels.shape}."
+        )
+
+    n = math.prod(batch_shape)
+    perm = [i for i in range(logits.ndim) if i not in axes] + list(axes)
+    z = jnp.transpose(logits, perm).reshape(n, local_classes)
+    if soft:
+        target = jnp.transpose(labels, perm).reshape(n, local_classes)
+    else:
+        target = labels.reshape(n)
+    valid = jnp.ones(n, bool)
+    if where is not None:
+        valid = _validate.check_mask(where, batch_shape, "where", "the batch shape: logits.shape without axis")
+        valid = valid.reshape(n)
+    if not soft:
+        target, valid = label_validity(target, num_classes, valid, opt["ignore_index"], check_labels)
+    class_weight = None
+    if weight is not None:
+        class_weight = lax.stop_gradient(_validate.check_class_weight(weight, local_classes))
+
+    opts = Options(
+        num_classes=num_classes,
+        label_smoothing=opt["label_smoothing"],
+        logit_softcap=opt["logit_softcap"],
+        weighted=class_weight is not None,
+        soft=soft,
+        vocab_axis=axis_name,
+    )
+    kernel = _rows.rows_vjp if opt["derivative"] == "vjp" else _rows.rows_jvp
+    ce, lse, correct, w_y = kernel(z, target, valid, class_weight, opts)
+    return finish(
+        ce,
+        lse,
+        correct,
+        w_y,
+        valid,
+        z_loss=opt["z_loss"],
+        reduction=opt["reduction"],
+        return_aux=return_aux,
+        batch_axis_name=batch_axis_name,
+        batch_shape=batch_shape,
+    )

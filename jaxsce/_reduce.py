@@ -1,0 +1,67 @@
+"""Reductions of per-example losses, and the auxiliary outputs.
+
+Shared by ``cross_entropy`` and ``linear_cross_entropy`` so that ``"mean"``,
+data-parallel normalization and the accuracy are defined once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class LossAux(NamedTuple):
+    """Auxiliary outputs of a loss, computed in the same pass as the loss.
+
+    Attributes:
+      lse: per-example log-sum-exp of the (soft-capped) logits, batch shape,
+        float32 (float64 under x64); 0 for examples that are not counted.
+      z_loss: per-example z-loss term ``z_loss * lse**2`` (0 where not counted).
+      accuracy: scalar top-1 accuracy over the counted examples (0 if none).
+        An example is a hit when its label's logit equals the row maximum
+        (for probability targets: the logits' argmax class carries the
+        target's largest probability).
+      count: scalar number of counted examples (after ``where`` and
+        ``ignore_index``), summed over ``batch_axis_name`` when given.
+    """
+
+    lse: jax.Array
+    z_loss: jax.Array
+    accuracy: jax.Array
+    count: jax.Array
+
+
+def _psum(x, axes):
+    return x if axes is None else lax.psum(x, axes)
+
+
+def reduce_loss(per_example: jax.Array, normalizer: jax.Array, reduction: str, batch_axes):
+    """``"none"``: as is; ``"sum"``: total; ``"mean"``: total / sum(normalizer).
+
+    ``normalizer`` holds each example's share of the mean's denominator: 1 per
+    counted example, or its target's class weight (PyTorch). When the
+    denominator is 0 (nothing counted) the mean is 0 with zero gradient
+    instead of PyTorch's NaN, which would poison parameters in a jitted loop.
+    """
+    if reduction == "none":
+        return per_example
+    total = jnp.sum(per_example)
+    if reduction == "sum":
+        return _psum(total, batch_axes)
+    denom = jnp.sum(normalizer.astype(total.dtype))
+    if batch_axes is not None:
+        total, denom = lax.psum(jnp.stack([total, denom]), batch_axes)
+    empty = denom == 0
+    return jnp.where(empty, 0, total / jnp.where(empty, 1, denom))
+
+
+def make_aux(lse, z_term, correct, valid, batch_axes) -> LossAux:
+    hits = jnp.sum(correct.astype(jnp.float32))
+    count = jnp.sum(valid.astype(jnp.float32))
+    if batch_axes is not None:
+        hits, count = lax.psum(jnp.stack([hits, count]), batch_axes)
+    accuracy = hits / jnp.maximum(count, 1)
+    return LossAux(lse=lse, z_loss=z_term, accuracy=accuracy, count=count)

@@ -1,0 +1,209 @@
+"""Per-example cross-entropy over rows of logits, with analytic derivative rules.
+
+The kernel maps logits ``z [N, V]`` (``V`` may be one shard of the classes) and
+class ids ``[N]`` or probability targets ``[N, V]`` to four per-example
+outputs:
+
+* ``ce``: the (weighted, smoothed) cross-entropy, 0 where not counted;
+* ``lse``: the log-sum-exp of the soft-capped logits, 0 where not counted;
+* ``correct``: the label attains the row maximum (top-1 hit);
+* ``w_y``: what the example adds to the ``"mean"`` normalizer (its class
+  weight, or 1; 0 where not counted).
+
+Reductions, z-loss and auxiliary outputs are computed from these ``[N]``
+arrays by ordinary JAX code; only this kernel touches ``[N, V]`` data, and its
+derivative is analytic (``_targets``): ``dz = (Q p - q) g_ce + p g_lse``,
+times the soft cap's chain rule. Two rules are attached to the same forward:
+
+* ``custom_vjp`` (``derivative="vjp"``): saves only the logits, the ``lse``
+  per row and, when weights make ``Q`` vary, ``Q`` per row. It is the least
+  memory; it cannot be used in forward mode.
+* ``custom_jvp`` (``derivative="jvp"``): the JVP ``sum_c (Q p_c - q_c) dz_c``
+  is linear in the tangents, so JAX transposes it for reverse mode and
+  differentiates it again for ``jax.hessian``. Reverse mode saves ``p``-sized
+  intermediates.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _targets
+from ._targets import Options
+from ._validate import compute_dtype
+
+
+def _psum(*rows, opts: Options):
+    """Sums per-row partials over the vocabulary shards in one collective."""
+    if opts.vocab_axis is None:
+        return rows if len(rows) > 1 else rows[0]
+    out = lax.psum(jnp.stack(rows), opts.vocab_axis)
+    return tuple(out) if len(rows) > 1 else out[0]
+
+
+def _pmax(x, opts: Options):
+    return x if opts.vocab_axis is None else lax.pmax(x, opts.vocab_axis)
+
+
+def _col0(width: int, opts: Options):
+    """Global class index of this shard's first column (0 when unsharded)."""
+    if opts.vocab_axis is None:
+        return 0
+    return lax.axis_index(opts.vocab_axis) * width
+
+
+def _total_weight(class_weight, opts: Options):
+    if class_weight is None:
+        return None
+    return _psum(jnp.sum(class_weight), opts=opts)
+
+
+def _forward(z, target, valid, class_weight, opts: Options):
+    """Returns ``(outputs, internals)``; internals feed the derivative rules."""
+    ct = compute_dtype(z.dtype)
+    s = _targets.softcap(z.astype(ct), opts)
+    m_raw = _pmax(jnp.max(s, axis=-1), opts)
+    # Shift by the row max; 0 for an all -inf row so that -inf - (-inf) never
+    # appears. The loss does not depend on the shift: hold it constant.
+    m = lax.stop_gradient(jnp.where(jnp.isfinite(m_raw), m_raw, 0))
+    t = s - m[:, None]
+    sumexp = jnp.sum(jnp.exp(t), axis=-1)
+    col0 = _col0(z.shape[-1], opts)
+    cw = None if class_weight is None else class_weight.astype(ct)
+
+    if opts.soft:
+        q = _targets.soft_target(target.astype(ct), cw, opts)
+        mass, q_dot_t = _targets.soft_partials(t, q)
+        sumexp, mass, q_dot_t = _psum(sumexp, mass, q_dot_t, opts=opts)
+        lse_shift = jnp.log(sumexp)
+        ce = mass * lse_shift - q_dot_t
+        # Top-1 hit: the logits' argmax class has the target's largest mass.
+        at_max = jnp.max(jnp.where(t == 0, target, -jnp.inf), axis=-1)
+        best = jnp.max(target, axis=-1)
+        if opts.vocab_axis is not None:
+            at_max, best = lax.pmax(jnp.stack([at_max, best]), opts.vocab_axis)
+        correct = at_max >= best
+        w_y = jnp.ones_like(ce)
+    else:
+        t_y, smooth = _targets.class_id_partials(t, target, col0, cw, opts)
+        w_y = _targets.target_weight(target, cw, col0, opts)
+        if w_y is None:
+            sumexp, t_y, smooth = _psum(sumexp, t_y, smooth, opts=opts)
+        else:
+            sumexp, t_y, smooth, w_y = _psum(sumexp, t_y, smooth, w_y, opts=opts)
+        mass = _targets.class_id_mass(w_y, _total_weight(cw, opts), opts)
+        lse_shift = jnp.log(sumexp)
+        ce = _targets.class_id_loss(lse_shift, t_y, smooth, w_y, mass, opts)
+        correct = t_y == 0  # s_y equals the row max (ties count as hits)
+        # A label outside [0, C) must never give a plausible number.
+        ce = jnp.where(_in_range(target, opts), ce, jnp.nan)
+        w_y = jnp.ones_like(ce) if w_y is None else w_y
+    ce = jnp.where(m_raw == jnp.inf, jnp.nan, ce)  # +inf logit: inf - inf
+    lse = m + lse_shift
+    outputs = (
+        jnp.where(valid, ce, 0),
+        jnp.where(valid, lse, 0),
+        correct & valid,
+        jnp.where(valid, w_y, 0),
+    )
+    return outputs, (s, lse, mass)
+
+
+def _in_range(labels, opts: Options):
+    return (labels >= 0) & (labels < opts.num_classes)
+
+
+def _logit_grad(s, lse, g_ce, g_lse, target, class_weight, mass, opts: Options):
+    """``d(g_ce * ce + g_lse * lse) / ds`` for counted rows (``[N, V]``)."""
+    p = jnp.exp(s - lse[:, None])
+    cw = None if class_weight is None else class_weight.astype(s.dtype)
+    if opts.soft:
+        q = _targets.soft_target(target.astype(s.dtype), cw, opts)
+        return p * (g_ce * mass + g_lse)[:, None] - g_ce[:, None] * q
+    col0 = _col0(s.shape[-1], opts)
+    w_y = _targets.target_weight(target, cw, col0, opts)
+    grad = _targets.class_id_grad(p, g_ce, g_lse, target, col0, cw, w_y, mass, opts)
+    return jnp.where(_in_range(target, opts)[:, None], grad, jnp.nan)
+
+
+# --- reverse mode: custom_vjp --------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def rows_vjp(z, target, valid, class_weight, opts: Options):
+    return _forward(z, target, valid, class_weight, opts)[0]
+
+
+def _rows_vjp_fwd(z, target, valid, class_weight, opts):
+    outputs, (_, lse, mass) = _forward(z, target, valid, class_weight, opts)
+    # Residuals: the inputs (already live) and [N]-sized lse / mass. Neither
+    # softmax(z) nor the soft-capped logits are kept: the backward recomputes
+    # them in one fused elementwise pass.
+    return outputs, (z, target, valid, class_weight, lse, mass)
+
+
+def _rows_vjp_bwd(opts, residuals, cotangents):
+    z, target, valid, class_weight, lse, mass = residuals
+    g_ce, g_lse, _, _ = cotangents
+    ct = compute_dtype(z.dtype)
+    g_ce = jnp.where(valid, g_ce, 0).astype(ct)
+    g_lse = jnp.where(valid, g_lse, 0).astype(ct)
+    s = _targets.softcap(z.astype(ct), opts)
+    ds = _logit_grad(s, lse, g_ce, g_lse, target, class_weight, mass, opts)
+    dz = jnp.where(valid[:, None], _targets.softcap_scale(s, ds, opts), 0).astype(z.dtype)
+    d_target = None
+    if opts.soft:
+        cw = None if class_weight is None else class_weight.astype(ct)
+        d_target = _targets.soft_target_cotangent(g_ce, lse, s, target.astype(ct), cw, opts)
+        d_target = jnp.where(valid[:, None], d_target, 0).astype(target.dtype)
+    # Class weights and masks are constants (as in PyTorch, whose weight has no
+    # gradient); the public functions apply stop_gradient to make that visible.
+    return dz, d_target, None, None
+
+
+rows_vjp.defvjp(_rows_vjp_fwd, _rows_vjp_bwd)
+
+
+# --- forward mode: custom_jvp --------------------------------------------------
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+def rows_jvp(z, target, valid, class_weight, opts: Options):
+    return _forward(z, target, valid, class_weight, opts)[0]
+
+
+@rows_jvp.defjvp
+def _rows_jvp_rule(opts, primals, tangents):
+    z, target, valid, class_weight = primals
+    dz, d_target, _, _ = tangents
+    outputs, (s, lse, mass) = _forward(z, target, valid, class_weight, opts)
+    ct = s.dtype
+    ones = jnp.ones(lse.shape, ct)
+    zeros = jnp.zeros(lse.shape, ct)
+    dzf = jnp.where(valid[:, None], dz.astype(ct), 0)
+    g = _targets.softcap_scale(s, _logit_grad(s, lse, ones, zeros, target, class_weight, mass, opts), opts)
+    p = _targets.softcap_scale(s, jnp.exp(s - lse[:, None]), opts)
+    d_ce = jnp.sum(g * dzf, axis=-1)
+    d_lse = jnp.sum(jnp.where(p == 0, 0, p * dzf), axis=-1)
+    if opts.soft and not _is_symbolic_zero(d_target):
+        cw = None if class_weight is None else class_weight.astype(ct)
+        gt = _targets.soft_target_cotangent(ones, lse, s, target.astype(ct), cw, opts)
+        d_ce = d_ce + jnp.sum(jnp.where(gt == 0, 0, gt * d_target.astype(ct)), axis=-1)
+    d_ce, d_lse = _psum(d_ce, d_lse, opts=opts)
+    ce, lse_out, correct, w_y = outputs
+    tangent_out = (
+        jnp.where(valid, d_ce, 0),
+        jnp.where(valid, d_lse, 0),
+        np.zeros(correct.shape, jax.dtypes.float0),
+        jnp.zeros_like(w_y),
+    )
+    return outputs, tangent_out
+
+
+def _is_symbolic_zero(x) -> bool:
+    return x is None or (hasattr(x, "dtype") and x.dtype == jax.dtypes.float0)

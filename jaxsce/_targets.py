@@ -1,0 +1,164 @@
+"""The loss options, applied in one place for every code path.
+
+Every jaxsce loss is, per example, a cross-entropy against a (weighted,
+smoothed) target vector ``q`` over the classes:
+
+.. math::
+    \\ell = \\sum_c q_c\\,(\\mathrm{lse}(s) - s_c)
+          = Q\\,\\mathrm{lse}(s) - \\sum_c q_c s_c,
+    \\qquad Q = \\sum_c q_c,
+    \\qquad \\frac{\\partial \\ell}{\\partial s_c} = Q\\,p_c - q_c,
+
+where ``s`` are the (soft-capped) logits and ``p = softmax(s)``. PyTorch's
+options only change ``q``:
+
+* class id ``y``: ``q = (1 - eps) w_y e_y + (eps / C) w``;
+* probability target ``t``: ``q = w * ((1 - eps) t + eps / C)``;
+
+with ``w`` the class weights (all ones if not given), ``eps`` the label
+smoothing and ``C`` the number of classes. Without weights and smoothing a
+class id gives ``Q = 1`` and the tutorial's ``p - y``.
+
+The functions here work on a block of columns ``[N, B]`` whose first column
+has global class index ``col0``: the whole row (``cross_entropy``), one
+vocabulary block (``linear_cross_entropy``) or one shard's slice (vocabulary
+parallelism). Per-row partial sums are added over blocks or with ``psum``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class Options(NamedTuple):
+    """Static (hashable) loss options; they select the compiled program."""
+
+    num_classes: int  # C over all shards
+    label_smoothing: float = 0.0
+    logit_softcap: float | None = None
+    weighted: bool = False
+    soft: bool = False  # probability targets instead of class ids
+    vocab_axis: str | tuple[str, ...] | None = None  # mesh axis splitting the classes
+
+
+def softcap(z: jax.Array, opts: Options) -> jax.Array:
+    """``cap * tanh(z / cap)`` (Gemma 2), or ``z`` unchanged."""
+    if opts.logit_softcap is None:
+        return z
+    return opts.logit_softcap * jnp.tanh(z / opts.logit_softcap)
+
+
+def softcap_scale(s: jax.Array, grad: jax.Array, opts: Options) -> jax.Array:
+    """Chain rule through the soft cap, written in terms of its output ``s``:
+    ``d s / d z = 1 - tanh(z / cap)^2 = 1 - (s / cap)^2``."""
+    if opts.logit_softcap is None:
+        return grad
+    return grad * (1 - jnp.square(s / opts.logit_softcap))
+
+
+def block_hits(labels: jax.Array, col0, width: int) -> jax.Array:
+    """``[N, width]`` boolean: column ``col0 + j`` is example ``n``'s label."""
+    cols = lax.broadcasted_iota(labels.dtype, (labels.shape[0], width), 1) + col0
+    return cols == labels[:, None]
+
+
+def target_weight(labels: jax.Array, class_weight: jax.Array | None, col0, opts: Options):
+    """``w_y`` for class ids whose weight lives in this block (else 0); 1 unweighted.
+
+    Uses a gather of ``N`` elements, so a shard contributes only the weights of
+    the labels it owns; the caller adds the shards' values.
+    """
+    if class_weight is None:
+        return None
+    local = labels - col0
+    inside = (local >= 0) & (local < class_weight.shape[0])
+    safe = jnp.clip(local, 0, class_weight.shape[0] - 1)
+    return jnp.where(inside, class_weight[safe], 0).astype(class_weight.dtype)
+
+
+def class_id_partials(t, labels, col0, class_weight_block, opts: Options):
+    """Per-row sums over a block of class-id columns.
+
+    ``t`` are the logits in the compute dtype, shifted or not; the same shift
+    must be used for the log-sum-exp the result is combined with. Returns
+    ``(t_y, smooth)``: the label's entry and ``sum_c w_c t_c`` (0 without
+    smoothing).
+    """
+    hit = block_hits(labels, col0, t.shape[-1])
+    t_y = jnp.sum(jnp.where(hit, t, 0), axis=-1)
+    if opts.label_smoothing:
+        wt = t if class_weight_block is None else t * class_weight_block
+        smooth = jnp.sum(wt, axis=-1)
+    else:
+        smooth = jnp.zeros_like(t_y)
+    return t_y, smooth
+
+
+def class_id_mass(w_y, total_weight, opts: Options):
+    """``Q = (1 - eps) w_y + (eps / C) sum_c w_c`` (exactly 1 unweighted)."""
+    eps = opts.label_smoothing
+    if w_y is None:
+        return None  # Q == 1; kept symbolic so no array is saved or read.
+    return (1 - eps) * w_y + (eps / opts.num_classes) * total_weight
+
+
+def class_id_loss(lse_shift, t_y, smooth, w_y, mass, opts: Options):
+    """``Q lse - sum_c q_c t_c`` from the per-row sums (same shift for all)."""
+    eps = opts.label_smoothing
+    wy = 1.0 if w_y is None else w_y
+    q_dot_t = (1 - eps) * wy * t_y
+    if eps:
+        q_dot_t = q_dot_t + (eps / opts.num_classes) * smooth
+    return (1.0 if mass is None else mass) * lse_shift - q_dot_t
+
+
+def class_id_grad(p, g_loss, g_lse, labels, col0, class_weight_block, w_y, mass, opts):
+    """``g_loss * (Q p - q) + g_lse * p`` for a block of class-id columns.
+
+    ``g_loss``/``g_lse`` are per-row cotangents ``[N]``; ``p`` is ``[N, B]``.
+    """
+    eps = opts.label_smoothing
+    coef = g_loss if mass is None else g_loss * mass
+    out = p * (coef + g_lse)[:, None]
+    hit = block_hits(labels, col0, p.shape[-1])
+    on_label = (1 - eps) * g_loss if w_y is None else (1 - eps) * g_loss * w_y
+    out = out - jnp.where(hit, on_label[:, None], 0)
+    if eps:
+        off = (eps / opts.num_classes) * g_loss[:, None]
+        if class_weight_block is not None:
+            off = off * class_weight_block
+        out = out - off
+    return out
+
+
+def soft_target(targets, class_weight, opts: Options):
+    """``q = w * ((1 - eps) t + eps / C)`` for probability targets ``[N, B]``."""
+    eps = opts.label_smoothing
+    q = targets if not eps else (1 - eps) * targets + eps / opts.num_classes
+    if class_weight is not None:
+        q = q * class_weight
+    return q
+
+
+def soft_partials(t, q):
+    """``(Q, sum_c q_c t_c)`` with the convention ``0 * (-inf) = 0``."""
+    return jnp.sum(q, axis=-1), jnp.sum(jnp.where(q == 0, 0, q * t), axis=-1)
+
+
+def soft_target_cotangent(g_loss, lse, s, targets, class_weight, opts: Options):
+    """``d loss / d t_c = (1 - eps) w_c (lse - s_c)``.
+
+    Zero where the target and the probability are both exactly zero
+    (``t_c = 0`` and ``s_c = -inf``): such a class lies outside both supports,
+    so ``0 * log 0 = 0`` holds in a neighbourhood and its gradient is 0. This
+    keeps distillation through a masked teacher free of ``0 * inf = NaN``.
+    """
+    g = (1 - opts.label_smoothing) * (lse[:, None] - s)
+    if class_weight is not None:
+        g = g * class_weight
+    g = jnp.where((targets == 0) & (s == -jnp.inf), 0, g)
+    return g * g_loss[:, None]

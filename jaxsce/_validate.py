@@ -1,0 +1,136 @@
+"""Trace-time argument checks shared by every public function.
+
+Every check raises ``TypeError`` (wrong dtype or kind) or ``ValueError`` (wrong
+shape or value) naming the argument and the offending shape, dtype or value.
+None of them looks at array *values*: they run once, while JAX traces.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+REDUCTIONS = ("mean", "sum", "none")
+DERIVATIVES = ("vjp", "jvp")
+
+
+def compute_dtype(dtype: Any) -> np.dtype:
+    """The dtype arithmetic is done in: float32 for 16-bit floats, else ``dtype``.
+
+    Low-precision logits are accumulated in float32 (as equinox and flax do);
+    float64 stays float64 when x64 is enabled.
+    """
+    return np.dtype(jnp.result_type(dtype, jnp.float32))
+
+
+def check_floating(x: Any, name: str) -> jax.Array:
+    """Returns ``x`` as an array, or raises ``TypeError`` if it is not floating."""
+    if not hasattr(x, "dtype"):
+        x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(
+            f"{name} must have a floating dtype (float16, bfloat16, float32 or "
+            f"float64), got dtype {x.dtype} with shape {tuple(x.shape)}."
+        )
+    return jnp.asarray(x)
+
+
+def check_mask(where: Any, shape: tuple[int, ...], name: str, what: str) -> jax.Array:
+    """Checks a boolean mask of exactly ``shape``."""
+    where = jnp.asarray(where)
+    if where.dtype != jnp.bool_:
+        raise TypeError(f"{name} must be a boolean mask, got dtype {where.dtype}.")
+    if tuple(where.shape) != tuple(shape):
+        raise ValueError(
+            f"{name} has shape {tuple(where.shape)} but must have shape "
+            f"{tuple(shape)} ({what})."
+        )
+    return where
+
+
+def canonical_axes(
+    axis: int | Sequence[int] | None, ndim: int, name: str = "axis"
+) -> tuple[int, ...]:
+    """Normalizes ``axis`` (an int, a tuple of ints, or None for all) to non-negative ints.
+
+    The order is kept: for a tuple of class axes, a class id is the row-major
+    flat index over the class axes in the order given.
+    """
+    if axis is None:
+        axis = tuple(range(ndim))
+    axes = (axis,) if not isinstance(axis, (tuple, list)) else tuple(axis)
+    if not axes:
+        raise ValueError(f"{name} must name at least one axis, got {axis!r}.")
+    out = []
+    for a in axes:
+        try:
+            a = operator.index(a)
+        except TypeError:
+            raise TypeError(f"{name} must be an int or a tuple of ints, got {axis!r}.") from None
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{name}={axis!r} is out of range for an array with {ndim} dimensions.")
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}={axis!r} repeats an axis.")
+    return tuple(out)
+
+
+def static_float(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+) -> float:
+    """Converts a static Python number option to float and checks its range."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(
+            f"{name} must be a static Python number (it selects the compiled "
+            f"program), got a traced value of shape {value.shape}."
+        )
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}.") from None
+    if not np.isfinite(out):
+        raise ValueError(f"{name} must be finite, got {out}.")
+    if low is not None and (out < low or (low_open and out == low)):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {out}.")
+    if high is not None and out > high:
+        raise ValueError(f"{name} must be <= {high}, got {out}.")
+    return out
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}.")
+    return value
+
+
+def check_class_weight(class_weight: Any, num_classes: int, name: str = "weight") -> jax.Array:
+    """Per-class weights: a floating vector with one entry per class."""
+    class_weight = check_floating(class_weight, name)
+    if class_weight.shape != (num_classes,):
+        raise ValueError(
+            f"{name} has shape {tuple(class_weight.shape)} but must have shape "
+            f"({num_classes},): one weight per class."
+        )
+    return class_weight
+
+
+def check_ignore_index(ignore_index: Any) -> int | None:
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}.")
+    try:
+        return operator.index(ignore_index)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}.") from None
