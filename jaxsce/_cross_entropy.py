@@ -218,10 +218,10 @@ def cross_entropy(
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxsce
-      >>> logits = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]])
-      >>> labels = jnp.array([0, 1])
+      >>> logits = jnp.array([[2.0, 1.0, 0.1], [0.5, 2.5, 0.3]], jnp.float32)
+      >>> labels = jnp.array([0, 1], jnp.int32)
       >>> jaxsce.cross_entropy(logits, labels)
-      Array(0.32656..., dtype=float32)
+      Array(0.3185..., dtype=float32)
       >>> jax.grad(jaxsce.cross_entropy)(logits, labels).sum(-1)  # p - y sums to 0
       Array([0., 0.], dtype=float32)
     """

@@ -72,7 +72,7 @@ def _forward(z, target, valid, class_weight, opts: Options):
     # appears. The loss does not depend on the shift: hold it constant.
     m = lax.stop_gradient(jnp.where(jnp.isfinite(m_raw), m_raw, 0))
     t = s - m[:, None]
-    sumexp = jnp.sum(jnp.exp(t), axis=-1)
+    sumexp = row_sum_exp(s, m)
     col0 = _col0(z.shape[-1], opts)
     cw = None if class_weight is None else class_weight.astype(ct)
 
@@ -112,6 +112,22 @@ def _forward(z, target, valid, class_weight, opts: Options):
         jnp.where(valid, w_y, 0),
     )
     return outputs, (s, lse, mass)
+
+
+def row_sum_exp(s, m):
+    """``sum_c exp(s[n, c] - m[n])``.
+
+    Long rows are summed as ``[N * V / k, k]`` blocks and then added: XLA's
+    CPU reduction emitter is several times slower on rows of 10^5 entries
+    than on many rows of 10^3 (measured in benchmarks/); on GPU/TPU the
+    reshape is free and the result identical up to summation order.
+    """
+    n, v = s.shape
+    k = next((k for k in (2048, 1024, 512) if v > 4 * k and v % k == 0), None)
+    if k is None:
+        return jnp.sum(jnp.exp(s - m[:, None]), axis=-1)
+    blocks = s.reshape(n * (v // k), k) - jnp.repeat(m, v // k)[:, None]
+    return jnp.sum(jnp.exp(blocks), axis=-1).reshape(n, v // k).sum(axis=-1)
 
 
 def _in_range(labels, opts: Options):

@@ -18,7 +18,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from . import _validate
@@ -149,7 +148,7 @@ def softmax(x: jax.Array, axis: Axis = -1, where: jax.Array | None = None) -> ja
 
     Examples:
       >>> import jax.numpy as jnp, jaxsce
-      >>> jaxsce.softmax(jnp.array([1000.0, 1000.0, -jnp.inf]))
+      >>> jaxsce.softmax(jnp.array([1000.0, 1000.0, -jnp.inf], jnp.float32))
       Array([0.5, 0.5, 0. ], dtype=float32)
     """
     x, axes, where = _prepare(x, axis, where, "x")
@@ -183,7 +182,7 @@ def log_softmax(x: jax.Array, axis: Axis = -1, where: jax.Array | None = None) -
 
     Examples:
       >>> import jax.numpy as jnp, jaxsce
-      >>> jaxsce.log_softmax(jnp.array([0.0, 0.0]))
+      >>> jaxsce.log_softmax(jnp.array([0.0, 0.0], jnp.float32))
       Array([-0.6931472, -0.6931472], dtype=float32)
     """
     x, axes, where = _prepare(x, axis, where, "x")
@@ -224,7 +223,7 @@ def logsumexp(
 
     Examples:
       >>> import jax.numpy as jnp, jaxsce
-      >>> jaxsce.logsumexp(jnp.array([1e4, 1e4]))
+      >>> jaxsce.logsumexp(jnp.array([1e4, 1e4], jnp.float32))
       Array(10000.693, dtype=float32)
     """
     x, axes, where = _prepare(x, axis, where, "x")
@@ -233,5 +232,3 @@ def logsumexp(
         out = jnp.squeeze(out, axis=axes)
     return out
 
-
-del np

@@ -80,6 +80,19 @@ def target_weight(labels: jax.Array, class_weight: jax.Array | None, col0, opts:
     return jnp.where(inside, class_weight[safe], 0).astype(class_weight.dtype)
 
 
+def label_entry(x, labels, col0):
+    """``x[n, labels[n] - col0]`` where the label lies in this block, else 0.
+
+    A gather of ``N`` elements: reading the label's logit this way costs
+    nothing next to a masked reduction over all ``[N, B]`` entries.
+    """
+    local = labels - col0
+    inside = (local >= 0) & (local < x.shape[-1])
+    safe = jnp.clip(local, 0, x.shape[-1] - 1)
+    picked = jnp.take_along_axis(x, safe[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return jnp.where(inside, picked, 0)
+
+
 def class_id_partials(t, labels, col0, class_weight_block, opts: Options):
     """Per-row sums over a block of class-id columns.
 
@@ -88,10 +101,9 @@ def class_id_partials(t, labels, col0, class_weight_block, opts: Options):
     ``(t_y, smooth)``: the label's entry and ``sum_c w_c t_c`` (0 without
     smoothing).
     """
-    hit = block_hits(labels, col0, t.shape[-1])
-    t_y = jnp.sum(jnp.where(hit, t, 0), axis=-1)
+    t_y = label_entry(t, labels, col0)
     if opts.label_smoothing:
-        wt = t if class_weight_block is None else t * class_weight_block
+        wt = t if class_weight_block is None else t * class_weight_block[None, :]
         smooth = jnp.sum(wt, axis=-1)
     else:
         smooth = jnp.zeros_like(t_y)
@@ -130,7 +142,7 @@ def class_id_grad(p, g_loss, g_lse, labels, col0, class_weight_block, w_y, mass,
     if eps:
         off = (eps / opts.num_classes) * g_loss[:, None]
         if class_weight_block is not None:
-            off = off * class_weight_block
+            off = off * class_weight_block[None, :]
         out = out - off
     return out
 
@@ -140,7 +152,7 @@ def soft_target(targets, class_weight, opts: Options):
     eps = opts.label_smoothing
     q = targets if not eps else (1 - eps) * targets + eps / opts.num_classes
     if class_weight is not None:
-        q = q * class_weight
+        q = q * class_weight[None, :]
     return q
 
 
@@ -159,6 +171,6 @@ def soft_target_cotangent(g_loss, lse, s, targets, class_weight, opts: Options):
     """
     g = (1 - opts.label_smoothing) * (lse[:, None] - s)
     if class_weight is not None:
-        g = g * class_weight
+        g = g * class_weight[None, :]
     g = jnp.where((targets == 0) & (s == -jnp.inf), 0, g)
     return g * g_loss[:, None]

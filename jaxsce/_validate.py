@@ -25,7 +25,8 @@ def compute_dtype(dtype: Any) -> np.dtype:
     Low-precision logits are accumulated in float32 (as equinox and flax do);
     float64 stays float64 when x64 is enabled.
     """
-    return np.dtype(jnp.result_type(dtype, jnp.float32))
+    dtype = np.dtype(dtype)
+    return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
 
 
 def check_floating(x: Any, name: str) -> jax.Array:

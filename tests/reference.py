@@ -1,0 +1,151 @@
+"""Independent references for the tests.
+
+* ``np_*``: float64 NumPy formulas written from the documented math
+  (the tutorial's stable softmax; ``torch.nn.functional.cross_entropy``'s
+  documentation for weights, label smoothing, ignore_index and reductions).
+  They share no code with jaxsce.
+* ``naive_*``: the tutorial's naive JAX formulas (``exp(x) / sum(exp(x))``,
+  ``-log p[y]``), differentiated by ``jax.grad`` as the oracle for gradients.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+# One table of tolerances (STYLE.md): (value, gradient) relative tolerances.
+TOL = {
+    np.dtype(np.float64): (1e-12, 1e-10),
+    np.dtype(np.float32): (1e-6, 2e-3),
+    np.dtype(jnp.bfloat16): (1e-2, 1e-1),
+    np.dtype(np.float16): (1e-2, 1e-1),
+}
+
+
+def np_log_softmax(x, axis=-1):
+    x = np.asarray(x, np.float64)
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return (x - m) - np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+
+
+def np_softmax(x, axis=-1):
+    return np.exp(np_log_softmax(x, axis))
+
+
+def np_logsumexp(x, axis=-1):
+    x = np.asarray(x, np.float64)
+    m = np.max(x, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.squeeze(m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)), axis)
+
+
+def np_cross_entropy(
+    logits,
+    labels,
+    *,
+    weight=None,
+    ignore_index=None,
+    label_smoothing=0.0,
+    reduction="mean",
+    where=None,
+    z_loss=0.0,
+    logit_softcap=None,
+):
+    """PyTorch's documented cross_entropy in float64, for ``[N, C]`` logits.
+
+    Class ids (torch docs, "class indices"):
+      l_n = -(1 - eps) w_{y_n} log p_{n,y_n} - (eps / C) sum_c w_c log p_{n,c}
+      mean = sum_n l_n / sum_n w_{y_n} over non-ignored n.
+    Probabilities (torch docs, "class probabilities"):
+      l_n = -sum_c w_c ((1 - eps) t_{n,c} + eps / C) log p_{n,c}
+      mean = sum_n l_n / N.
+    jaxsce's documented additions: ``where`` drops examples like ignore_index;
+    ``z_loss * lse^2`` is added per counted example; the soft cap is applied
+    first; an empty mean is 0 instead of NaN.
+    """
+    z = np.asarray(logits, np.float64)
+    if logit_softcap is not None:
+        z = logit_softcap * np.tanh(z / logit_softcap)
+    n, c = z.shape
+    logp = np_log_softmax(z)
+    lse = np_logsumexp(z)
+    w = np.ones(c) if weight is None else np.asarray(weight, np.float64)
+    counted = np.ones(n, bool) if where is None else np.asarray(where, bool).copy()
+    labels = np.asarray(labels)
+    if np.issubdtype(labels.dtype, np.integer):
+        if ignore_index is not None:
+            counted &= labels != ignore_index
+        safe = np.where(counted, labels, 0)
+        nll = -logp[np.arange(n), safe]
+        with np.errstate(invalid="ignore"):
+            smooth = -np.sum(np.where(w == 0, 0, w * logp), axis=-1)
+        per = (1 - label_smoothing) * w[safe] * nll + (label_smoothing / c) * smooth
+        denom_terms = w[safe]
+    else:
+        t = np.asarray(labels, np.float64)
+        q = w * ((1 - label_smoothing) * t + label_smoothing / c)
+        with np.errstate(invalid="ignore"):
+            per = -np.sum(np.where(q == 0, 0, q * logp), axis=-1)
+        denom_terms = np.ones(n)
+    per = per + z_loss * lse**2
+    per = np.where(counted, per, 0.0)
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    denom = np.sum(np.where(counted, denom_terms, 0.0))
+    return 0.0 if denom == 0 else per.sum() / denom
+
+
+def naive_softmax(x):
+    """The tutorial's unstable ``exp(x) / sum(exp(x))`` (last axis)."""
+    e = jnp.exp(x)
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def naive_cross_entropy(
+    logits,
+    labels,
+    *,
+    weight=None,
+    ignore_index=None,
+    label_smoothing=0.0,
+    reduction="mean",
+    where=None,
+    z_loss=0.0,
+    logit_softcap=None,
+):
+    """The tutorial's formula extended literally by each option, in plain JAX.
+
+    ``-log(naive_softmax)``: overflows for large logits, so only used on
+    moderate inputs, as the ``jax.grad`` oracle.
+    """
+    z = logits
+    if logit_softcap is not None:
+        z = logit_softcap * jnp.tanh(z / logit_softcap)
+    n, c = z.shape
+    logp = jnp.log(naive_softmax(z))
+    lse = jnp.log(jnp.sum(jnp.exp(z), axis=-1))
+    w = jnp.ones(c, z.dtype) if weight is None else weight.astype(z.dtype)
+    counted = jnp.ones(n, bool) if where is None else where
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        if ignore_index is not None:
+            counted = counted & (labels != ignore_index)
+        safe = jnp.where(counted, labels, 0)
+        onehot = jnp.eye(c, dtype=z.dtype)[safe]
+        q = (1 - label_smoothing) * w[safe][:, None] * onehot + (label_smoothing / c) * w[None, :]
+        denom_terms = w[safe]
+    else:
+        q = w[None, :] * ((1 - label_smoothing) * labels + label_smoothing / c)
+        denom_terms = jnp.ones(n, z.dtype)
+    per = -jnp.sum(q * logp, axis=-1) + z_loss * lse**2
+    per = jnp.where(counted, per, 0.0)
+    if reduction == "none":
+        return per
+    if reduction == "sum":
+        return per.sum()
+    denom = jnp.sum(jnp.where(counted, denom_terms, 0.0))
+    return per.sum() / jnp.where(denom == 0, 1.0, denom)
