@@ -287,6 +287,7 @@ def cross_entropy(
         weighted=class_weight is not None,
         soft=soft,
         vocab_axis=axis_name,
+        argmax=bool(return_aux),
     )
     kernel = _rows.rows_vjp if opt["derivative"] == "vjp" else _rows.rows_jvp
     ce, lse, correct, w_y = kernel(z, target, valid, class_weight, opts)

@@ -67,13 +67,20 @@ def _forward(z, target, valid, class_weight, opts: Options):
     """Returns ``(outputs, internals)``; internals feed the derivative rules."""
     ct = compute_dtype(z.dtype)
     s = _targets.softcap(z.astype(ct), opts)
-    m_raw = _pmax(jnp.max(s, axis=-1), opts)
+    col0 = _col0(z.shape[-1], opts)
+    if opts.argmax:
+        m_local, i_local = _targets.max_and_argmax(s, col0)
+        m_raw = _pmax(m_local, opts)
+        # First global index attaining the global max.
+        candidate = jnp.where(m_local == m_raw, i_local, jnp.iinfo(jnp.int32).max)
+        argmax = candidate if opts.vocab_axis is None else lax.pmin(candidate, opts.vocab_axis)
+    else:
+        m_raw, argmax = _pmax(jnp.max(s, axis=-1), opts), None
     # Shift by the row max; 0 for an all -inf row so that -inf - (-inf) never
     # appears. The loss does not depend on the shift: hold it constant.
     m = lax.stop_gradient(jnp.where(jnp.isfinite(m_raw), m_raw, 0))
     t = s - m[:, None]
     sumexp = row_sum_exp(s, m)
-    col0 = _col0(z.shape[-1], opts)
     cw = None if class_weight is None else class_weight.astype(ct)
 
     if opts.soft:
@@ -82,12 +89,7 @@ def _forward(z, target, valid, class_weight, opts: Options):
         sumexp, mass, q_dot_t = _psum(sumexp, mass, q_dot_t, opts=opts)
         lse_shift = jnp.log(sumexp)
         ce = mass * lse_shift - q_dot_t
-        # Top-1 hit: the logits' argmax class has the target's largest mass.
-        at_max = jnp.max(jnp.where(t == 0, target, -jnp.inf), axis=-1)
-        best = jnp.max(target, axis=-1)
-        if opts.vocab_axis is not None:
-            at_max, best = lax.pmax(jnp.stack([at_max, best]), opts.vocab_axis)
-        correct = at_max >= best
+        correct = _soft_hit(target, argmax, col0, opts)
         w_y = jnp.ones_like(ce)
     else:
         t_y, smooth = _targets.class_id_partials(t, target, col0, cw, opts)
@@ -99,7 +101,7 @@ def _forward(z, target, valid, class_weight, opts: Options):
         mass = _targets.class_id_mass(w_y, _total_weight(cw, opts), opts)
         lse_shift = jnp.log(sumexp)
         ce = _targets.class_id_loss(lse_shift, t_y, smooth, w_y, mass, opts)
-        correct = t_y == 0  # s_y equals the row max (ties count as hits)
+        correct = jnp.zeros(ce.shape, bool) if argmax is None else argmax == target
         # A label outside [0, C) must never give a plausible number.
         ce = jnp.where(_in_range(target, opts), ce, jnp.nan)
         w_y = jnp.ones_like(ce) if w_y is None else w_y
@@ -128,6 +130,18 @@ def row_sum_exp(s, m):
         return jnp.sum(jnp.exp(s - m[:, None]), axis=-1)
     blocks = s.reshape(n * (v // k), k) - jnp.repeat(m, v // k)[:, None]
     return jnp.sum(jnp.exp(blocks), axis=-1).reshape(n, v // k).sum(axis=-1)
+
+
+def _soft_hit(target, argmax, col0, opts: Options):
+    """The logits' argmax class carries the target's largest probability."""
+    if argmax is None:
+        return jnp.zeros(target.shape[:1], bool)
+    at_argmax = _targets.label_entry(target, argmax, col0)
+    best = jnp.max(target, axis=-1)
+    if opts.vocab_axis is not None:
+        at_argmax = lax.psum(at_argmax, opts.vocab_axis)
+        best = lax.pmax(best, opts.vocab_axis)
+    return at_argmax >= best
 
 
 def _in_range(labels, opts: Options):

@@ -43,6 +43,26 @@ class Options(NamedTuple):
     weighted: bool = False
     soft: bool = False  # probability targets instead of class ids
     vocab_axis: str | tuple[str, ...] | None = None  # mesh axis splitting the classes
+    argmax: bool = False  # also find each row's argmax (for the aux accuracy)
+
+
+def max_and_argmax(s: jax.Array, col0):
+    """Row max and (global) index of its first occurrence, in one reduction.
+
+    A variadic reduce reads ``s`` once for both, so the accuracy costs no
+    second pass; comparing the label's logit with the max instead would
+    depend on two fusions rounding ``tanh`` (soft cap) identically.
+    """
+
+    def pick(a, b):
+        (va, ia), (vb, ib) = a, b
+        take_b = (vb > va) | ((vb == va) & (ib < ia)) | jnp.isnan(vb)
+        return jnp.where(take_b, vb, va), jnp.where(take_b, ib, ia)
+
+    idx = lax.broadcasted_iota(jnp.int32, s.shape, s.ndim - 1)
+    init = (jnp.array(-jnp.inf, s.dtype), jnp.array(jnp.iinfo(jnp.int32).max, jnp.int32))
+    m, i = lax.reduce((s, idx), init, lambda a, b: pick(a, b), (s.ndim - 1,))
+    return m, i + col0
 
 
 def softcap(z: jax.Array, opts: Options) -> jax.Array:
