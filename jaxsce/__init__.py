@@ -5,6 +5,7 @@ modules, one per concern.
 """
 
 from ._cross_entropy import cross_entropy as cross_entropy
+from ._linear import linear_cross_entropy as linear_cross_entropy
 from ._reduce import LossAux as LossAux
 from ._softmax import log_softmax as log_softmax
 from ._softmax import logsumexp as logsumexp
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LossAux",
     "cross_entropy",
+    "linear_cross_entropy",
     "log_softmax",
     "logsumexp",
     "softmax",

@@ -1,0 +1,412 @@
+"""``linear_cross_entropy``: ``cross_entropy(hidden @ weight + bias, labels)`` without the logits.
+
+The logits of a language model's output layer, ``[tokens, vocab]``, are the
+largest buffer of a training step. Here they only ever exist as blocks of
+``[token_block, vocab_block]``:
+
+* forward: for each token block, stream over vocabulary blocks keeping an
+  online log-sum-exp (running max and rescaled sum of exponentials), the
+  label's logit, the smoothing sum and the running argmax. One matmul pass.
+* backward: for each vocabulary block, for each token block, recompute the
+  logits block, form ``ds = (Q p - q) g_ce + p g_lse`` (``_targets``), and
+  accumulate ``d_hidden += ds @ W_b^T`` and ``d_W_b += h^T @ ds``. Three
+  matmul passes. The vocabulary loop is outside so that the float32
+  accumulator is one ``[d, vocab_block]`` block, written to ``d_W`` (in
+  ``weight``'s dtype) when done: a float32 accumulator for all of ``d_W``
+  would alone be 2.3 GB at d=2304, V=256000.
+
+Why recompute (4 matmuls) rather than form the gradient during the forward
+pass (3 matmuls, as Liger-Kernel does for a scalar loss)? The forward pass
+cannot know the cotangents, so it would have to keep ``d_W`` as a residual;
+under ``jax.grad`` that is a second ``[d, V]`` buffer alive between the passes
+(1.2 GB in bf16 at the headline shape), which breaks the memory budget this
+path exists for. ``reduction="none"`` has per-token cotangents and needs the
+recomputation anyway. The cost is one extra matmul pass (see benchmarks/).
+
+Blocks that do not divide the sizes are handled without padding copies: the
+last block's start is clamped so it ends at the edge, and the entries it
+shares with the previous block are masked out of every sum.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _targets, _validate
+from ._cross_entropy import axis_size, check_static_options, finish, label_validity
+from ._targets import Options
+
+
+class Blocks(NamedTuple):
+    tokens: int
+    vocab: int
+
+
+DEFAULT_MEMORY_BUDGET = 128 * 2**20
+
+
+def choose_blocks(tokens: int, vocab: int, memory_budget: int, token_block=None, vocab_block=None) -> Blocks:
+    """Block sizes from the shapes and a budget for the ``[Tb, Vb]`` temporaries.
+
+    About six float32 arrays of the block's size are alive at once in the
+    backward pass (logits, probabilities, gradient, masks). Token blocks are
+    kept large (matmul efficiency grows with both sides); the vocabulary
+    block gets what the budget leaves, in multiples of 128.
+    """
+    per_elem = 6 * 4
+    elems = max(memory_budget // per_elem, 128 * 8)
+    tb = token_block or min(tokens, 4096, max(8, elems // 512))
+    vb = vocab_block or max(128, (elems // tb) // 128 * 128)
+    return Blocks(max(1, min(tb, tokens)), max(1, min(vb, vocab)))
+
+
+def _clamped(i, size: int, total: int):
+    """Start of block ``i`` (clamped to end at ``total``) and its first fresh index."""
+    nominal = i * size
+    return jnp.minimum(nominal, total - size), nominal
+
+
+def _logits_block(h, w_blk, b_blk, layout: str):
+    dims = (((1,), (0,)), ((), ())) if layout == "dv" else (((1,), (1,)), ((), ()))
+    z = lax.dot_general(h, w_blk, dims, preferred_element_type=jnp.float32)
+    if b_blk is not None:
+        z = z + b_blk.astype(jnp.float32)[None, :]
+    return z
+
+
+def _slice_vocab(w, start, vb: int, layout: str):
+    if layout == "dv":
+        return lax.dynamic_slice_in_dim(w, start, vb, axis=1)
+    return lax.dynamic_slice_in_dim(w, start, vb, axis=0)
+
+
+class _Static(NamedTuple):
+    opts: Options
+    blocks: Blocks
+    layout: str
+
+
+def _col0(local_vocab: int, opts: Options):
+    if opts.vocab_axis is None:
+        return 0
+    return lax.axis_index(opts.vocab_axis) * local_vocab
+
+
+def _forward(h, w, b, labels, valid, cw, st: _Static):
+    opts, (tb, vb), layout = st
+    t_total, _ = h.shape
+    v_local = w.shape[1] if layout == "dv" else w.shape[0]
+    shard0 = _col0(v_local, opts)
+    n_tok, n_voc = math.ceil(t_total / tb), math.ceil(v_local / vb)
+    cwf = None if cw is None else cw.astype(jnp.float32)
+
+    def token_block(i, outs):
+        t0, _ = _clamped(i, tb, t_total)
+        h_blk = lax.dynamic_slice_in_dim(h, t0, tb)
+        y_blk = lax.dynamic_slice_in_dim(labels, t0, tb)
+
+        def vocab_block(j, carry):
+            m, se, s_y, smooth, am = carry
+            v0, fresh0 = _clamped(j, vb, v_local)
+            z = _logits_block(h_blk, _slice_vocab(w, v0, vb, layout), None if b is None else lax.dynamic_slice_in_dim(b, v0, vb), layout)
+            s = _targets.softcap(z, opts)
+            fresh = lax.broadcasted_iota(jnp.int32, (1, vb), 1) + v0 >= fresh0
+            s_new = jnp.where(fresh, s, -jnp.inf)
+            if opts.argmax:
+                bm, bi = _targets.max_and_argmax(s_new, v0 + shard0)
+                am = jnp.where(bm > m, bi, am)
+            else:
+                bm = jnp.max(s_new, axis=-1)
+            m_new = jnp.maximum(m, bm)
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0)
+            se = se * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(s_new - m_safe[:, None]), axis=-1)
+            in_fresh = (y_blk - shard0 >= fresh0) & (y_blk - shard0 < v0 + vb)
+            s_y = s_y + jnp.where(in_fresh, _targets.label_entry(s, y_blk, v0 + shard0), 0)
+            if opts.label_smoothing:
+                cw_blk = None if cwf is None else lax.dynamic_slice_in_dim(cwf, v0, vb)
+                ws = s if cw_blk is None else s * cw_blk[None, :]
+                smooth = smooth + jnp.sum(jnp.where(fresh, ws, 0), axis=-1)
+            return m_new, se, s_y, smooth, am
+
+        zeros = jnp.zeros((tb,), jnp.float32)
+        init = (jnp.full((tb,), -jnp.inf, jnp.float32), zeros, zeros, zeros, jnp.zeros((tb,), jnp.int32))
+        m, se, s_y, smooth, am = lax.fori_loop(0, n_voc, vocab_block, init)
+        return [lax.dynamic_update_slice_in_dim(o, x, t0, 0) for o, x in zip(outs, (m, se, s_y, smooth, am))]
+
+    zeros = jnp.zeros((t_total,), jnp.float32)
+    outs = [zeros, zeros, zeros, zeros, jnp.zeros((t_total,), jnp.int32)]
+    m, sumexp, s_y, smooth, argmax = lax.fori_loop(0, n_tok, token_block, outs)
+
+    # Combine the vocabulary shards: one pmax, one psum of a few floats per token.
+    w_y = _targets.target_weight(labels - shard0, cwf, 0, opts)
+    if opts.vocab_axis is not None:
+        m_g = lax.pmax(m, opts.vocab_axis)
+        m_gs = jnp.where(jnp.isfinite(m_g), m_g, 0)
+        parts = [sumexp * jnp.exp(m - m_gs), s_y, smooth] + ([] if w_y is None else [w_y])
+        if opts.argmax:
+            argmax = lax.pmin(jnp.where(m == m_g, argmax, jnp.iinfo(jnp.int32).max), opts.vocab_axis)
+        parts = lax.psum(jnp.stack(parts), opts.vocab_axis)
+        sumexp, s_y, smooth = parts[0], parts[1], parts[2]
+        w_y = None if w_y is None else parts[3]
+        m = m_g
+    m_safe = jnp.where(jnp.isfinite(m), m, 0)
+    lse = m_safe + jnp.log(sumexp)
+    total_w = None
+    if cwf is not None:
+        total_w = jnp.sum(cwf)
+        if opts.vocab_axis is not None:
+            total_w = lax.psum(total_w, opts.vocab_axis)
+    mass = _targets.class_id_mass(w_y, total_w, opts)
+    ce = _targets.class_id_loss(lse, s_y, smooth, w_y, mass, opts)
+    ce = jnp.where((labels >= 0) & (labels < opts.num_classes), ce, jnp.nan)
+    ce = jnp.where(m == jnp.inf, jnp.nan, ce)
+    correct = (argmax == labels) if opts.argmax else jnp.zeros(labels.shape, bool)
+    w_y = jnp.ones_like(ce) if w_y is None else w_y
+    outputs = (jnp.where(valid, ce, 0), jnp.where(valid, lse, 0), correct & valid, jnp.where(valid, w_y, 0))
+    return outputs, (lse, mass)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _linear_rows(h, w, b, labels, valid, cw, st: _Static):
+    return _forward(h, w, b, labels, valid, cw, st)[0]
+
+
+def _linear_rows_fwd(h, w, b, labels, valid, cw, st):
+    outputs, (lse, mass) = _forward(h, w, b, labels, valid, cw, st)
+    return outputs, (h, w, b, labels, valid, cw, lse, mass)
+
+
+def _linear_rows_bwd(st: _Static, res, cts):
+    opts, (tb, vb), layout = st
+    h, w, b, labels, valid, cw, lse, mass = res
+    g_ce, g_lse, _, _ = cts
+    t_total, d = h.shape
+    v_local = w.shape[1] if layout == "dv" else w.shape[0]
+    shard0 = _col0(v_local, opts)
+    n_tok, n_voc = math.ceil(t_total / tb), math.ceil(v_local / vb)
+    g_ce = jnp.where(valid, g_ce, 0).astype(jnp.float32)
+    g_lse = jnp.where(valid, g_lse, 0).astype(jnp.float32)
+    in_range = (labels >= 0) & (labels < opts.num_classes)
+    cwf = None if cw is None else cw.astype(jnp.float32)
+    w_y_all = _targets.target_weight(labels - shard0, cwf, 0, opts)
+
+    def vocab_block(j, carry):
+        dh, dw, db = carry
+        v0, fresh0 = _clamped(j, vb, v_local)
+        w_blk = _slice_vocab(w, v0, vb, layout)
+        b_blk = None if b is None else lax.dynamic_slice_in_dim(b, v0, vb)
+        cw_blk = None if cwf is None else lax.dynamic_slice_in_dim(cwf, v0, vb)
+        fresh_col = lax.broadcasted_iota(jnp.int32, (1, vb), 1) + v0 >= fresh0
+
+        def token_block(i, inner):
+            dh, dw_acc, db_acc = inner
+            t0, tfresh0 = _clamped(i, tb, t_total)
+            fresh_row = lax.broadcasted_iota(jnp.int32, (tb,), 0) + t0 >= tfresh0
+            sl = lambda x: lax.dynamic_slice_in_dim(x, t0, tb)  # noqa: E731
+            h_blk = sl(h)
+            gc, gl = jnp.where(fresh_row, sl(g_ce), 0), jnp.where(fresh_row, sl(g_lse), 0)
+            s = _targets.softcap(_logits_block(h_blk, w_blk, b_blk, layout), opts)
+            p = jnp.exp(s - sl(lse)[:, None])
+            w_y = None if w_y_all is None else sl(w_y_all)
+            ms = None if mass is None else sl(mass)
+            ds = _targets.class_id_grad(p, gc, gl, sl(labels), v0 + shard0, cw_blk, w_y, ms, opts)
+            ds = _targets.softcap_scale(s, ds, opts)
+            ds = jnp.where(sl(in_range)[:, None], ds, jnp.nan)
+            ds_c = ds.astype(h.dtype)
+            # Columns shared with the previous block: already in d_hidden.
+            ds_h = jnp.where(fresh_col, ds, 0).astype(w.dtype)
+            if layout == "dv":
+                dh_blk = lax.dot_general(ds_h, w_blk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+                dw_acc = dw_acc + lax.dot_general(h_blk, ds_c, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            else:
+                dh_blk = lax.dot_general(ds_h, w_blk, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+                dw_acc = dw_acc + lax.dot_general(ds_c, h_blk, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+            dh = lax.dynamic_update_slice_in_dim(dh, sl(dh) + dh_blk, t0, 0)
+            if db_acc is not None:
+                db_acc = db_acc + jnp.sum(ds, axis=0)
+            return dh, dw_acc, db_acc
+
+        acc_shape = (d, vb) if layout == "dv" else (vb, d)
+        inner0 = (dh, jnp.zeros(acc_shape, jnp.float32), None if b is None else jnp.zeros((vb,), jnp.float32))
+        dh, dw_acc, db_acc = lax.fori_loop(0, n_tok, token_block, inner0)
+        axis = 1 if layout == "dv" else 0
+        dw = lax.dynamic_update_slice_in_dim(dw, dw_acc.astype(w.dtype), v0, axis)
+        if db is not None:
+            db = lax.dynamic_update_slice_in_dim(db, db_acc.astype(b.dtype), v0, 0)
+        return dh, dw, db
+
+    init = (jnp.zeros((t_total, d), jnp.float32), jnp.zeros_like(w), None if b is None else jnp.zeros_like(b))
+    dh, dw, db = lax.fori_loop(0, n_voc, vocab_block, init)
+    if opts.vocab_axis is not None:
+        dh = lax.psum(dh, opts.vocab_axis)  # each shard holds its vocabulary's share
+    dh = jnp.where(valid[:, None], dh, 0).astype(h.dtype)
+    return dh, dw, db, None, None, None
+
+
+_linear_rows.defvjp(_linear_rows_fwd, _linear_rows_bwd)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "weight_layout",
+        "reduction",
+        "ignore_index",
+        "label_smoothing",
+        "z_loss",
+        "logit_softcap",
+        "return_aux",
+        "token_block",
+        "vocab_block",
+        "memory_budget",
+        "axis_name",
+        "batch_axis_name",
+        "check_labels",
+    ),
+)
+def linear_cross_entropy(
+    hidden: jax.Array,
+    weight: jax.Array,
+    labels: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    weight_layout: str = "dv",
+    where: jax.Array | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    class_weight: jax.Array | None = None,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    logit_softcap: float | None = None,
+    return_aux: bool = False,
+    token_block: int | None = None,
+    vocab_block: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    axis_name=None,
+    batch_axis_name=None,
+    check_labels: bool = False,
+):
+    r"""Fused ``cross_entropy(hidden @ weight + bias, labels)`` that never builds the logits.
+
+    Computes exactly :func:`jaxsce.cross_entropy` of the logits
+    :math:`z = h W + b` for class-id labels, with the same options and
+    semantics, while only ``[token_block, vocab_block]`` blocks of :math:`z`
+    ever exist (forward and backward). Gradients for ``hidden``, ``weight``
+    and ``bias`` come from a ``jax.custom_vjp``:
+    :math:`\partial z = (Q p - q)\,g + p\,g_{\mathrm{lse}}`,
+    :math:`\partial h = \partial z\,W^\top`, :math:`\partial W = h^\top \partial z`,
+    :math:`\partial b = \sum_n \partial z_n`.
+
+    Args:
+      hidden: ``[..., d]`` floating (float32, bfloat16, float16).
+      weight: ``[d, V]`` (``weight_layout="dv"``, a flax ``Dense`` kernel) or
+        ``[V, d]`` (``weight_layout="vd"``: a tied embedding table, used as
+        is: blocks are sliced from it, nothing is transposed or copied).
+      labels: integer class ids of ``hidden.shape[:-1]``.
+      bias: optional ``[V]``.
+      weight_layout: ``"dv"`` or ``"vd"``, see ``weight``.
+      where, reduction, ignore_index, label_smoothing, z_loss, logit_softcap,
+        return_aux, axis_name, batch_axis_name, check_labels: as in
+        :func:`jaxsce.cross_entropy`. With ``axis_name`` the vocabulary axis
+        of ``weight`` (and ``bias``, ``class_weight``) is the local shard.
+      class_weight: per-class weights ``[V]`` (PyTorch's ``weight``; renamed
+        so as not to clash with the projection).
+      token_block, vocab_block: block sizes; by default chosen from the
+        shapes so that the block temporaries stay within ``memory_budget``.
+      memory_budget: bytes for the block temporaries (default 128 MiB).
+
+    Returns:
+      As :func:`jaxsce.cross_entropy`: float32 loss (scalar or per token),
+      and ``LossAux`` with ``return_aux``. Gradients are in the inputs' dtypes;
+      matmuls accumulate in float32.
+
+    Raises:
+      TypeError: non-floating ``hidden``/``weight``/``bias``, non-integer labels.
+      ValueError: shapes that do not fit (named in the message), unknown
+        ``weight_layout``, options out of range.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxsce
+      >>> h = jnp.ones((4, 8), jnp.float32) / 8
+      >>> w = jnp.zeros((8, 1000), jnp.float32)
+      >>> y = jnp.array([0, 1, 2, 3], jnp.int32)
+      >>> jaxsce.linear_cross_entropy(h, w, y)  # uniform: log(1000)
+      Array(6.907755, dtype=float32)
+    """
+    opt = check_static_options(
+        reduction=reduction,
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        z_loss=z_loss,
+        logit_softcap=logit_softcap,
+        derivative="vjp",
+    )
+    layout = _validate.check_choice(weight_layout, "weight_layout", ("dv", "vd"))
+    hidden = _validate.check_floating(hidden, "hidden")
+    weight = _validate.check_floating(weight, "weight")
+    if hidden.ndim < 1:
+        raise ValueError(f"hidden must have shape [..., d], got shape {hidden.shape}.")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D ([d, V] or [V, d]), got shape {weight.shape}.")
+    d = hidden.shape[-1]
+    wd, v_local = (weight.shape[0], weight.shape[1]) if layout == "dv" else (weight.shape[1], weight.shape[0])
+    if wd != d:
+        raise ValueError(
+            f"hidden has feature size {d} (shape {hidden.shape}) but weight of shape "
+            f"{weight.shape} with weight_layout={layout!r} has input size {wd}."
+        )
+    if bias is not None:
+        bias = _validate.check_floating(bias, "bias")
+        if bias.shape != (v_local,):
+            raise ValueError(f"bias has shape {bias.shape} but must have shape ({v_local},).")
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype} with shape {labels.shape}.")
+    batch_shape = hidden.shape[:-1]
+    if labels.shape != batch_shape:
+        raise ValueError(f"labels have shape {labels.shape} but hidden of shape {hidden.shape} needs {batch_shape}.")
+    if not isinstance(memory_budget, int) or memory_budget <= 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}.")
+    for name, blk in (("token_block", token_block), ("vocab_block", vocab_block)):
+        if blk is not None and (not isinstance(blk, int) or blk <= 0):
+            raise ValueError(f"{name} must be a positive int or None, got {blk!r}.")
+
+    n = math.prod(batch_shape)
+    num_classes = v_local * axis_size(axis_name)
+    h2 = hidden.reshape(n, d)
+    valid = jnp.ones(n, bool)
+    if where is not None:
+        valid = _validate.check_mask(where, batch_shape, "where", "hidden.shape[:-1]").reshape(n)
+    y, valid = label_validity(labels.reshape(n), num_classes, valid, opt["ignore_index"], check_labels)
+    cw = None
+    if class_weight is not None:
+        cw = lax.stop_gradient(_validate.check_class_weight(class_weight, v_local, "class_weight"))
+    opts = Options(
+        num_classes=num_classes,
+        label_smoothing=opt["label_smoothing"],
+        logit_softcap=opt["logit_softcap"],
+        weighted=cw is not None,
+        soft=False,
+        vocab_axis=axis_name,
+        argmax=bool(return_aux),
+    )
+    blocks = choose_blocks(n, v_local, memory_budget, token_block, vocab_block)
+    ce, lse, correct, w_y = _linear_rows(h2, weight, bias, y, valid, cw, _Static(opts, blocks, layout))
+    return finish(
+        ce,
+        lse,
+        correct,
+        w_y,
+        valid,
+        z_loss=opt["z_loss"],
+        reduction=opt["reduction"],
+        return_aux=return_aux,
+        batch_axis_name=batch_axis_name,
+        batch_shape=batch_shape,
+    )
