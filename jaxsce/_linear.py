@@ -23,6 +23,12 @@ under ``jax.grad`` that is a second ``[d, V]`` buffer alive between the passes
 path exists for. ``reduction="none"`` has per-token cotangents and needs the
 recomputation anyway. The cost is one extra matmul pass (see benchmarks/).
 
+Known limit (bf16 on CPU): XLA's CPU backend computes 16-bit dots in
+float32 and converts the whole ``weight`` to float32 once, before the loops,
+rather than block by block; with bf16 inputs the compiled temporaries then
+hold a float32 copy of ``weight`` (see benchmarks/ for the figures). GPU and
+TPU backends have native bf16 dots and do not do this.
+
 Blocks that do not divide the sizes are handled without padding copies: the
 last block's start is clamped so it ends at the edge, and the entries it
 shares with the previous block are masked out of every sum.
@@ -80,10 +86,12 @@ def _logits_block(h, w_blk, b_blk, layout: str):
     return z
 
 
+def _slice(x, start, size: int, axis: int):
+    return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+
+
 def _slice_vocab(w, start, vb: int, layout: str):
-    if layout == "dv":
-        return lax.dynamic_slice_in_dim(w, start, vb, axis=1)
-    return lax.dynamic_slice_in_dim(w, start, vb, axis=0)
+    return _slice(w, start, vb, 1 if layout == "dv" else 0)
 
 
 class _Static(NamedTuple):
@@ -108,13 +116,14 @@ def _forward(h, w, b, labels, valid, cw, st: _Static):
 
     def token_block(i, outs):
         t0, _ = _clamped(i, tb, t_total)
-        h_blk = lax.dynamic_slice_in_dim(h, t0, tb)
+        h_blk = _slice(h, t0, tb, 0)
         y_blk = lax.dynamic_slice_in_dim(labels, t0, tb)
 
         def vocab_block(j, carry):
             m, se, s_y, smooth, am = carry
             v0, fresh0 = _clamped(j, vb, v_local)
-            z = _logits_block(h_blk, _slice_vocab(w, v0, vb, layout), None if b is None else lax.dynamic_slice_in_dim(b, v0, vb), layout)
+            b_blk = None if b is None else lax.dynamic_slice_in_dim(b, v0, vb)
+            z = _logits_block(h_blk, _slice_vocab(w, v0, vb, layout), b_blk, layout)
             s = _targets.softcap(z, opts)
             fresh = lax.broadcasted_iota(jnp.int32, (1, vb), 1) + v0 >= fresh0
             s_new = jnp.where(fresh, s, -jnp.inf)
@@ -209,7 +218,7 @@ def _linear_rows_bwd(st: _Static, res, cts):
             t0, tfresh0 = _clamped(i, tb, t_total)
             fresh_row = lax.broadcasted_iota(jnp.int32, (tb,), 0) + t0 >= tfresh0
             sl = lambda x: lax.dynamic_slice_in_dim(x, t0, tb)  # noqa: E731
-            h_blk = sl(h)
+            h_blk = _slice(h, t0, tb, 0)
             gc, gl = jnp.where(fresh_row, sl(g_ce), 0), jnp.where(fresh_row, sl(g_lse), 0)
             s = _targets.softcap(_logits_block(h_blk, w_blk, b_blk, layout), opts)
             p = jnp.exp(s - sl(lse)[:, None])
