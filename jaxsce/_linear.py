@@ -78,11 +78,17 @@ def _clamped(i, size: int, total: int):
     return jnp.minimum(nominal, total - size), nominal
 
 
+def _acc_dtype(h, w):
+    """float32 accumulation for 16-bit and float32 inputs; float64 stays float64."""
+    return _validate.compute_dtype(jnp.promote_types(h.dtype, w.dtype))
+
+
 def _logits_block(h, w_blk, b_blk, layout: str):
+    ct = _acc_dtype(h, w_blk)
     dims = (((1,), (0,)), ((), ())) if layout == "dv" else (((1,), (1,)), ((), ()))
-    z = lax.dot_general(h, w_blk, dims, preferred_element_type=jnp.float32)
+    z = lax.dot_general(h, w_blk, dims, preferred_element_type=ct)
     if b_blk is not None:
-        z = z + b_blk.astype(jnp.float32)[None, :]
+        z = z + b_blk.astype(ct)[None, :]
     return z
 
 
@@ -112,7 +118,8 @@ def _forward(h, w, b, labels, valid, cw, st: _Static):
     v_local = w.shape[1] if layout == "dv" else w.shape[0]
     shard0 = _col0(v_local, opts)
     n_tok, n_voc = math.ceil(t_total / tb), math.ceil(v_local / vb)
-    cwf = None if cw is None else cw.astype(jnp.float32)
+    ct = _acc_dtype(h, w)
+    cwf = None if cw is None else cw.astype(ct)
 
     def token_block(i, outs):
         t0, _ = _clamped(i, tb, t_total)
@@ -143,12 +150,12 @@ def _forward(h, w, b, labels, valid, cw, st: _Static):
                 smooth = smooth + jnp.sum(jnp.where(fresh, ws, 0), axis=-1)
             return m_new, se, s_y, smooth, am
 
-        zeros = jnp.zeros((tb,), jnp.float32)
-        init = (jnp.full((tb,), -jnp.inf, jnp.float32), zeros, zeros, zeros, jnp.zeros((tb,), jnp.int32))
+        zeros = jnp.zeros((tb,), ct)
+        init = (jnp.full((tb,), -jnp.inf, ct), zeros, zeros, zeros, jnp.zeros((tb,), jnp.int32))
         m, se, s_y, smooth, am = lax.fori_loop(0, n_voc, vocab_block, init)
         return [lax.dynamic_update_slice_in_dim(o, x, t0, 0) for o, x in zip(outs, (m, se, s_y, smooth, am))]
 
-    zeros = jnp.zeros((t_total,), jnp.float32)
+    zeros = jnp.zeros((t_total,), ct)
     outs = [zeros, zeros, zeros, zeros, jnp.zeros((t_total,), jnp.int32)]
     m, sumexp, s_y, smooth, argmax = lax.fori_loop(0, n_tok, token_block, outs)
 
@@ -199,10 +206,11 @@ def _linear_rows_bwd(st: _Static, res, cts):
     v_local = w.shape[1] if layout == "dv" else w.shape[0]
     shard0 = _col0(v_local, opts)
     n_tok, n_voc = math.ceil(t_total / tb), math.ceil(v_local / vb)
-    g_ce = jnp.where(valid, g_ce, 0).astype(jnp.float32)
-    g_lse = jnp.where(valid, g_lse, 0).astype(jnp.float32)
+    ct = _acc_dtype(h, w)
+    g_ce = jnp.where(valid, g_ce, 0).astype(ct)
+    g_lse = jnp.where(valid, g_lse, 0).astype(ct)
     in_range = (labels >= 0) & (labels < opts.num_classes)
-    cwf = None if cw is None else cw.astype(jnp.float32)
+    cwf = None if cw is None else cw.astype(ct)
     w_y_all = _targets.target_weight(labels - shard0, cwf, 0, opts)
 
     def vocab_block(j, carry):
@@ -227,22 +235,25 @@ def _linear_rows_bwd(st: _Static, res, cts):
             ds = _targets.class_id_grad(p, gc, gl, sl(labels), v0 + shard0, cw_blk, w_y, ms, opts)
             ds = _targets.softcap_scale(s, ds, opts)
             ds = jnp.where(sl(in_range)[:, None], ds, jnp.nan)
+            # Rows not counted (masked, ignored, or repeated by a clamped
+            # block) contribute exactly 0, even if their hidden state is NaN.
+            ds = jnp.where((sl(valid) & fresh_row)[:, None], ds, 0)
             ds_c = ds.astype(h.dtype)
             # Columns shared with the previous block: already in d_hidden.
             ds_h = jnp.where(fresh_col, ds, 0).astype(w.dtype)
             if layout == "dv":
-                dh_blk = lax.dot_general(ds_h, w_blk, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-                dw_acc = dw_acc + lax.dot_general(h_blk, ds_c, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+                dh_blk = lax.dot_general(ds_h, w_blk, (((1,), (1,)), ((), ())), preferred_element_type=ct)
+                dw_acc = dw_acc + lax.dot_general(h_blk, ds_c, (((0,), (0,)), ((), ())), preferred_element_type=ct)
             else:
-                dh_blk = lax.dot_general(ds_h, w_blk, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-                dw_acc = dw_acc + lax.dot_general(ds_c, h_blk, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+                dh_blk = lax.dot_general(ds_h, w_blk, (((1,), (0,)), ((), ())), preferred_element_type=ct)
+                dw_acc = dw_acc + lax.dot_general(ds_c, h_blk, (((0,), (0,)), ((), ())), preferred_element_type=ct)
             dh = lax.dynamic_update_slice_in_dim(dh, sl(dh) + dh_blk, t0, 0)
             if db_acc is not None:
                 db_acc = db_acc + jnp.sum(ds, axis=0)
             return dh, dw_acc, db_acc
 
         acc_shape = (d, vb) if layout == "dv" else (vb, d)
-        inner0 = (dh, jnp.zeros(acc_shape, jnp.float32), None if b is None else jnp.zeros((vb,), jnp.float32))
+        inner0 = (dh, jnp.zeros(acc_shape, ct), None if b is None else jnp.zeros((vb,), ct))
         dh, dw_acc, db_acc = lax.fori_loop(0, n_tok, token_block, inner0)
         axis = 1 if layout == "dv" else 0
         dw = lax.dynamic_update_slice_in_dim(dw, dw_acc.astype(w.dtype), v0, axis)
@@ -250,7 +261,7 @@ def _linear_rows_bwd(st: _Static, res, cts):
             db = lax.dynamic_update_slice_in_dim(db, db_acc.astype(b.dtype), v0, 0)
         return dh, dw, db
 
-    init = (jnp.zeros((t_total, d), jnp.float32), jnp.zeros_like(w), None if b is None else jnp.zeros_like(b))
+    init = (jnp.zeros((t_total, d), ct), jnp.zeros_like(w), None if b is None else jnp.zeros_like(b))
     dh, dw, db = lax.fori_loop(0, n_voc, vocab_block, init)
     if opts.vocab_axis is not None:
         dh = lax.psum(dh, opts.vocab_axis)  # each shard holds its vocabulary's share

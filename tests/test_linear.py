@@ -1,0 +1,124 @@
+"""linear_cross_entropy against the plain path cross_entropy(h @ W + b, y) differentiated by JAX."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxsce
+from reference import naive_cross_entropy
+
+T, D, V = 37, 16, 300  # the block sizes used below divide neither
+
+
+def _data(dtype=np.float32, seed=0, batch=None):
+    rng = np.random.default_rng(seed)
+    shape = batch or (T,)
+    h = jnp.asarray(rng.normal(size=shape + (D,)), dtype)
+    w = jnp.asarray(rng.normal(size=(D, V)) * 0.3, dtype)
+    b = jnp.asarray(rng.normal(size=(V,)) * 0.1, dtype)
+    y = rng.integers(0, V, size=shape)
+    y.reshape(-1)[[3, 11]] = -100
+    return h, w, b, jnp.asarray(y, jnp.int32)
+
+
+OPTIONS = [
+    dict(ignore_index=-100),
+    dict(ignore_index=-100, label_smoothing=0.1),
+    dict(ignore_index=-100, z_loss=1e-3, logit_softcap=4.0),
+    dict(ignore_index=-100, class_weight=True, label_smoothing=0.2),
+    dict(ignore_index=-100, where=True, class_weight=True, z_loss=1e-2),
+]
+
+
+def _resolve(kw, y):
+    kw = dict(kw)
+    if kw.pop("class_weight", False):
+        kw["class_weight"] = jnp.asarray(np.linspace(0.5, 1.5, V), jnp.float32)
+    if kw.pop("where", False):
+        kw["where"] = jnp.asarray(np.arange(y.size).reshape(y.shape) % 5 != 0)
+    plain = dict(kw)
+    if "class_weight" in plain:
+        plain["weight"] = plain.pop("class_weight")
+    return kw, plain
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o))
+@pytest.mark.parametrize("blocks", [(8, 64), (37, 300), (5, 299)])
+def test_matches_plain_path(opts, reduction, blocks):
+    h, w, b, y = _data()
+    kw, plain_kw = _resolve(opts, y)
+    cot = jnp.asarray(np.random.default_rng(1).normal(size=() if reduction != "none" else (T,)), jnp.float32)
+    fused = lambda h, w, b: jnp.sum(cot * jaxsce.linear_cross_entropy(h, w, y, bias=b, reduction=reduction, token_block=blocks[0], vocab_block=blocks[1], **kw))
+    plain = lambda h, w, b: jnp.sum(cot * jaxsce.cross_entropy(h @ w + b[None, :], y, reduction=reduction, **plain_kw))
+    np.testing.assert_allclose(fused(h, w, b), plain(h, w, b), rtol=2e-6)
+    for g, g_ref in zip(jax.grad(fused, (0, 1, 2))(h, w, b), jax.grad(plain, (0, 1, 2))(h, w, b)):
+        np.testing.assert_allclose(g, g_ref, rtol=2e-4, atol=2e-6)
+
+
+def test_gradient_matches_naive_autodiff_in_float64():
+    h, w, b, y = _data(np.float64)
+    y = jnp.abs(y) % V
+    fused = lambda h, w, b: jaxsce.linear_cross_entropy(h, w, y, bias=b, token_block=8, vocab_block=64)
+    naive = lambda h, w, b: naive_cross_entropy(h @ w + b[None, :], y)
+    np.testing.assert_allclose(fused(h, w, b), naive(h, w, b), rtol=1e-12)
+    for g, g_ref in zip(jax.grad(fused, (0, 1, 2))(h, w, b), jax.grad(naive, (0, 1, 2))(h, w, b)):
+        np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-13)
+
+
+def test_batch_dims_tied_layout_and_aux():
+    h, w, b, y = _data(batch=(3, 7))
+    kw = dict(ignore_index=-100, return_aux=True, token_block=4, vocab_block=128)
+    loss, aux = jaxsce.linear_cross_entropy(h, w.T, y, weight_layout="vd", **kw)
+    loss_ref, aux_ref = jaxsce.cross_entropy(h @ w, y, ignore_index=-100, return_aux=True)
+    np.testing.assert_allclose(loss, loss_ref, rtol=2e-6)
+    np.testing.assert_allclose(aux.lse, aux_ref.lse, rtol=2e-6)
+    assert aux.lse.shape == (3, 7)
+    np.testing.assert_allclose(aux.accuracy, aux_ref.accuracy)
+    g = jax.grad(lambda h, wt: jaxsce.linear_cross_entropy(h, wt, y, weight_layout="vd", ignore_index=-100, vocab_block=128))(h, w.T)
+    g_ref = jax.grad(lambda h, w: jaxsce.cross_entropy(h @ w, y, ignore_index=-100))(h, w)
+    np.testing.assert_allclose(g, g_ref, rtol=2e-4, atol=2e-6)
+
+
+def test_bf16_inputs_accumulate_in_float32_and_return_input_dtypes():
+    h, w, b, y = _data(jnp.bfloat16)
+    y = jnp.abs(y) % V
+    loss, grads = jax.value_and_grad(lambda h, w: jaxsce.linear_cross_entropy(h, w, y, token_block=8, vocab_block=64), (0, 1))(h, w)
+    assert loss.dtype == jnp.float32 and grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
+    z32 = h.astype(jnp.float32) @ w.astype(jnp.float32)
+    np.testing.assert_allclose(loss, jaxsce.cross_entropy(z32, y), rtol=1e-5)
+    g_ref = jax.grad(lambda h, w: jaxsce.cross_entropy(h @ w, y), (0, 1))(h.astype(jnp.float32), w.astype(jnp.float32))
+    for g, gr in zip(grads, g_ref):
+        np.testing.assert_allclose(np.asarray(g, np.float32), gr, rtol=1e-1, atol=2e-3)
+
+
+def test_compiled_temporary_memory_is_far_below_the_logits():
+    t, d, v = 4096, 64, 32768
+    args = (jax.ShapeDtypeStruct((t, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32), jax.ShapeDtypeStruct((t,), jnp.int32))
+    fused = jax.jit(jax.value_and_grad(lambda h, w, y: jaxsce.linear_cross_entropy(h, w, y, memory_budget=16 * 2**20), (0, 1)))
+    temp = fused.lower(*args).compile().memory_analysis().temp_size_in_bytes
+    logits_bytes = t * v * 4
+    assert temp < logits_bytes / 8, (temp, logits_bytes)
+    plain = jax.jit(jax.value_and_grad(lambda h, w, y: jaxsce.cross_entropy(h @ w, y), (0, 1)))
+    assert plain.lower(*args).compile().memory_analysis().temp_size_in_bytes >= logits_bytes
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(weight=jnp.ones((15, V))), ValueError, r"\(15, 300\)"),
+        (dict(labels=jnp.zeros((T + 1,), jnp.int32)), ValueError, r"\(38,\)"),
+        (dict(labels=jnp.zeros((T,), jnp.float32)), TypeError, "float32"),
+        (dict(hidden=jnp.ones((T, D), jnp.int32)), TypeError, "int32"),
+        (dict(bias=jnp.ones((V + 1,))), ValueError, r"\(301,\)"),
+        (dict(weight_layout="dV"), ValueError, "weight_layout"),
+        (dict(vocab_block=0), ValueError, "vocab_block"),
+    ],
+)
+def test_bad_input_is_a_trace_time_error(kwargs, exc, match):
+    h, w, b, y = _data()
+    args = dict(hidden=h, weight=w, labels=y)
+    args.update({k: kwargs.pop(k) for k in list(kwargs) if k in args})
+    with pytest.raises(exc, match=match):
+        jaxsce.linear_cross_entropy(args["hidden"], args["weight"], args["labels"], **kwargs)
