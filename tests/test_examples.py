@@ -1,0 +1,37 @@
+"""The training examples run end to end in smoke mode (a few steps).
+
+They run in a subprocess: examples are user code under JAX's default
+configuration, not under this suite's strict promotion and x64 settings.
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run(name, *args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / f"{name}.py"), "--smoke", *args], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.strip().splitlines()
+
+
+def test_digits_cnn_smoke():
+    lines = _run("digits_cnn")
+    assert lines[-1].startswith("test accuracy: ")
+    assert 0.0 <= float(lines[-1].split(":")[1]) <= 1.0
+    first, last = (float(x) for x in lines[0].split("loss ")[1].split(" -> "))
+    assert last < first
+
+
+def test_next_token_smoke():
+    lines = _run("next_token")
+    mem = next(line for line in lines if line.startswith("training step temporary memory"))
+    assert "fused" in mem and "plain" in mem
+    losses = [float(line.split("train loss ")[1]) for line in lines if "train loss" in line]
+    assert losses[-1] < losses[0]
