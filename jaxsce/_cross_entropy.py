@@ -223,7 +223,7 @@ def cross_entropy(
       >>> jaxsce.cross_entropy(logits, labels)
       Array(0.3185..., dtype=float32)
       >>> g = jax.grad(jaxsce.cross_entropy)(logits, labels)  # (p - y) / N
-      >>> bool(jnp.allclose(g, (jax.nn.softmax(logits) - jnp.eye(3)[labels]) / 2))
+      >>> bool(jnp.allclose(g, (jax.nn.softmax(logits) - jnp.eye(3, dtype=jnp.float32)[labels]) / 2))
       True
     """
     opt = check_static_options(
