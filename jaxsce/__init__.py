@@ -7,6 +7,8 @@ modules, one per concern.
 from ._cross_entropy import cross_entropy as cross_entropy
 from ._linear import linear_cross_entropy as linear_cross_entropy
 from ._reduce import LossAux as LossAux
+from ._sharded import sharded_cross_entropy as sharded_cross_entropy
+from ._sharded import sharded_linear_cross_entropy as sharded_linear_cross_entropy
 from ._softmax import log_softmax as log_softmax
 from ._softmax import logsumexp as logsumexp
 from ._softmax import softmax as softmax
@@ -19,5 +21,7 @@ __all__ = [
     "linear_cross_entropy",
     "log_softmax",
     "logsumexp",
+    "sharded_cross_entropy",
+    "sharded_linear_cross_entropy",
     "softmax",
 ]

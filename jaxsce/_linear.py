@@ -106,6 +106,53 @@ class _Static(NamedTuple):
     layout: str
 
 
+def _varying_axes(x) -> frozenset:
+    """Mesh axes over which ``x`` varies inside ``shard_map`` (empty outside).
+
+    jax 0.10 exposes them as ``typeof(x).manual_axis_type.varying``, earlier
+    releases as ``typeof(x).vma``; without either, nothing is tracked.
+    """
+    aval = jax.typeof(x)
+    mat = getattr(aval, "manual_axis_type", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def _vary_like(tree, *like):
+    """Give loop-carry initial values the sharding type of the inputs.
+
+    Inside ``jax.shard_map`` a carry computed from sharded inputs "varies"
+    over the mesh axes those inputs vary over, and ``fori_loop`` requires the
+    initial value to match. Outside shard_map this is the identity.
+    """
+    axes = frozenset().union(*(_varying_axes(x) for x in jax.tree.leaves(like)))
+    if not axes:
+        return tree
+    cast = getattr(lax, "pcast", None)
+
+    def vary(x):
+        missing = tuple(sorted(axes - _varying_axes(x)))
+        if not missing:
+            return x
+        return cast(x, missing, to="varying") if cast is not None else lax.pvary(x, missing)
+
+    return jax.tree.map(vary, tree)
+
+
+def _sum_to_type(ct, primal):
+    """Sum a cotangent over the mesh axes it varies over but its primal does not.
+
+    A weight replicated over a data-parallel axis receives one partial
+    gradient per data shard; their sum is its gradient (the all-reduce every
+    data-parallel step does). Identity outside shard_map.
+    """
+    if ct is None:
+        return ct
+    extra = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
+    return lax.psum(ct, extra) if extra else ct
+
+
 def _col0(local_vocab: int, opts: Options):
     if opts.vocab_axis is None:
         return 0
@@ -152,11 +199,12 @@ def _forward(h, w, b, labels, valid, cw, st: _Static):
 
         zeros = jnp.zeros((tb,), ct)
         init = (jnp.full((tb,), -jnp.inf, ct), zeros, zeros, zeros, jnp.zeros((tb,), jnp.int32))
+        init = _vary_like(init, h, w, b, labels)
         m, se, s_y, smooth, am = lax.fori_loop(0, n_voc, vocab_block, init)
         return [lax.dynamic_update_slice_in_dim(o, x, t0, 0) for o, x in zip(outs, (m, se, s_y, smooth, am))]
 
     zeros = jnp.zeros((t_total,), ct)
-    outs = [zeros, zeros, zeros, zeros, jnp.zeros((t_total,), jnp.int32)]
+    outs = _vary_like([zeros, zeros, zeros, zeros, jnp.zeros((t_total,), jnp.int32)], h, w, b, labels)
     m, sumexp, s_y, smooth, argmax = lax.fori_loop(0, n_tok, token_block, outs)
 
     # Combine the vocabulary shards: one pmax, one psum of a few floats per token.
@@ -184,7 +232,8 @@ def _forward(h, w, b, labels, valid, cw, st: _Static):
     ce = jnp.where(m == jnp.inf, jnp.nan, ce)
     correct = (argmax == labels) if opts.argmax else jnp.zeros(labels.shape, bool)
     w_y = jnp.ones_like(ce) if w_y is None else w_y
-    outputs = (jnp.where(valid, ce, 0), jnp.where(valid, lse, 0), correct & valid, jnp.where(valid, w_y, 0))
+    hit = jnp.where(valid & correct, 1, 0).astype(ce.dtype)
+    outputs = (jnp.where(valid, ce, 0), jnp.where(valid, lse, 0), hit, jnp.where(valid, w_y, 0))
     return outputs, (lse, mass)
 
 
@@ -254,6 +303,7 @@ def _linear_rows_bwd(st: _Static, res, cts):
 
         acc_shape = (d, vb) if layout == "dv" else (vb, d)
         inner0 = (dh, jnp.zeros(acc_shape, ct), None if b is None else jnp.zeros((vb,), ct))
+        inner0 = _vary_like(inner0, h, w, b, labels, g_ce, g_lse, lse)
         dh, dw_acc, db_acc = lax.fori_loop(0, n_tok, token_block, inner0)
         axis = 1 if layout == "dv" else 0
         dw = lax.dynamic_update_slice_in_dim(dw, dw_acc.astype(w.dtype), v0, axis)
@@ -262,11 +312,12 @@ def _linear_rows_bwd(st: _Static, res, cts):
         return dh, dw, db
 
     init = (jnp.zeros((t_total, d), ct), jnp.zeros_like(w), None if b is None else jnp.zeros_like(b))
+    init = _vary_like(init, h, w, b, labels, g_ce, g_lse, lse)
     dh, dw, db = lax.fori_loop(0, n_voc, vocab_block, init)
     if opts.vocab_axis is not None:
         dh = lax.psum(dh, opts.vocab_axis)  # each shard holds its vocabulary's share
     dh = jnp.where(valid[:, None], dh, 0).astype(h.dtype)
-    return dh, dw, db, None, None, None
+    return _sum_to_type(dh, h), _sum_to_type(dw, w), _sum_to_type(db, b), None, None, None
 
 
 _linear_rows.defvjp(_linear_rows_fwd, _linear_rows_bwd)

@@ -6,7 +6,7 @@ outputs:
 
 * ``ce``: the (weighted, smoothed) cross-entropy, 0 where not counted;
 * ``lse``: the log-sum-exp of the soft-capped logits, 0 where not counted;
-* ``correct``: the label attains the row maximum (top-1 hit);
+* ``correct``: 1.0 where the label is the row's argmax (top-1 hit), else 0;
 * ``w_y``: what the example adds to the ``"mean"`` normalizer (its class
   weight, or 1; 0 where not counted).
 
@@ -30,7 +30,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from . import _targets
@@ -110,7 +109,9 @@ def _forward(z, target, valid, class_weight, opts: Options):
     outputs = (
         jnp.where(valid, ce, 0),
         jnp.where(valid, lse, 0),
-        correct & valid,
+        # A 0/1 float rather than bool: its (zero) tangent then carries the
+        # same sharding type as the other outputs inside shard_map.
+        jnp.where(valid & correct, 1, 0).astype(ce.dtype),
         jnp.where(valid, w_y, 0),
     )
     return outputs, (s, lse, mass)
@@ -229,7 +230,7 @@ def _rows_jvp_rule(opts, primals, tangents):
     tangent_out = (
         jnp.where(valid, d_ce, 0),
         jnp.where(valid, d_lse, 0),
-        np.zeros(correct.shape, jax.dtypes.float0),
+        jnp.zeros_like(correct),
         jnp.zeros_like(w_y),
     )
     return outputs, tangent_out

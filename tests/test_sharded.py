@@ -1,0 +1,210 @@
+"""Vocabulary- and data-parallel losses on 8 virtual CPU devices equal the unsharded ones."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jaxsce
+
+pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
+
+MESHES = [(8, 1), (1, 8), (2, 4)]  # (data, model)
+N, V, D = 32, 48, 8
+
+
+def _mesh(shape, explicit=False):
+    kind = jax.sharding.AxisType.Explicit if explicit else jax.sharding.AxisType.Auto
+    return jax.make_mesh(shape, ("data", "model"), axis_types=(kind, kind))
+
+
+def _data(seed=0):
+    rng = np.random.default_rng(seed)
+    logits = jnp.asarray(rng.normal(size=(N, V)) * 2)
+    labels = rng.integers(0, V, size=N)
+    labels[[2, 9]] = -100
+    probs = rng.random((N, V)) ** 2
+    return dict(
+        logits=logits,
+        labels=jnp.asarray(labels, jnp.int32),
+        probs=jnp.asarray(probs / probs.sum(-1, keepdims=True)),
+        weight=jnp.asarray(np.linspace(0.3, 1.7, V)),
+        where=jnp.asarray(np.arange(N) % 7 != 3),
+        hidden=jnp.asarray(rng.normal(size=(N, D))),
+        proj=jnp.asarray(rng.normal(size=(D, V)) * 0.4),
+        bias=jnp.asarray(rng.normal(size=(V,)) * 0.1),
+    )
+
+
+OPTIONS = {
+    "plain": dict(ignore_index=-100),
+    "smoothing+weight": dict(ignore_index=-100, label_smoothing=0.2, weighted=True),
+    "zloss+softcap+where": dict(ignore_index=-100, z_loss=1e-2, logit_softcap=2.5, masked=True),
+    "all": dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, logit_softcap=4.0, weighted=True, masked=True),
+}
+
+
+def _split(opts, d, weight_name="weight"):
+    opts = dict(opts)
+    extra = {}
+    if opts.pop("weighted", False):
+        extra[weight_name] = d["weight"]
+    if opts.pop("masked", False):
+        extra["where"] = d["where"]
+    return opts, extra
+
+
+def _close(a, b, rtol=1e-10, atol=1e-12):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+# Forward mode goes through the same sharded kernel; run it on the full option set only.
+CASES = [(name, "vjp") for name in OPTIONS] + [("all", "jvp")]
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name,derivative", CASES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_equals_unsharded(mesh_shape, name, reduction, derivative):
+    d = _data()
+    mesh = _mesh(mesh_shape)
+    opts, extra = _split(OPTIONS[name], d)
+    kw = dict(reduction=reduction, derivative=derivative, return_aux=True, **opts)
+
+    def sharded(x):
+        return jaxsce.sharded_cross_entropy(x, d["labels"], mesh=mesh, vocab_axis="model", batch_axes="data", **extra, **kw)
+
+    def plain(x):
+        return jaxsce.cross_entropy(x, d["labels"], **extra, **kw)
+
+    _close(jax.jit(sharded)(d["logits"]), plain(d["logits"]))
+    cot = jnp.asarray(np.random.default_rng(1).normal(size=() if reduction == "mean" else (N,)))
+    g = jax.grad(lambda x: jnp.sum(cot * sharded(x)[0]) + jnp.sum(sharded(x)[1].lse))(d["logits"])
+    g_ref = jax.grad(lambda x: jnp.sum(cot * plain(x)[0]) + jnp.sum(plain(x)[1].lse))(d["logits"])
+    _close(g, g_ref)
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_probability_targets_equal_unsharded(mesh_shape):
+    d = _data(1)
+    mesh = _mesh(mesh_shape)
+    kw = dict(label_smoothing=0.1, weight=d["weight"], return_aux=True)
+    f = lambda x, t: jaxsce.sharded_cross_entropy(x, t, mesh=mesh, vocab_axis="model", batch_axes="data", **kw)
+    f0 = lambda x, t: jaxsce.cross_entropy(x, t, **kw)
+    _close(jax.jit(f)(d["logits"], d["probs"]), f0(d["logits"], d["probs"]))
+    _close(jax.grad(lambda x, t: f(x, t)[0], (0, 1))(d["logits"], d["probs"]), jax.grad(lambda x, t: f0(x, t)[0], (0, 1))(d["logits"], d["probs"]))
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", ["plain", "all"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_equals_unsharded(mesh_shape, name, reduction):
+    d = _data(2)
+    mesh = _mesh(mesh_shape)
+    opts, extra = _split(OPTIONS[name], d, weight_name="class_weight")
+    kw = dict(reduction=reduction, return_aux=True, vocab_block=4, token_block=3, **opts)
+
+    def sharded(h, w, b):
+        return jaxsce.sharded_linear_cross_entropy(h, w, d["labels"], bias=b, mesh=mesh, vocab_axis="model", batch_axes="data", **extra, **kw)
+
+    def plain(h, w, b):
+        return jaxsce.linear_cross_entropy(h, w, d["labels"], bias=b, **extra, **kw)
+
+    args = (d["hidden"], d["proj"], d["bias"])
+    _close(jax.jit(sharded)(*args), plain(*args))
+    cot = jnp.asarray(np.random.default_rng(3).normal(size=() if reduction == "mean" else (N,)))
+    g = jax.grad(lambda *a: jnp.sum(cot * sharded(*a)[0]), (0, 1, 2))(*args)
+    g_ref = jax.grad(lambda *a: jnp.sum(cot * plain(*a)[0]), (0, 1, 2))(*args)
+    _close(g, g_ref)
+
+
+def test_explicit_mesh_and_tied_layout():
+    d = _data(4)
+    mesh = _mesh((2, 4), explicit=True)
+    with jax.set_mesh(mesh):
+        f = lambda h, e: jaxsce.sharded_linear_cross_entropy(h, e, d["labels"], mesh=mesh, vocab_axis="model", batch_axes="data", weight_layout="vd", ignore_index=-100)
+        f0 = lambda h, e: jaxsce.linear_cross_entropy(h, e, d["labels"], weight_layout="vd", ignore_index=-100)
+        emb = d["proj"].T
+        _close(jax.jit(f)(d["hidden"], emb), f0(d["hidden"], emb))
+        _close(jax.grad(f, (0, 1))(d["hidden"], emb), jax.grad(f0, (0, 1))(d["hidden"], emb))
+
+
+def test_hand_written_shard_map_with_axis_names():
+    d = _data(5)
+    mesh = _mesh((2, 4))
+
+    def local(x, y, w):
+        return jaxsce.cross_entropy(x, y, weight=w, ignore_index=-100, label_smoothing=0.1, axis_name="model", batch_axis_name="data")
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=(P("data", "model"), P("data"), P("model")), out_specs=P())
+    expected = jaxsce.cross_entropy(d["logits"], d["labels"], weight=d["weight"], ignore_index=-100, label_smoothing=0.1)
+    _close(jax.jit(f)(d["logits"], d["labels"], d["weight"]), expected)
+
+
+def test_label_smoothing_uses_global_vocab_size_megatron_737():
+    """Megatron-LM issue 737: smoothing divided by the local vocabulary size is wrong with >1 shard."""
+    d = _data(6)
+    mesh = _mesh((1, 8))
+    f = lambda x: jaxsce.sharded_cross_entropy(x, d["labels"] % V, mesh=mesh, vocab_axis="model", label_smoothing=0.3)
+    expected = jaxsce.cross_entropy(d["logits"], d["labels"] % V, label_smoothing=0.3)
+    _close(f(d["logits"]), expected)
+    # What dividing by the local vocabulary size (V / 8) would give instead:
+    logp = np.asarray(jax.nn.log_softmax(d["logits"]))
+    y = np.asarray(d["labels"]) % V
+    bug = np.mean(-0.7 * logp[np.arange(N), y] - 0.3 / (V // 8) * logp.sum(-1))
+    assert abs(float(f(d["logits"])) - bug) > 1e-2
+
+
+COLLECTIVE = re.compile(r"=\s*(\([^)]*\)|\S+)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
+SHAPE = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
+
+
+def _collective_sizes(hlo: str) -> list[int]:
+    sizes = []
+    for match in COLLECTIVE.finditer(hlo):
+        for dims in SHAPE.findall(match.group(1)):
+            sizes.append(int(np.prod([int(x) for x in dims.split(",") if x])) if dims else 1)
+    return sizes
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_no_collective_moves_tokens_times_local_vocab(mesh_shape):
+    mesh = _mesh(mesh_shape)
+    tokens, vocab, d = 256, 1024, 8
+    local_tokens, local_vocab = tokens // mesh_shape[0], vocab // mesh_shape[1]
+    limit = local_tokens * local_vocab
+    x = jax.ShapeDtypeStruct((tokens, vocab), jnp.float32)
+    y = jax.ShapeDtypeStruct((tokens,), jnp.int32)
+    w = jax.ShapeDtypeStruct((vocab,), jnp.float32)
+    f = jax.jit(
+        jax.value_and_grad(
+            lambda x, y, w: jaxsce.sharded_cross_entropy(x, y, mesh=mesh, vocab_axis="model", batch_axes="data", weight=w, label_smoothing=0.1, z_loss=1e-4)
+        )
+    )
+    sizes = _collective_sizes(f.lower(x, y, w).compile().as_text())
+    if mesh_shape != (1, 1):
+        assert sizes, "expected collectives in a sharded program"
+    assert max(sizes) < limit, (sizes, limit)
+    h = jax.ShapeDtypeStruct((tokens, d), jnp.float32)
+    wp = jax.ShapeDtypeStruct((d, vocab), jnp.float32)
+    g = jax.jit(
+        jax.value_and_grad(
+            lambda h, wp, y: jaxsce.sharded_linear_cross_entropy(h, wp, y, mesh=mesh, vocab_axis="model", batch_axes="data", label_smoothing=0.1),
+            argnums=(0, 1),
+        )
+    )
+    sizes = _collective_sizes(g.lower(h, wp, y).compile().as_text())
+    assert max(sizes) < limit, (sizes, limit)
+
+
+def test_collective_parser_sees_a_logits_sized_all_gather():
+    """The check above can fail: an all-gather of the logits is detected."""
+    mesh = _mesh((1, 8))
+    x = jax.ShapeDtypeStruct((64, 256), jnp.float32)
+    f = jax.jit(jax.shard_map(lambda x: jax.lax.all_gather(x, "model", axis=1, tiled=True), mesh=mesh, in_specs=P(None, "model"), out_specs=P(), check_vma=False))
+    sizes = _collective_sizes(f.lower(x).compile().as_text())
+    assert max(sizes) >= 64 * 256 // 8
