@@ -176,8 +176,8 @@ def bench_logits(shapes, dtype, repeats, progress) -> list[Row]:
         x = jnp.asarray(rng.normal(size=(n, v)), dtype)
         y = jnp.asarray(rng.integers(0, v, size=n), jnp.int32)
         roof = jax.jit(jnp.exp)
-        calls = {k: (lambda f=f: f(x, y)) for k, f in impls.items()}
-        calls["roofline: exp over logits"] = lambda: roof(x)
+        calls = {k: (lambda f=f, x=x, y=y: f(x, y)) for k, f in impls.items()}
+        calls["roofline: exp over logits"] = lambda x=x, roof=roof: roof(x)
         if torch is not None and dtype == jnp.float32:
             calls["torch F.cross_entropy"] = torch_logit(np.asarray(x), np.asarray(y))
         times = interleaved(calls, repeats, _block, progress)
@@ -219,8 +219,8 @@ def bench_fused(shapes, dtype, repeats, progress) -> list[Row]:
         w = jnp.asarray(rng.normal(size=(d, v)) / math.sqrt(d), dtype)
         y = jnp.asarray(rng.integers(0, v, size=t_), jnp.int32)
         matmul = jax.jit(lambda h, w: h @ w)
-        calls = {k: (lambda f=f: f(h, w, y)) for k, f in impls.items()}
-        calls["roofline: h@W matmul"] = lambda: matmul(h, w)
+        calls = {k: (lambda f=f, h=h, w=w, y=y: f(h, w, y)) for k, f in impls.items()}
+        calls["roofline: h@W matmul"] = lambda h=h, w=w, matmul=matmul: matmul(h, w)
         if torch is not None and dtype == jnp.float32:
             calls["torch h@W + F.cross_entropy"] = torch_fused(np.asarray(h), np.asarray(w), np.asarray(y))
         times = interleaved(calls, repeats, _block, progress)
@@ -266,7 +266,14 @@ def memory_table(d, vocab, tokens, dtype) -> list[dict]:
         fused = jax.jit(jax.value_and_grad(lambda h, w, y: jaxsce.linear_cross_entropy(h, w, y), argnums=(0, 1)))
         plain = jax.jit(jax.value_and_grad(lambda h, w, y: jaxsce.cross_entropy(h @ w, y), argnums=(0, 1)))
         out.append(
-            dict(tokens=t_, d=d, vocab=vocab, dtype=dt.name, fused_temp_mib=temp_mib(fused, h, w, y), plain_temp_mib=temp_mib(plain, h, w, y))
+            dict(
+                tokens=t_,
+                d=d,
+                vocab=vocab,
+                dtype=dt.name,
+                fused_temp_mib=temp_mib(fused, h, w, y),
+                plain_temp_mib=temp_mib(plain, h, w, y),
+            )
         )
     return out
 
@@ -302,6 +309,10 @@ def markdown(env: dict, rows: list[Row], memory: list[dict]) -> str:
         f"{env['machine']}), python {env['python']}, {env['date']}.",
         "",
     ]
+    titles = {
+        "logits": "Logit level: value_and_grad of the mean loss",
+        "fused": "Fused linear + cross-entropy: value_and_grad wrt (h, W)",
+    }
     for section, peer, roof in (
         ("logits", "÷ optax", "÷ exp pass"),
         ("fused", "÷ plain jaxsce", "FLOP rate ÷ matmul's"),
@@ -310,9 +321,10 @@ def markdown(env: dict, rows: list[Row], memory: list[dict]) -> str:
         if not part:
             continue
         lines += [
-            f"### {'Logit level: value_and_grad of the mean loss' if section == 'logits' else 'Fused linear + cross-entropy: value_and_grad wrt (h, W)'}",
+            f"### {titles[section]}",
             "",
-            f"| shape | dtype | implementation | median ms | min–max ms | tokens/s | {peer} | {roof} | temp MiB | max abs grad diff vs naive |",
+            f"| shape | dtype | implementation | median ms | min–max ms | tokens/s | {peer} | {roof} | temp MiB "
+            "| max abs grad diff vs naive |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in part:
@@ -331,7 +343,8 @@ def markdown(env: dict, rows: list[Row], memory: list[dict]) -> str:
         ]
         for m in memory:
             lines.append(
-                f"| {m['tokens']} | {m['d']} | {m['vocab']} | {m['dtype']} | {m['fused_temp_mib']:.1f} | {m['plain_temp_mib']:.1f} |"
+                f"| {m['tokens']} | {m['d']} | {m['vocab']} | {m['dtype']} "
+                f"| {m['fused_temp_mib']:.1f} | {m['plain_temp_mib']:.1f} |"
             )
         lines.append("")
     return "\n".join(lines)
@@ -361,7 +374,9 @@ def plot(rows: list[Row], path: str, env: dict) -> bool:
         ax.grid(alpha=0.3)
     ax_m.set_yscale("symlog", linthresh=1.0)
     ax_t.legend(fontsize=8)
-    fig.suptitle(f"value_and_grad of the mean cross-entropy — jax {env['jax']}, {env['backend']} ({env['cpu_count']} cores)")
+    fig.suptitle(
+        f"value_and_grad of the mean cross-entropy — jax {env['jax']}, {env['backend']} ({env['cpu_count']} cores)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -385,7 +400,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--fused", type=lambda s: _shapes(s, 3), help="fused shapes TxDxV,...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds (default 25, full 9)")
-    parser.add_argument("--memory-tokens", type=lambda s: tuple(int(x) for x in s.split(",")), help="token counts for the memory table")
+    parser.add_argument(
+        "--memory-tokens", type=lambda s: tuple(int(x) for x in s.split(",")), help="token counts for the memory table"
+    )
     parser.add_argument("--memory-dv", type=lambda s: _shapes(s, 2)[0], help="DxV for the memory table")
     parser.add_argument("--no-memory", action="store_true", help="skip the compile-only memory table")
     parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
@@ -402,7 +419,10 @@ def main(argv=None) -> dict:
         mem["d"], mem["vocab"] = args.memory_dv
     dtype = jnp.dtype(args.dtype)
     env = environment()
-    print(f"jax {env['jax']} | backend {env['backend']} ({env['device']}) | {env['cpu_count']} cores | torch: {env['torch'] or 'not installed (skipped)'}")
+    print(
+        f"jax {env['jax']} | backend {env['backend']} ({env['device']}) | {env['cpu_count']} cores | "
+        f"torch: {env['torch'] or 'not installed (skipped)'}"
+    )
 
     try:
         from tqdm import tqdm
@@ -422,7 +442,9 @@ def main(argv=None) -> dict:
         memory += headline
 
     os.makedirs(args.out, exist_ok=True)
-    result = dict(environment=env, args=vars(args) | {"repeats": repeats}, rows=[asdict(r) for r in rows], memory=memory)
+    result = dict(
+        environment=env, args=vars(args) | {"repeats": repeats}, rows=[asdict(r) for r in rows], memory=memory
+    )
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     table = markdown(env, rows, memory)
@@ -432,7 +454,9 @@ def main(argv=None) -> dict:
         plot(rows, os.path.join(args.out, "results.png"), env)
     print(table)
     bad = [f"{r.impl} @ {r.shape}" for r in rows if not r.grad_ok]
-    print("gradients: all implementations match the naive autodiff gradient" if not bad else f"gradient mismatch: {bad}")
+    print(
+        "gradients: all implementations match the naive autodiff gradient" if not bad else f"gradient mismatch: {bad}"
+    )
     print(f"wrote {args.out}/results.json, results.md" + ("" if args.no_plot else ", results.png"))
     return result
 

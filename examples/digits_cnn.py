@@ -115,7 +115,9 @@ def main(argv=None):
         gdiff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_naive)))
         print(f"max |gradient difference| at initialization: {gdiff:.2e}")
         params_naive, losses_naive, acc_naive = train(naive_loss, data, steps=steps)
-        diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_naive)))
+        diff = max(
+            float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_naive))
+        )
         print(f"naive autodiff: loss {losses_naive[0]:.3f} -> {losses_naive[-1]:.3f}, test accuracy {acc_naive:.4f}")
         # float32 rounding differences of ~1e-8 in the gradients are amplified
         # by 600 Adam steps (which normalize tiny gradients); the curves overlay.

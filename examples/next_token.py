@@ -73,7 +73,9 @@ def features(params, ctx):
 
 def fused_loss(params, ctx, y):
     h = features(params, ctx)
-    return jaxsce.linear_cross_entropy(h, params["embed"], y, bias=params["bias"], weight_layout="vd", label_smoothing=0.05)
+    return jaxsce.linear_cross_entropy(
+        h, params["embed"], y, bias=params["bias"], weight_layout="vd", label_smoothing=0.05
+    )
 
 
 def plain_loss(params, ctx, y):
@@ -111,7 +113,10 @@ def main(argv=None):
     tokens = corpus_tokens(args.max_chars)
     index, words = build_vocab(tokens, args.vocab)
     ids = np.asarray([index.get(t, 0) for t in tokens], np.int32)
-    print(f"corpus: {len(tokens):,} tokens from the standard library; vocabulary {len(words):,} (unk rate {np.mean(ids == 0):.1%})")
+    print(
+        f"corpus: {len(tokens):,} tokens from the standard library; "
+        f"vocabulary {len(words):,} (unk rate {np.mean(ids == 0):.1%})"
+    )
     n_val = len(ids) // 20
     train_ids, val_ids = ids[:-n_val], ids[-n_val:]
 
@@ -142,7 +147,10 @@ def main(argv=None):
             print(f"step {i:4d}  train loss {float(loss):.3f}")
     vctx, vy = batch(val_ids, 4096)
     val = float(jax.jit(fused_loss)(params, vctx, vy))
-    print(f"{args.steps} steps in {time.perf_counter() - t0:.1f} s; validation loss {val:.3f} (uniform: {np.log(len(words)):.3f})")
+    print(
+        f"{args.steps} steps in {time.perf_counter() - t0:.1f} s; "
+        f"validation loss {val:.3f} (uniform: {np.log(len(words)):.3f})"
+    )
     return val
 
 

@@ -54,7 +54,8 @@ def _run(fn, mesh: Mesh, in_specs, out_specs, args):
     explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
     if explicit:
         args = tuple(
-            a if s is None else jax.sharding.reshard(a, jax.sharding.NamedSharding(mesh, s)) for a, s in zip(args, in_specs)
+            a if s is None else jax.sharding.reshard(a, jax.sharding.NamedSharding(mesh, s))
+            for a, s in zip(args, in_specs)
         )
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
 
@@ -155,7 +156,14 @@ def sharded_linear_cross_entropy(
     rest = (None,) * (hidden.ndim - 2)
     batch_spec = PartitionSpec(batch, *rest)
     w_spec = PartitionSpec(None, vocab) if weight_layout == "dv" else PartitionSpec(vocab, None)
-    specs = (PartitionSpec(batch, *rest, None), w_spec, batch_spec, batch_spec, PartitionSpec(vocab), PartitionSpec(vocab))
+    specs = (
+        PartitionSpec(batch, *rest, None),
+        w_spec,
+        batch_spec,
+        batch_spec,
+        PartitionSpec(vocab),
+        PartitionSpec(vocab),
+    )
     args = (hidden, weight, labels, where, bias, class_weight)
 
     def local(h, w, y, mask, b, cw):

@@ -231,4 +231,3 @@ def logsumexp(
     if not keepdims:
         out = jnp.squeeze(out, axis=axes)
     return out
-

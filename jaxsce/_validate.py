@@ -47,16 +47,11 @@ def check_mask(where: Any, shape: tuple[int, ...], name: str, what: str) -> jax.
     if where.dtype != jnp.bool_:
         raise TypeError(f"{name} must be a boolean mask, got dtype {where.dtype}.")
     if tuple(where.shape) != tuple(shape):
-        raise ValueError(
-            f"{name} has shape {tuple(where.shape)} but must have shape "
-            f"{tuple(shape)} ({what})."
-        )
+        raise ValueError(f"{name} has shape {tuple(where.shape)} but must have shape {tuple(shape)} ({what}).")
     return where
 
 
-def canonical_axes(
-    axis: int | Sequence[int] | None, ndim: int, name: str = "axis"
-) -> tuple[int, ...]:
+def canonical_axes(axis: int | Sequence[int] | None, ndim: int, name: str = "axis") -> tuple[int, ...]:
     """Normalizes ``axis`` (an int, a tuple of ints, or None for all) to non-negative ints.
 
     The order is kept: for a tuple of class axes, a class id is the row-major
@@ -120,8 +115,7 @@ def check_class_weight(class_weight: Any, num_classes: int, name: str = "weight"
     class_weight = check_floating(class_weight, name)
     if class_weight.shape != (num_classes,):
         raise ValueError(
-            f"{name} has shape {tuple(class_weight.shape)} but must have shape "
-            f"({num_classes},): one weight per class."
+            f"{name} has shape {tuple(class_weight.shape)} but must have shape ({num_classes},): one weight per class."
         )
     return class_weight
 

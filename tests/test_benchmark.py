@@ -6,12 +6,35 @@ import benchmarks.run as bench
 
 
 def test_benchmark_runs_and_every_gradient_matches(tmp_path):
-    bench.main(["--logits", "64x128,16x512", "--fused", "32x16x200", "--repeats", "2", "--memory-tokens", "64,128", "--memory-dv", "16x512", "--out", str(tmp_path)])
+    bench.main(
+        [
+            "--logits",
+            "64x128,16x512",
+            "--fused",
+            "32x16x200",
+            "--repeats",
+            "2",
+            "--memory-tokens",
+            "64,128",
+            "--memory-dv",
+            "16x512",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     result = json.loads((tmp_path / "results.json").read_text())
     assert {"jax", "backend", "device", "cpu_count"} <= set(result["environment"])
     rows = result["rows"]
     impls = {r["impl"] for r in rows}
-    assert {"jaxsce (vjp)", "jaxsce (jvp)", "autodiff naive", "autodiff stable", "optax", "jaxsce fused", "plain h@W + jaxsce"} <= impls
+    assert {
+        "jaxsce (vjp)",
+        "jaxsce (jvp)",
+        "autodiff naive",
+        "autodiff stable",
+        "optax",
+        "jaxsce fused",
+        "plain h@W + jaxsce",
+    } <= impls
     for r in rows:
         assert set(bench.Row.__dataclass_fields__) <= set(r)
         assert r["grad_ok"], r

@@ -8,9 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental import checkify
 from jax.test_util import check_grads
+from reference import TOL, naive_cross_entropy, np_cross_entropy
 
 import jaxsce
-from reference import TOL, naive_cross_entropy, np_cross_entropy
 
 RNG = np.random.default_rng(0)
 
@@ -56,9 +56,11 @@ def test_axis_need_not_be_last(axis, dtype):
     lab = labels.reshape(2, 4)
     out = jaxsce.cross_entropy(x, lab, axis=axis, reduction="none")
     assert out.shape == (2, 4)
-    np.testing.assert_allclose(out.reshape(-1), np_cross_entropy(logits, labels, reduction="none"), rtol=TOL[np.dtype(dtype)][0] * 10)
+    np.testing.assert_allclose(
+        out.reshape(-1), np_cross_entropy(logits, labels, reduction="none"), rtol=TOL[np.dtype(dtype)][0] * 10
+    )
     g = jax.grad(lambda x: jaxsce.cross_entropy(x, lab, axis=axis))(x)
-    g_ref = jax.grad(lambda l: naive_cross_entropy(l, labels))(logits)
+    g_ref = jax.grad(lambda z: naive_cross_entropy(z, labels))(logits)
     np.testing.assert_allclose(jnp.moveaxis(g, axis, -1).reshape(8, 7), g_ref, rtol=TOL[np.dtype(dtype)][1], atol=1e-7)
 
 
@@ -84,8 +86,12 @@ def test_float32_property_against_float64(batch, classes, scale, masked, seed):
     out = jaxsce.cross_entropy(logits, jnp.asarray(y, jnp.int32), reduction="none", **kw)
     assert out.shape == shape and out.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(out).reshape(n), ref, rtol=1e-5, atol=1e-5)
-    g = jax.grad(lambda l: jaxsce.cross_entropy(l, jnp.asarray(y, jnp.int32), **kw))(logits)
-    g64 = jax.grad(lambda l: naive_cross_entropy(l, jnp.asarray(y.reshape(n)), where=None if where is None else jnp.asarray(where.reshape(n))))(jnp.asarray(x64))
+    g = jax.grad(lambda z: jaxsce.cross_entropy(z, jnp.asarray(y, jnp.int32), **kw))(logits)
+    g64 = jax.grad(
+        lambda z: naive_cross_entropy(
+            z, jnp.asarray(y.reshape(n)), where=None if where is None else jnp.asarray(where.reshape(n))
+        )
+    )(jnp.asarray(x64))
     np.testing.assert_allclose(np.asarray(g).reshape(n, classes), g64, rtol=2e-3, atol=1e-6)
 
 
@@ -154,7 +160,9 @@ def test_masked_examples_get_exact_zero_even_with_nan_logits():
     g = jax.grad(jaxsce.cross_entropy)(logits, labels, where=where)
     np.testing.assert_array_equal(g[2], 0)
     assert np.all(np.isfinite(g))
-    np.testing.assert_allclose(loss, np_cross_entropy(np.asarray(logits, np.float64), labels, where=np.asarray(where)), rtol=1e-6)
+    np.testing.assert_allclose(
+        loss, np_cross_entropy(np.asarray(logits, np.float64), labels, where=np.asarray(where)), rtol=1e-6
+    )
 
 
 def test_neg_inf_vocabulary_entries_are_allowed():

@@ -15,7 +15,11 @@ EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 def _run(name, *args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run(
-        [sys.executable, str(EXAMPLES / f"{name}.py"), "--smoke", *args], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, str(EXAMPLES / f"{name}.py"), "--smoke", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.strip().splitlines()

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference import naive_cross_entropy
 
 import jaxsce
-from reference import naive_cross_entropy
 
 T, D, V = 37, 16, 300  # the block sizes used below divide neither
 
@@ -50,7 +50,12 @@ def test_matches_plain_path(opts, reduction, blocks):
     h, w, b, y = _data()
     kw, plain_kw = _resolve(opts, y)
     cot = jnp.asarray(np.random.default_rng(1).normal(size=() if reduction != "none" else (T,)), jnp.float32)
-    fused = lambda h, w, b: jnp.sum(cot * jaxsce.linear_cross_entropy(h, w, y, bias=b, reduction=reduction, token_block=blocks[0], vocab_block=blocks[1], **kw))
+    fused = lambda h, w, b: jnp.sum(
+        cot
+        * jaxsce.linear_cross_entropy(
+            h, w, y, bias=b, reduction=reduction, token_block=blocks[0], vocab_block=blocks[1], **kw
+        )
+    )
     plain = lambda h, w, b: jnp.sum(cot * jaxsce.cross_entropy(h @ w + b[None, :], y, reduction=reduction, **plain_kw))
     np.testing.assert_allclose(fused(h, w, b), plain(h, w, b), rtol=2e-6)
     for g, g_ref in zip(jax.grad(fused, (0, 1, 2))(h, w, b), jax.grad(plain, (0, 1, 2))(h, w, b)):
@@ -76,7 +81,9 @@ def test_batch_dims_tied_layout_and_aux():
     np.testing.assert_allclose(aux.lse, aux_ref.lse, rtol=2e-6)
     assert aux.lse.shape == (3, 7)
     np.testing.assert_allclose(aux.accuracy, aux_ref.accuracy)
-    g = jax.grad(lambda h, wt: jaxsce.linear_cross_entropy(h, wt, y, weight_layout="vd", ignore_index=-100, vocab_block=128))(h, w.T)
+    g = jax.grad(
+        lambda h, wt: jaxsce.linear_cross_entropy(h, wt, y, weight_layout="vd", ignore_index=-100, vocab_block=128)
+    )(h, w.T)
     g_ref = jax.grad(lambda h, w: jaxsce.cross_entropy(h @ w, y, ignore_index=-100))(h, w)
     np.testing.assert_allclose(g, g_ref, rtol=2e-4, atol=2e-6)
 
@@ -84,7 +91,9 @@ def test_batch_dims_tied_layout_and_aux():
 def test_bf16_inputs_accumulate_in_float32_and_return_input_dtypes():
     h, w, b, y = _data(jnp.bfloat16)
     y = jnp.abs(y) % V
-    loss, grads = jax.value_and_grad(lambda h, w: jaxsce.linear_cross_entropy(h, w, y, token_block=8, vocab_block=64), (0, 1))(h, w)
+    loss, grads = jax.value_and_grad(
+        lambda h, w: jaxsce.linear_cross_entropy(h, w, y, token_block=8, vocab_block=64), (0, 1)
+    )(h, w)
     assert loss.dtype == jnp.float32 and grads[0].dtype == jnp.bfloat16 and grads[1].dtype == jnp.bfloat16
     z32 = h.astype(jnp.float32) @ w.astype(jnp.float32)
     np.testing.assert_allclose(loss, jaxsce.cross_entropy(z32, y), rtol=1e-5)
@@ -95,8 +104,14 @@ def test_bf16_inputs_accumulate_in_float32_and_return_input_dtypes():
 
 def test_compiled_temporary_memory_is_far_below_the_logits():
     t, d, v = 4096, 64, 32768
-    args = (jax.ShapeDtypeStruct((t, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32), jax.ShapeDtypeStruct((t,), jnp.int32))
-    fused = jax.jit(jax.value_and_grad(lambda h, w, y: jaxsce.linear_cross_entropy(h, w, y, memory_budget=16 * 2**20), (0, 1)))
+    args = (
+        jax.ShapeDtypeStruct((t, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, v), jnp.float32),
+        jax.ShapeDtypeStruct((t,), jnp.int32),
+    )
+    fused = jax.jit(
+        jax.value_and_grad(lambda h, w, y: jaxsce.linear_cross_entropy(h, w, y, memory_budget=16 * 2**20), (0, 1))
+    )
     temp = fused.lower(*args).compile().memory_analysis().temp_size_in_bytes
     logits_bytes = t * v * 4
     assert temp < logits_bytes / 8, (temp, logits_bytes)

@@ -9,9 +9,9 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import naive_cross_entropy, np_cross_entropy, np_logsumexp
 
 import jaxsce
-from reference import naive_cross_entropy, np_cross_entropy, np_logsumexp
 
 N, C = 10, 7
 IGNORE = -100
@@ -104,7 +104,9 @@ def test_jvp_mode_forward_mode_through_probability_targets():
     t_dot = jnp.asarray(np.random.default_rng(5).normal(size=targets.shape))
     ours = lambda y: jaxsce.cross_entropy(logits, y, derivative="jvp", label_smoothing=0.1)
     naive = lambda y: naive_cross_entropy(logits, y, label_smoothing=0.1)
-    np.testing.assert_allclose(jax.jvp(ours, (targets,), (t_dot,))[1], jax.jvp(naive, (targets,), (t_dot,))[1], rtol=1e-10)
+    np.testing.assert_allclose(
+        jax.jvp(ours, (targets,), (t_dot,))[1], jax.jvp(naive, (targets,), (t_dot,))[1], rtol=1e-10
+    )
 
 
 def test_vjp_mode_refuses_forward_mode_clearly():
@@ -145,7 +147,11 @@ def test_tuple_axis_labels_are_flat_indices():
     labels = jnp.asarray(rng.integers(0, 10, size=(3, 4)), jnp.int32)
     out = jaxsce.cross_entropy(logits, labels, axis=(2, 3), reduction="none", label_smoothing=0.1)
     flat = np.asarray(logits).reshape(12, 10)
-    np.testing.assert_allclose(out.reshape(-1), np_cross_entropy(flat, np.asarray(labels).reshape(-1), label_smoothing=0.1, reduction="none"), rtol=1e-12)
+    np.testing.assert_allclose(
+        out.reshape(-1),
+        np_cross_entropy(flat, np.asarray(labels).reshape(-1), label_smoothing=0.1, reduction="none"),
+        rtol=1e-12,
+    )
     g = jax.grad(lambda x: jaxsce.cross_entropy(x, labels, axis=(2, 3)))(logits)
     g_ref = jax.grad(lambda x: naive_cross_entropy(x, labels.reshape(-1)))(jnp.asarray(flat))
     np.testing.assert_allclose(g.reshape(12, 10), g_ref, rtol=1e-10)
@@ -221,11 +227,20 @@ def test_property_options_in_low_precision(names, soft, reduction, derivative, d
     kw = _kwargs(sorted(names), soft)
     x = logits.astype(dtype)
     y = labels.astype(dtype) if soft else labels
-    ref = np_cross_entropy(np.asarray(x, np.float64), np.asarray(y, np.float64) if soft else np.asarray(y), reduction=reduction, **_np_kwargs(kw))
+    ref = np_cross_entropy(
+        np.asarray(x, np.float64),
+        np.asarray(y, np.float64) if soft else np.asarray(y),
+        reduction=reduction,
+        **_np_kwargs(kw),
+    )
     out = jaxsce.cross_entropy(x, y, reduction=reduction, derivative=derivative, **kw)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     g = jax.grad(lambda x: jnp.sum(jaxsce.cross_entropy(x, y, reduction=reduction, derivative=derivative, **kw)))(x)
-    g_ref = jax.grad(lambda x: jnp.sum(naive_cross_entropy(x, jnp.asarray(np.asarray(y, np.float64)) if soft else y, reduction=reduction, **kw)))(jnp.asarray(np.asarray(x, np.float64)))
+    g_ref = jax.grad(
+        lambda x: jnp.sum(
+            naive_cross_entropy(x, jnp.asarray(np.asarray(y, np.float64)) if soft else y, reduction=reduction, **kw)
+        )
+    )(jnp.asarray(np.asarray(x, np.float64)))
     assert g.dtype == x.dtype
     tol = 2e-3 if dtype == np.float32 else 1e-1
     np.testing.assert_allclose(np.asarray(g, np.float64), g_ref, rtol=tol, atol=tol * 1e-2)

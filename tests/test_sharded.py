@@ -76,7 +76,9 @@ def test_cross_entropy_equals_unsharded(mesh_shape, name, reduction, derivative)
     kw = dict(reduction=reduction, derivative=derivative, return_aux=True, **opts)
 
     def sharded(x):
-        return jaxsce.sharded_cross_entropy(x, d["labels"], mesh=mesh, vocab_axis="model", batch_axes="data", **extra, **kw)
+        return jaxsce.sharded_cross_entropy(
+            x, d["labels"], mesh=mesh, vocab_axis="model", batch_axes="data", **extra, **kw
+        )
 
     def plain(x):
         return jaxsce.cross_entropy(x, d["labels"], **extra, **kw)
@@ -96,7 +98,10 @@ def test_probability_targets_equal_unsharded(mesh_shape):
     f = lambda x, t: jaxsce.sharded_cross_entropy(x, t, mesh=mesh, vocab_axis="model", batch_axes="data", **kw)
     f0 = lambda x, t: jaxsce.cross_entropy(x, t, **kw)
     _close(jax.jit(f)(d["logits"], d["probs"]), f0(d["logits"], d["probs"]))
-    _close(jax.grad(lambda x, t: f(x, t)[0], (0, 1))(d["logits"], d["probs"]), jax.grad(lambda x, t: f0(x, t)[0], (0, 1))(d["logits"], d["probs"]))
+    _close(
+        jax.grad(lambda x, t: f(x, t)[0], (0, 1))(d["logits"], d["probs"]),
+        jax.grad(lambda x, t: f0(x, t)[0], (0, 1))(d["logits"], d["probs"]),
+    )
 
 
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -109,7 +114,9 @@ def test_linear_cross_entropy_equals_unsharded(mesh_shape, name, reduction):
     kw = dict(reduction=reduction, return_aux=True, vocab_block=4, token_block=3, **opts)
 
     def sharded(h, w, b):
-        return jaxsce.sharded_linear_cross_entropy(h, w, d["labels"], bias=b, mesh=mesh, vocab_axis="model", batch_axes="data", **extra, **kw)
+        return jaxsce.sharded_linear_cross_entropy(
+            h, w, d["labels"], bias=b, mesh=mesh, vocab_axis="model", batch_axes="data", **extra, **kw
+        )
 
     def plain(h, w, b):
         return jaxsce.linear_cross_entropy(h, w, d["labels"], bias=b, **extra, **kw)
@@ -126,7 +133,9 @@ def test_explicit_mesh_and_tied_layout():
     d = _data(4)
     mesh = _mesh((2, 4), explicit=True)
     with jax.set_mesh(mesh):
-        f = lambda h, e: jaxsce.sharded_linear_cross_entropy(h, e, d["labels"], mesh=mesh, vocab_axis="model", batch_axes="data", weight_layout="vd", ignore_index=-100)
+        f = lambda h, e: jaxsce.sharded_linear_cross_entropy(
+            h, e, d["labels"], mesh=mesh, vocab_axis="model", batch_axes="data", weight_layout="vd", ignore_index=-100
+        )
         f0 = lambda h, e: jaxsce.linear_cross_entropy(h, e, d["labels"], weight_layout="vd", ignore_index=-100)
         emb = d["proj"].T
         _close(jax.jit(f)(d["hidden"], emb), f0(d["hidden"], emb))
@@ -138,10 +147,14 @@ def test_hand_written_shard_map_with_axis_names():
     mesh = _mesh((2, 4))
 
     def local(x, y, w):
-        return jaxsce.cross_entropy(x, y, weight=w, ignore_index=-100, label_smoothing=0.1, axis_name="model", batch_axis_name="data")
+        return jaxsce.cross_entropy(
+            x, y, weight=w, ignore_index=-100, label_smoothing=0.1, axis_name="model", batch_axis_name="data"
+        )
 
     f = jax.shard_map(local, mesh=mesh, in_specs=(P("data", "model"), P("data"), P("model")), out_specs=P())
-    expected = jaxsce.cross_entropy(d["logits"], d["labels"], weight=d["weight"], ignore_index=-100, label_smoothing=0.1)
+    expected = jaxsce.cross_entropy(
+        d["logits"], d["labels"], weight=d["weight"], ignore_index=-100, label_smoothing=0.1
+    )
     _close(jax.jit(f)(d["logits"], d["labels"], d["weight"]), expected)
 
 
@@ -159,7 +172,9 @@ def test_label_smoothing_uses_global_vocab_size_megatron_737():
     assert abs(float(f(d["logits"])) - bug) > 1e-2
 
 
-COLLECTIVE = re.compile(r"=\s*(\([^)]*\)|\S+)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
+COLLECTIVE = re.compile(
+    r"=\s*(\([^)]*\)|\S+)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\("
+)
 SHAPE = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
 
 
@@ -182,7 +197,9 @@ def test_no_collective_moves_tokens_times_local_vocab(mesh_shape):
     w = jax.ShapeDtypeStruct((vocab,), jnp.float32)
     f = jax.jit(
         jax.value_and_grad(
-            lambda x, y, w: jaxsce.sharded_cross_entropy(x, y, mesh=mesh, vocab_axis="model", batch_axes="data", weight=w, label_smoothing=0.1, z_loss=1e-4)
+            lambda x, y, w: jaxsce.sharded_cross_entropy(
+                x, y, mesh=mesh, vocab_axis="model", batch_axes="data", weight=w, label_smoothing=0.1, z_loss=1e-4
+            )
         )
     )
     sizes = _collective_sizes(f.lower(x, y, w).compile().as_text())
@@ -193,7 +210,9 @@ def test_no_collective_moves_tokens_times_local_vocab(mesh_shape):
     wp = jax.ShapeDtypeStruct((d, vocab), jnp.float32)
     g = jax.jit(
         jax.value_and_grad(
-            lambda h, wp, y: jaxsce.sharded_linear_cross_entropy(h, wp, y, mesh=mesh, vocab_axis="model", batch_axes="data", label_smoothing=0.1),
+            lambda h, wp, y: jaxsce.sharded_linear_cross_entropy(
+                h, wp, y, mesh=mesh, vocab_axis="model", batch_axes="data", label_smoothing=0.1
+            ),
             argnums=(0, 1),
         )
     )
@@ -205,6 +224,14 @@ def test_collective_parser_sees_a_logits_sized_all_gather():
     """The check above can fail: an all-gather of the logits is detected."""
     mesh = _mesh((1, 8))
     x = jax.ShapeDtypeStruct((64, 256), jnp.float32)
-    f = jax.jit(jax.shard_map(lambda x: jax.lax.all_gather(x, "model", axis=1, tiled=True), mesh=mesh, in_specs=P(None, "model"), out_specs=P(), check_vma=False))
+    f = jax.jit(
+        jax.shard_map(
+            lambda x: jax.lax.all_gather(x, "model", axis=1, tiled=True),
+            mesh=mesh,
+            in_specs=P(None, "model"),
+            out_specs=P(),
+            check_vma=False,
+        )
+    )
     sizes = _collective_sizes(f.lower(x).compile().as_text())
     assert max(sizes) >= 64 * 256 // 8
