@@ -44,8 +44,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _targets, _validate
+from . import _reduce, _targets, _validate
 from ._cross_entropy import axis_size, check_static_options, finish, label_validity
+from ._rows import row_sum_exp as _row_sum_exp
 from ._targets import Options
 
 
@@ -54,7 +55,7 @@ class Blocks(NamedTuple):
     vocab: int
 
 
-DEFAULT_MEMORY_BUDGET = 128 * 2**20
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
 def choose_blocks(tokens: int, vocab: int, memory_budget: int, token_block=None, vocab_block=None) -> Blocks:
@@ -66,7 +67,9 @@ def choose_blocks(tokens: int, vocab: int, memory_budget: int, token_block=None,
     block gets what the budget leaves, in multiples of 128.
     """
     per_elem = 6 * 4
-    elems = max(memory_budget // per_elem, 128 * 8)
+    # Half the budget for the blocks; the rest is left to the float32
+    # d_hidden accumulator and the per-token vectors.
+    elems = max(memory_budget // 2 // per_elem, 128 * 8)
     tb = token_block or min(tokens, 4096, max(8, elems // 512))
     vb = vocab_block or max(128, (elems // tb) // 128 * 128)
     return Blocks(max(1, min(tb, tokens)), max(1, min(vb, vocab)))
@@ -323,6 +326,113 @@ def _linear_rows_bwd(st: _Static, res, cts):
 _linear_rows.defvjp(_linear_rows_fwd, _linear_rows_bwd)
 
 
+# --- scalar losses: the gradient in the forward pass (3 matmuls) -------------------
+
+
+class _SumStatic(NamedTuple):
+    opts: Options
+    token_block: int
+    layout: str
+    z_loss: float
+
+
+def sum_path_token_block(tokens: int, d: int, vocab: int, memory_budget: int, token_block=None) -> int | None:
+    """Token block for the single-pass path, or None if it does not fit the budget.
+
+    The path keeps a float32 ``[d, V]`` accumulator for ``d_W`` plus the
+    ``d_W`` residual, and ``[Tb, V]`` row blocks (about six float32 arrays).
+    Blocks under 32 tokens make poor matmuls: use the blocked path then.
+    """
+    left = memory_budget - 2 * 4 * d * vocab
+    if left <= 0:
+        return None
+    if token_block:
+        return min(token_block, tokens)
+    tb = min(tokens, left // (6 * 4 * vocab))
+    return tb if tb >= min(32, tokens) else None
+
+
+def _sum_forward(h, w, b, labels, valid, cw, st: _SumStatic):
+    opts, tb, layout, z_loss = st
+    t_total, d = h.shape
+    ct = _acc_dtype(h, w)
+    cwf = None if cw is None else cw.astype(ct)
+    total_w = None if cwf is None else jnp.sum(cwf)
+    w_y_all = _targets.target_weight(labels, cwf, 0, opts)
+    in_range_all = (labels >= 0) & (labels < opts.num_classes)
+
+    def body(i, carry):
+        total, denom, dh, dw, db = carry
+        t0, fresh0 = _clamped(i, tb, t_total)
+        sl = lambda x: lax.dynamic_slice_in_dim(x, t0, tb)  # noqa: E731
+        h_blk, y = sl(h), sl(labels)
+        ok = sl(valid) & (lax.broadcasted_iota(jnp.int32, (tb,), 0) + t0 >= fresh0)
+        s = _targets.softcap(_logits_block(h_blk, w, b, layout), opts)
+        m = jnp.max(s, axis=-1)
+        m_safe = jnp.where(jnp.isfinite(m), m, 0)
+        lse = m_safe + jnp.log(_row_sum_exp(s, m_safe))
+        s_y, smooth = _targets.class_id_partials(s, y, 0, cwf, opts)
+        w_y = None if w_y_all is None else sl(w_y_all)
+        mass = _targets.class_id_mass(w_y, total_w, opts)
+        ce = _targets.class_id_loss(lse, s_y, smooth, w_y, mass, opts)
+        in_range = sl(in_range_all)
+        ce = jnp.where(in_range & (m != jnp.inf), ce, jnp.nan)
+        total = total + jnp.sum(jnp.where(ok, ce + z_loss * jnp.square(lse), 0))
+        denom = denom + jnp.sum(jnp.where(ok, 1 if w_y is None else w_y, 0).astype(ct))
+        g_ce = jnp.where(ok, 1, 0).astype(ct)
+        g_lse = jnp.where(ok, 2 * z_loss * lse, 0)
+        p = jnp.exp(s - lse[:, None])
+        ds = _targets.class_id_grad(p, g_ce, g_lse, y, 0, cwf, w_y, mass, opts)
+        ds = _targets.softcap_scale(s, ds, opts)
+        ds = jnp.where(in_range[:, None], ds, jnp.nan)
+        ds = jnp.where(ok[:, None], ds, 0)
+        if layout == "dv":
+            dh_blk = lax.dot_general(ds.astype(w.dtype), w, (((1,), (1,)), ((), ())), preferred_element_type=ct)
+            dw = dw + lax.dot_general(h_blk, ds.astype(h.dtype), (((0,), (0,)), ((), ())), preferred_element_type=ct)
+        else:
+            dh_blk = lax.dot_general(ds.astype(w.dtype), w, (((1,), (0,)), ((), ())), preferred_element_type=ct)
+            dw = dw + lax.dot_general(ds.astype(h.dtype), h_blk, (((0,), (0,)), ((), ())), preferred_element_type=ct)
+        # Rows repeated by a clamped last block keep the value written before.
+        dh_blk = jnp.where(ok[:, None], dh_blk, sl(dh))
+        dh = lax.dynamic_update_slice_in_dim(dh, dh_blk, t0, 0)
+        if db is not None:
+            db = db + jnp.sum(ds, axis=0)
+        return total, denom, dh, dw, db
+
+    zero = jnp.zeros((), ct)
+    init = (zero, zero, jnp.zeros((t_total, d), ct), jnp.zeros(w.shape, ct), None if b is None else jnp.zeros(b.shape, ct))
+    init = _vary_like(init, h, w, b, labels)
+    total, denom, dh, dw, db = lax.fori_loop(0, math.ceil(t_total / tb), body, init)
+    dh = jnp.where(valid[:, None], dh, 0).astype(h.dtype)
+    grads = (dh, dw.astype(w.dtype), None if db is None else db.astype(b.dtype))
+    return (total, denom), grads
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _linear_sum(h, w, b, labels, valid, cw, st: _SumStatic):
+    return _sum_forward(h, w, b, labels, valid, cw, st)[0]
+
+
+def _linear_sum_fwd(h, w, b, labels, valid, cw, st):
+    # The cotangent of a scalar loss only scales the gradient, so it is
+    # formed here, in the same pass as the loss: 3 matmul passes in all
+    # (logits, d_hidden, d_weight) instead of 4. The price is keeping d_W
+    # (and d_hidden) alive until the backward pass, which the caller's
+    # memory budget has to allow (sum_path_token_block).
+    outputs, grads = _sum_forward(h, w, b, labels, valid, cw, st)
+    return outputs, (grads, (h, w, b))
+
+
+def _linear_sum_bwd(st, res, cts):
+    (dh, dw, db), (h, w, b) = res
+    g, _ = cts
+    scale = lambda x: None if x is None else (x * g.astype(x.dtype)).astype(x.dtype)  # noqa: E731
+    return _sum_to_type(scale(dh), h), _sum_to_type(scale(dw), w), _sum_to_type(scale(db), b), None, None, None
+
+
+_linear_sum.defvjp(_linear_sum_fwd, _linear_sum_bwd)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -390,7 +500,12 @@ def linear_cross_entropy(
         so as not to clash with the projection).
       token_block, vocab_block: block sizes; by default chosen from the
         shapes so that the block temporaries stay within ``memory_budget``.
-      memory_budget: bytes for the block temporaries (default 128 MiB).
+      memory_budget: bytes of temporaries the path may use (default 256 MiB).
+        Scalar losses (``"mean"``/``"sum"``, no ``return_aux``, no
+        ``axis_name``, no ``vocab_block``) whose float32 ``d_W`` fits take a
+        single pass that forms the gradient with the loss (3 matmuls);
+        otherwise vocabulary blocks are streamed and recomputed in the
+        backward (4 matmuls).
 
     Returns:
       As :func:`jaxsce.cross_entropy`: float32 loss (scalar or per token),
@@ -467,6 +582,17 @@ def linear_cross_entropy(
         vocab_axis=axis_name,
         argmax=bool(return_aux),
     )
+    # A scalar loss without aux outputs or vocabulary sharding can get its
+    # gradient in the forward pass when d_W fits the budget; otherwise (and
+    # for "none", whose per-token cotangents are unknown until the backward)
+    # stream vocabulary blocks and recompute in the backward.
+    sum_tb = None
+    if opt["reduction"] != "none" and not return_aux and axis_name is None and vocab_block is None:
+        sum_tb = sum_path_token_block(n, d, v_local, memory_budget, token_block)
+    if sum_tb is not None:
+        static = _SumStatic(opts, sum_tb, layout, opt["z_loss"])
+        total, denom = _linear_sum(h2, weight, bias, y, valid, cw, static)
+        return _reduce.reduce_loss(total[None], denom[None], opt["reduction"], batch_axis_name)
     blocks = choose_blocks(n, v_local, memory_budget, token_block, vocab_block)
     ce, lse, correct, w_y = _linear_rows(h2, weight, bias, y, valid, cw, _Static(opts, blocks, layout))
     return finish(

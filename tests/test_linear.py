@@ -45,7 +45,8 @@ def _resolve(kw, y):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o))
-@pytest.mark.parametrize("blocks", [(8, 64), (37, 300), (5, 299)])
+# (None, None) and (5, None) take the single-pass path for "mean"/"sum".
+@pytest.mark.parametrize("blocks", [(8, 64), (37, 300), (5, 299), (5, None), (None, None)])
 def test_matches_plain_path(opts, reduction, blocks):
     h, w, b, y = _data()
     kw, plain_kw = _resolve(opts, y)
@@ -62,10 +63,11 @@ def test_matches_plain_path(opts, reduction, blocks):
         np.testing.assert_allclose(g, g_ref, rtol=2e-4, atol=2e-6)
 
 
-def test_gradient_matches_naive_autodiff_in_float64():
+@pytest.mark.parametrize("vocab_block", [64, None])
+def test_gradient_matches_naive_autodiff_in_float64(vocab_block):
     h, w, b, y = _data(np.float64)
     y = jnp.abs(y) % V
-    fused = lambda h, w, b: jaxsce.linear_cross_entropy(h, w, y, bias=b, token_block=8, vocab_block=64)
+    fused = lambda h, w, b: jaxsce.linear_cross_entropy(h, w, y, bias=b, token_block=8, vocab_block=vocab_block)
     naive = lambda h, w, b: naive_cross_entropy(h @ w + b[None, :], y)
     np.testing.assert_allclose(fused(h, w, b), naive(h, w, b), rtol=1e-12)
     for g, g_ref in zip(jax.grad(fused, (0, 1, 2))(h, w, b), jax.grad(naive, (0, 1, 2))(h, w, b)):
