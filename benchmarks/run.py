@@ -32,6 +32,9 @@ try:
     import optax
 except ImportError:  # pragma: no cover - optax is in the bench extra
     optax = None
+# torch's OpenMP threads spin after each op by default, stealing the cores
+# from the JAX call timed next; passive waiting keeps interleaving fair.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 try:
     import torch
 except ImportError:
@@ -141,10 +144,15 @@ def interleaved(calls: dict[str, Callable[[], object]], repeats: int, block, pro
     for call in calls.values():  # warm-up and compile
         block(call())
     times = {k: [] for k in calls}
+    # The order is shuffled every round: on CPU a call that follows one which
+    # freed a large buffer reuses its pages and skips page faults, so a fixed
+    # order would favour whoever comes second.
+    order = np.random.default_rng(0)
+    names = list(calls)
     for _ in range(repeats):
-        for name, call in calls.items():
+        for name in order.permutation(names):
             t0 = time.perf_counter()
-            block(call())
+            block(calls[name]())
             times[name].append(time.perf_counter() - t0)
         if progress is not None:
             progress.update(1)
@@ -399,7 +407,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--logits", type=lambda s: _shapes(s, 2), help="logit shapes NxV,NxV,...")
     parser.add_argument("--fused", type=lambda s: _shapes(s, 3), help="fused shapes TxDxV,...")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds (default 25, full 9)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds (default 40, full 9)")
     parser.add_argument(
         "--memory-tokens", type=lambda s: tuple(int(x) for x in s.split(",")), help="token counts for the memory table"
     )
@@ -411,7 +419,7 @@ def main(argv=None) -> dict:
 
     logits = args.logits or (FULL_LOGITS if args.full else DEFAULT_LOGITS)
     fused = args.fused or (FULL_FUSED if args.full else DEFAULT_FUSED)
-    repeats = args.repeats or (9 if args.full else 25)
+    repeats = args.repeats or (9 if args.full else 40)
     mem = dict(FULL_MEMORY if args.full else DEFAULT_MEMORY)
     if args.memory_tokens:
         mem["tokens"] = args.memory_tokens
