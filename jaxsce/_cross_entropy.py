@@ -79,8 +79,23 @@ def label_validity(labels, num_classes: int, valid, ignore_index, check_labels: 
     return labels, valid
 
 
-def finish(ce, lse, correct, w_y, valid, *, z_loss, reduction, return_aux, batch_axis_name, batch_shape):
-    """Adds the z-loss, reduces, and builds the auxiliary outputs."""
+def make_options(opt: dict, *, num_classes: int, class_weight, soft: bool, axis_name, return_aux: bool) -> Options:
+    """The kernels' static options from the checked public ones."""
+    return Options(
+        num_classes=num_classes,
+        label_smoothing=opt["label_smoothing"],
+        logit_softcap=opt["logit_softcap"],
+        weighted=class_weight is not None,
+        soft=soft,
+        vocab_axis=axis_name,
+        argmax=bool(return_aux),
+    )
+
+
+def finish(outputs, valid, opt: dict, *, return_aux, batch_axis_name, batch_shape):
+    """Adds the z-loss to the kernel's per-example outputs, reduces, builds the aux."""
+    ce, lse, correct, w_y = outputs
+    z_loss, reduction = opt["z_loss"], opt["reduction"]
     z_term = z_loss * jnp.square(lse) if z_loss else jnp.zeros_like(lse)
     per_example = ce + z_term if z_loss else ce
     loss = _reduce.reduce_loss(per_example, w_y, reduction, batch_axis_name)
@@ -280,26 +295,9 @@ def cross_entropy(
     if weight is not None:
         class_weight = lax.stop_gradient(_validate.check_class_weight(weight, local_classes))
 
-    opts = Options(
-        num_classes=num_classes,
-        label_smoothing=opt["label_smoothing"],
-        logit_softcap=opt["logit_softcap"],
-        weighted=class_weight is not None,
-        soft=soft,
-        vocab_axis=axis_name,
-        argmax=bool(return_aux),
+    opts = make_options(
+        opt, num_classes=num_classes, class_weight=class_weight, soft=soft, axis_name=axis_name, return_aux=return_aux
     )
     kernel = _rows.rows_vjp if opt["derivative"] == "vjp" else _rows.rows_jvp
-    ce, lse, correct, w_y = kernel(z, target, valid, class_weight, opts)
-    return finish(
-        ce,
-        lse,
-        correct,
-        w_y,
-        valid,
-        z_loss=opt["z_loss"],
-        reduction=opt["reduction"],
-        return_aux=return_aux,
-        batch_axis_name=batch_axis_name,
-        batch_shape=batch_shape,
-    )
+    outputs = kernel(z, target, valid, class_weight, opts)
+    return finish(outputs, valid, opt, return_aux=return_aux, batch_axis_name=batch_axis_name, batch_shape=batch_shape)

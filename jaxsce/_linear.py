@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _reduce, _targets, _validate
-from ._cross_entropy import axis_size, check_static_options, finish, label_validity
+from ._cross_entropy import axis_size, check_static_options, finish, label_validity, make_options
 from ._rows import row_sum_exp as _row_sum_exp
 from ._targets import Options
 
@@ -400,7 +400,8 @@ def _sum_forward(h, w, b, labels, valid, cw, st: _SumStatic):
         return total, denom, dh, dw, db
 
     zero = jnp.zeros((), ct)
-    init = (zero, zero, jnp.zeros((t_total, d), ct), jnp.zeros(w.shape, ct), None if b is None else jnp.zeros(b.shape, ct))
+    db0 = None if b is None else jnp.zeros(b.shape, ct)
+    init = (zero, zero, jnp.zeros((t_total, d), ct), jnp.zeros(w.shape, ct), db0)
     init = _vary_like(init, h, w, b, labels)
     total, denom, dh, dw, db = lax.fori_loop(0, math.ceil(t_total / tb), body, init)
     dh = jnp.where(valid[:, None], dh, 0).astype(h.dtype)
@@ -573,14 +574,8 @@ def linear_cross_entropy(
     cw = None
     if class_weight is not None:
         cw = lax.stop_gradient(_validate.check_class_weight(class_weight, v_local, "class_weight"))
-    opts = Options(
-        num_classes=num_classes,
-        label_smoothing=opt["label_smoothing"],
-        logit_softcap=opt["logit_softcap"],
-        weighted=cw is not None,
-        soft=False,
-        vocab_axis=axis_name,
-        argmax=bool(return_aux),
+    opts = make_options(
+        opt, num_classes=num_classes, class_weight=cw, soft=False, axis_name=axis_name, return_aux=return_aux
     )
     # A scalar loss without aux outputs or vocabulary sharding can get its
     # gradient in the forward pass when d_W fits the budget; otherwise (and
@@ -594,16 +589,5 @@ def linear_cross_entropy(
         total, denom = _linear_sum(h2, weight, bias, y, valid, cw, static)
         return _reduce.reduce_loss(total[None], denom[None], opt["reduction"], batch_axis_name)
     blocks = choose_blocks(n, v_local, memory_budget, token_block, vocab_block)
-    ce, lse, correct, w_y = _linear_rows(h2, weight, bias, y, valid, cw, _Static(opts, blocks, layout))
-    return finish(
-        ce,
-        lse,
-        correct,
-        w_y,
-        valid,
-        z_loss=opt["z_loss"],
-        reduction=opt["reduction"],
-        return_aux=return_aux,
-        batch_axis_name=batch_axis_name,
-        batch_shape=batch_shape,
-    )
+    outputs = _linear_rows(h2, weight, bias, y, valid, cw, _Static(opts, blocks, layout))
+    return finish(outputs, valid, opt, return_aux=return_aux, batch_axis_name=batch_axis_name, batch_shape=batch_shape)
