@@ -377,10 +377,11 @@ def plot(rows: list[Row], path: str, env: dict) -> bool:
             ax_m.plot(vs, [p[2] for p in pts], marker="o", label=impl)
     for ax, title in ((ax_t, "median time (ms)"), (ax_m, "compiled temporary memory (MiB)")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("vocabulary size V (N·V roughly constant)")
+        ax.set_xlabel("vocabulary size V (N×V shapes as in the table)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     ax_m.set_yscale("symlog", linthresh=1.0)
+    ax_m.set_ylim(bottom=0)
     ax_t.legend(fontsize=8)
     fig.suptitle(
         f"value_and_grad of the mean cross-entropy — jax {env['jax']}, {env['backend']} ({env['cpu_count']} cores)"
