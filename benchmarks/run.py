@@ -176,6 +176,33 @@ def grad_tolerance(grad) -> float:
     return 1e-4 * max(scale, 1e-30) + 1e-7
 
 
+def _measured_row(section, name, shape, dtype, t, tokens, *, peer_ms, roofline, temp, diff, tol, extra) -> Row:
+    median = float(np.median(t))
+    return Row(
+        section=section,
+        impl=name,
+        shape=shape,
+        dtype=jnp.dtype(dtype).name,
+        median_ms=median,
+        min_ms=float(t.min()),
+        max_ms=float(t.max()),
+        tokens_per_s=tokens / (median / 1e3),
+        ratio_to_peer=None if peer_ms is None else float(median / peer_ms),
+        ratio_to_roofline=float(roofline),
+        temp_mib=temp,
+        max_abs_grad_diff=diff,
+        grad_ok=bool(diff <= tol),
+        extra=extra,
+    )
+
+
+def _gradient(call, is_torch):
+    grad = call()[1]
+    if is_torch:
+        return tuple(g.detach().numpy() for g in grad) if isinstance(grad, tuple) else grad.detach().numpy()
+    return grad
+
+
 def bench_logits(shapes, dtype, repeats, progress) -> list[Row]:
     rows = []
     impls = logit_impls()
@@ -194,24 +221,20 @@ def bench_logits(shapes, dtype, repeats, progress) -> list[Row]:
         roof_ms = np.median(times.pop("roofline: exp over logits"))
         for name, t in times.items():
             is_torch = name.startswith("torch")
-            grad = calls[name]()[1]
-            grad = grad.detach().numpy() if is_torch else grad
-            diff = max_diff(grad, ref_grad)
+            diff = max_diff(_gradient(calls[name], is_torch), ref_grad)
             rows.append(
-                Row(
-                    section="logits",
-                    impl=name,
-                    shape=f"{n}x{v}",
-                    dtype=jnp.dtype(dtype).name,
-                    median_ms=float(np.median(t)),
-                    min_ms=float(t.min()),
-                    max_ms=float(t.max()),
-                    tokens_per_s=n / (np.median(t) / 1e3),
-                    ratio_to_peer=None if peer is None else float(np.median(t) / peer),
-                    ratio_to_roofline=float(np.median(t) / roof_ms),
-                    temp_mib=None if is_torch else temp_mib(impls[name], x, y),
-                    max_abs_grad_diff=diff,
-                    grad_ok=bool(diff <= grad_tolerance(ref_grad)),
+                _measured_row(
+                    "logits",
+                    name,
+                    f"{n}x{v}",
+                    dtype,
+                    t,
+                    n,
+                    peer_ms=peer,
+                    roofline=np.median(t) / roof_ms,
+                    temp=None if is_torch else temp_mib(impls[name], x, y),
+                    diff=diff,
+                    tol=grad_tolerance(ref_grad),
                     extra={"roofline_ms": float(roof_ms)},
                 )
             )
@@ -236,27 +259,24 @@ def bench_fused(shapes, dtype, repeats, progress) -> list[Row]:
         matmul_rate = 2 * t_ * d * v / (matmul_ms / 1e3)
         ref_grad = impls["plain h@W + autodiff naive"](h, w, y)[1]
         peer = np.median(times["plain h@W + jaxsce"])
+        flops = 6 * t_ * d * v
         for name, t in times.items():
             is_torch = name.startswith("torch")
-            grad = calls[name]()[1]
-            grad = tuple(g.detach().numpy() for g in grad) if is_torch else grad
-            diff = max_diff(grad, ref_grad)
-            rate = 6 * t_ * d * v / (np.median(t) / 1e3)
+            diff = max_diff(_gradient(calls[name], is_torch), ref_grad)
+            rate = flops / (np.median(t) / 1e3)
             rows.append(
-                Row(
-                    section="fused",
-                    impl=name,
-                    shape=f"{t_}x{d}x{v}",
-                    dtype=jnp.dtype(dtype).name,
-                    median_ms=float(np.median(t)),
-                    min_ms=float(t.min()),
-                    max_ms=float(t.max()),
-                    tokens_per_s=t_ / (np.median(t) / 1e3),
-                    ratio_to_peer=float(np.median(t) / peer),
-                    ratio_to_roofline=float(rate / matmul_rate),
-                    temp_mib=None if is_torch else temp_mib(impls[name], h, w, y),
-                    max_abs_grad_diff=diff,
-                    grad_ok=bool(diff <= 10 * grad_tolerance(ref_grad)),
+                _measured_row(
+                    "fused",
+                    name,
+                    f"{t_}x{d}x{v}",
+                    dtype,
+                    t,
+                    t_,
+                    peer_ms=peer,
+                    roofline=rate / matmul_rate,
+                    temp=None if is_torch else temp_mib(impls[name], h, w, y),
+                    diff=diff,
+                    tol=10 * grad_tolerance(ref_grad),
                     extra={"gflops_6TdV": rate / 1e9, "matmul_gflops": matmul_rate / 1e9},
                 )
             )
