@@ -78,20 +78,19 @@ def _forward(z, target, valid, class_weight, opts: Options):
     # Shift by the row max; 0 for an all -inf row so that -inf - (-inf) never
     # appears. The loss does not depend on the shift: hold it constant.
     m = lax.stop_gradient(jnp.where(jnp.isfinite(m_raw), m_raw, 0))
-    t = s - m[:, None]
     sumexp = row_sum_exp(s, m)
     cw = None if class_weight is None else class_weight.astype(ct)
 
     if opts.soft:
         q = _targets.soft_target(target.astype(ct), cw, opts)
-        mass, q_dot_t = _targets.soft_partials(t, q)
+        mass, q_dot_t = _targets.soft_partials(s - m[:, None], q)
         sumexp, mass, q_dot_t = _psum(sumexp, mass, q_dot_t, opts=opts)
         lse_shift = jnp.log(sumexp)
         ce = mass * lse_shift - q_dot_t
         correct = _soft_hit(target, argmax, col0, opts)
         w_y = jnp.ones_like(ce)
     else:
-        t_y, smooth = _targets.class_id_partials(t, target, col0, cw, opts)
+        t_y, smooth = _targets.class_id_partials(s, target, col0, cw, opts, shift=m)
         w_y = _targets.target_weight(target, cw, col0, opts)
         if w_y is None:
             sumexp, t_y, smooth = _psum(sumexp, t_y, smooth, opts=opts)

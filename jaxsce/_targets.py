@@ -113,16 +113,24 @@ def label_entry(x, labels, col0):
     return jnp.where(inside, picked, 0)
 
 
-def class_id_partials(t, labels, col0, class_weight_block, opts: Options):
-    """Per-row sums over a block of class-id columns.
+def class_id_partials(s, labels, col0, class_weight_block, opts: Options, shift=None):
+    """Per-row sums over a block of class-id columns, in shifted coordinates.
 
-    ``t`` are the logits in the compute dtype, shifted or not; the same shift
-    must be used for the log-sum-exp the result is combined with. Returns
-    ``(t_y, smooth)``: the label's entry and ``sum_c w_c t_c`` (0 without
-    smoothing).
+    ``s`` are the logits in the compute dtype and ``shift`` the per-row shift
+    the log-sum-exp is taken with (None: no shift). Returns ``(t_y, smooth)``
+    for ``t = s - shift``: the label's entry (0 if its column is not in this
+    block) and ``sum_c w_c t_c`` (0 without smoothing). The label's entry is
+    gathered from ``s`` itself so that ``t`` is not materialized just for it
+    (XLA:CPU then fuses the shift into the sum of exponentials).
     """
-    t_y = label_entry(t, labels, col0)
+    s_y = label_entry(s, labels, col0)
+    if shift is None:
+        t_y = s_y
+    else:
+        local = labels - col0
+        t_y = jnp.where((local >= 0) & (local < s.shape[-1]), s_y - shift, 0)
     if opts.label_smoothing:
+        t = s if shift is None else s - shift[:, None]
         wt = t if class_weight_block is None else t * class_weight_block[None, :]
         smooth = jnp.sum(wt, axis=-1)
     else:
