@@ -46,6 +46,7 @@ from jax import lax
 
 from . import _reduce, _targets, _validate
 from ._cross_entropy import axis_size, check_static_options, finish, label_validity, make_options
+from ._rows import psum_rows, shard_col0, total_weight
 from ._rows import row_sum_exp as _row_sum_exp
 from ._targets import Options
 
@@ -156,17 +157,11 @@ def _sum_to_type(ct, primal):
     return lax.psum(ct, extra) if extra else ct
 
 
-def _col0(local_vocab: int, opts: Options):
-    if opts.vocab_axis is None:
-        return 0
-    return lax.axis_index(opts.vocab_axis) * local_vocab
-
-
 def _forward(h, w, b, labels, valid, cw, st: _Static):
     opts, (tb, vb), layout = st
     t_total, _ = h.shape
     v_local = w.shape[1] if layout == "dv" else w.shape[0]
-    shard0 = _col0(v_local, opts)
+    shard0 = shard_col0(v_local, opts)
     n_tok, n_voc = math.ceil(t_total / tb), math.ceil(v_local / vb)
     ct = _acc_dtype(h, w)
     cwf = None if cw is None else cw.astype(ct)
@@ -215,21 +210,17 @@ def _forward(h, w, b, labels, valid, cw, st: _Static):
     if opts.vocab_axis is not None:
         m_g = lax.pmax(m, opts.vocab_axis)
         m_gs = jnp.where(jnp.isfinite(m_g), m_g, 0)
-        parts = [sumexp * jnp.exp(m - m_gs), s_y, smooth] + ([] if w_y is None else [w_y])
         if opts.argmax:
             argmax = lax.pmin(jnp.where(m == m_g, argmax, jnp.iinfo(jnp.int32).max), opts.vocab_axis)
-        parts = lax.psum(jnp.stack(parts), opts.vocab_axis)
-        sumexp, s_y, smooth = parts[0], parts[1], parts[2]
-        w_y = None if w_y is None else parts[3]
+        rescaled = sumexp * jnp.exp(m - m_gs)
+        if w_y is None:
+            sumexp, s_y, smooth = psum_rows(rescaled, s_y, smooth, opts=opts)
+        else:
+            sumexp, s_y, smooth, w_y = psum_rows(rescaled, s_y, smooth, w_y, opts=opts)
         m = m_g
     m_safe = jnp.where(jnp.isfinite(m), m, 0)
     lse = m_safe + jnp.log(sumexp)
-    total_w = None
-    if cwf is not None:
-        total_w = jnp.sum(cwf)
-        if opts.vocab_axis is not None:
-            total_w = lax.psum(total_w, opts.vocab_axis)
-    mass = _targets.class_id_mass(w_y, total_w, opts)
+    mass = _targets.class_id_mass(w_y, total_weight(cwf, opts), opts)
     ce = _targets.class_id_loss(lse, s_y, smooth, w_y, mass, opts)
     ce = jnp.where((labels >= 0) & (labels < opts.num_classes), ce, jnp.nan)
     ce = jnp.where(m == jnp.inf, jnp.nan, ce)
@@ -256,7 +247,7 @@ def _linear_rows_bwd(st: _Static, res, cts):
     g_ce, g_lse, _, _ = cts
     t_total, d = h.shape
     v_local = w.shape[1] if layout == "dv" else w.shape[0]
-    shard0 = _col0(v_local, opts)
+    shard0 = shard_col0(v_local, opts)
     n_tok, n_voc = math.ceil(t_total / tb), math.ceil(v_local / vb)
     ct = _acc_dtype(h, w)
     g_ce = jnp.where(valid, g_ce, 0).astype(ct)

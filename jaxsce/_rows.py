@@ -37,7 +37,7 @@ from ._targets import Options
 from ._validate import compute_dtype
 
 
-def _psum(*rows, opts: Options):
+def psum_rows(*rows, opts: Options):
     """Sums per-row partials over the vocabulary shards in one collective."""
     if opts.vocab_axis is None:
         return rows if len(rows) > 1 else rows[0]
@@ -49,24 +49,24 @@ def _pmax(x, opts: Options):
     return x if opts.vocab_axis is None else lax.pmax(x, opts.vocab_axis)
 
 
-def _col0(width: int, opts: Options):
+def shard_col0(width: int, opts: Options):
     """Global class index of this shard's first column (0 when unsharded)."""
     if opts.vocab_axis is None:
         return 0
     return lax.axis_index(opts.vocab_axis) * width
 
 
-def _total_weight(class_weight, opts: Options):
+def total_weight(class_weight, opts: Options):
     if class_weight is None:
         return None
-    return _psum(jnp.sum(class_weight), opts=opts)
+    return psum_rows(jnp.sum(class_weight), opts=opts)
 
 
 def _forward(z, target, valid, class_weight, opts: Options):
     """Returns ``(outputs, internals)``; internals feed the derivative rules."""
     ct = compute_dtype(z.dtype)
     s = _targets.softcap(z.astype(ct), opts)
-    col0 = _col0(z.shape[-1], opts)
+    col0 = shard_col0(z.shape[-1], opts)
     if opts.argmax:
         m_local, i_local = _targets.max_and_argmax(s, col0)
         m_raw = _pmax(m_local, opts)
@@ -84,7 +84,7 @@ def _forward(z, target, valid, class_weight, opts: Options):
     if opts.soft:
         q = _targets.soft_target(target.astype(ct), cw, opts)
         mass, q_dot_t = _targets.soft_partials(s - m[:, None], q)
-        sumexp, mass, q_dot_t = _psum(sumexp, mass, q_dot_t, opts=opts)
+        sumexp, mass, q_dot_t = psum_rows(sumexp, mass, q_dot_t, opts=opts)
         lse_shift = jnp.log(sumexp)
         ce = mass * lse_shift - q_dot_t
         correct = _soft_hit(target, argmax, col0, opts)
@@ -93,10 +93,10 @@ def _forward(z, target, valid, class_weight, opts: Options):
         t_y, smooth = _targets.class_id_partials(s, target, col0, cw, opts, shift=m)
         w_y = _targets.target_weight(target, cw, col0, opts)
         if w_y is None:
-            sumexp, t_y, smooth = _psum(sumexp, t_y, smooth, opts=opts)
+            sumexp, t_y, smooth = psum_rows(sumexp, t_y, smooth, opts=opts)
         else:
-            sumexp, t_y, smooth, w_y = _psum(sumexp, t_y, smooth, w_y, opts=opts)
-        mass = _targets.class_id_mass(w_y, _total_weight(cw, opts), opts)
+            sumexp, t_y, smooth, w_y = psum_rows(sumexp, t_y, smooth, w_y, opts=opts)
+        mass = _targets.class_id_mass(w_y, total_weight(cw, opts), opts)
         lse_shift = jnp.log(sumexp)
         ce = _targets.class_id_loss(lse_shift, t_y, smooth, w_y, mass, opts)
         correct = jnp.zeros(ce.shape, bool) if argmax is None else argmax == target
@@ -156,7 +156,7 @@ def _logit_grad(s, lse, g_ce, g_lse, target, class_weight, mass, opts: Options):
     if opts.soft:
         q = _targets.soft_target(target.astype(s.dtype), cw, opts)
         return p * (g_ce * mass + g_lse)[:, None] - g_ce[:, None] * q
-    col0 = _col0(s.shape[-1], opts)
+    col0 = shard_col0(s.shape[-1], opts)
     w_y = _targets.target_weight(target, cw, col0, opts)
     grad = _targets.class_id_grad(p, g_ce, g_lse, target, col0, cw, w_y, mass, opts)
     return jnp.where(_in_range(target, opts)[:, None], grad, jnp.nan)
@@ -225,7 +225,7 @@ def _rows_jvp_rule(opts, primals, tangents):
         cw = None if class_weight is None else class_weight.astype(ct)
         gt = _targets.soft_target_cotangent(ones, lse, s, target.astype(ct), cw, opts)
         d_ce = d_ce + jnp.sum(jnp.where(gt == 0, 0, gt * d_target.astype(ct)), axis=-1)
-    d_ce, d_lse = _psum(d_ce, d_lse, opts=opts)
+    d_ce, d_lse = psum_rows(d_ce, d_lse, opts=opts)
     ce, lse_out, correct, w_y = outputs
     tangent_out = (
         jnp.where(valid, d_ce, 0),

@@ -48,7 +48,9 @@ def _check_mesh(mesh: Mesh, *names):
                 raise ValueError(f"axis {n!r} is not an axis of the mesh {dict(mesh.shape)}.")
 
 
-def _run(fn, mesh: Mesh, in_specs, out_specs, args):
+def _run(fn, mesh: Mesh, specs, out_specs, args):
+    # Optional arguments left as None take no spec.
+    in_specs = tuple(None if a is None else spec for a, spec in zip(args, specs))
     # Meshes with Explicit axes require inputs already laid out as in_specs;
     # Auto meshes let shard_map reshard inside jit.
     explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
@@ -120,8 +122,8 @@ def sharded_cross_entropy(
             **options,
         )
 
-    in_specs = tuple(None if a is None else s for a, s in zip((logits, labels, where, weight), specs))
-    return _run(local, mesh, in_specs, _out_specs(reduction, return_aux, batch_spec), (logits, labels, where, weight))
+    args = (logits, labels, where, weight)
+    return _run(local, mesh, specs, _out_specs(reduction, return_aux, batch_spec), args)
 
 
 def sharded_linear_cross_entropy(
@@ -182,5 +184,4 @@ def sharded_linear_cross_entropy(
             **options,
         )
 
-    in_specs = tuple(None if a is None else s for a, s in zip(args, specs))
-    return _run(local, mesh, in_specs, _out_specs(reduction, return_aux, batch_spec), args)
+    return _run(local, mesh, specs, _out_specs(reduction, return_aux, batch_spec), args)
