@@ -22,12 +22,16 @@ under ``jax.grad`` that is a second ``[d, V]`` buffer alive between the passes
 (1.2 GB in bf16 at the headline shape), which breaks the memory budget this
 path exists for. ``reduction="none"`` has per-token cotangents and needs the
 recomputation anyway. The cost is one extra matmul pass (see benchmarks/).
+When the float32 ``d_W`` does fit the memory budget, scalar losses do take
+the 3-matmul single-pass path (``_linear_sum``).
 
-Known limit (bf16 on CPU): XLA's CPU backend computes 16-bit dots in
-float32 and converts the whole ``weight`` to float32 once, before the loops,
-rather than block by block; with bf16 inputs the compiled temporaries then
-hold a float32 copy of ``weight`` (see benchmarks/ for the figures). GPU and
-TPU backends have native bf16 dots and do not do this.
+16-bit inputs on CPU: XLA's CPU backend moves no bf16 data natively. A
+bf16 slice becomes convert-to-float32, slice, convert back, and the whole-array
+convert is then hoisted out of the loop: a float32 copy of ``weight``
+(2.2 GiB at d=2304, V=256000). Blocks are therefore read behind a
+conditional on CPU (``_slice``), which keeps the convert per block. Written
+``d_W`` blocks still cost one fused pass over the bf16 ``d_W`` each, so
+16-bit weights get fewer, wider vocabulary blocks (``choose_blocks``).
 
 Blocks that do not divide the sizes are handled without padding copies: the
 last block's start is clamped so it ends at the edge, and the entries it
@@ -59,21 +63,29 @@ class Blocks(NamedTuple):
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
-def choose_blocks(tokens: int, vocab: int, memory_budget: int, token_block=None, vocab_block=None) -> Blocks:
-    """Block sizes from the shapes and a budget for the ``[Tb, Vb]`` temporaries.
+def choose_blocks(
+    tokens: int, vocab: int, d: int, memory_budget: int, token_block=None, vocab_block=None, narrow_weight=False
+) -> Blocks:
+    """Block sizes for the streaming path from the shapes and the memory budget.
 
-    About six float32 arrays of the block's size are alive at once in the
-    backward pass (logits, probabilities, gradient, masks). Token blocks are
-    kept large (matmul efficiency grows with both sides); the vocabulary
-    block gets what the budget leaves, in multiples of 128.
+    Compiled temporaries (measured with ``memory_analysis`` on XLA:CPU, jax
+    0.10.2, both float32 and bfloat16) are about ``4 T d`` bytes for the
+    float32 ``d_hidden`` accumulator plus ``12 Tb Vb`` for the logit-block
+    arrays plus ``12 d Vb`` for the ``d_W`` accumulator and the weight block.
+    Token blocks of 1024 make efficient matmuls; the vocabulary block gets
+    the rest of the budget, in multiples of 128, up to a cap. Measured at
+    2048 x 512 x 65536 (2 CPU cores): float32 ran best with vocabulary
+    blocks of 2048-4096 (14336 was 15% slower), bfloat16 with 8192. 16-bit
+    weights want fewer, wider blocks because on XLA:CPU each written ``d_W``
+    block costs a pass over all of ``d_W`` (there is no native bf16
+    dynamic-update-slice; the update runs as one fused convert-update-convert
+    loop over the whole array).
     """
-    per_elem = 6 * 4
-    # Half the budget for the blocks; the rest is left to the float32
-    # d_hidden accumulator and the per-token vectors.
-    elems = max(memory_budget // 2 // per_elem, 128 * 8)
-    tb = token_block or min(tokens, 4096, max(8, elems // 512))
-    vb = vocab_block or max(128, (elems // tb) // 128 * 128)
-    return Blocks(max(1, min(tb, tokens)), max(1, min(vb, vocab)))
+    tb = min(token_block or 1024, tokens)
+    blocks_budget = max(memory_budget - 4 * tokens * d, memory_budget // 4)
+    cap = 8192 if narrow_weight else 4096
+    vb = vocab_block or max(128, min(cap, blocks_budget // (12 * (tb + d))) // 128 * 128)
+    return Blocks(max(1, tb), max(1, min(vb, vocab)))
 
 
 def _clamped(i, size: int, total: int):
@@ -97,7 +109,24 @@ def _logits_block(h, w_blk, b_blk, layout: str):
 
 
 def _slice(x, start, size: int, axis: int):
-    return lax.dynamic_slice_in_dim(x, start, size, axis=axis)
+    """``x[start : start + size]`` along ``axis``, for a traced ``start`` inside a loop.
+
+    XLA:CPU moves no 16-bit float data natively: it rewrites a bf16
+    dynamic-slice as ``convert(x)`` to float32, a float32 slice and a convert
+    back, and then hoists ``convert(x)`` out of the loop as loop-invariant: a
+    float32 copy of all of ``x`` (2.2 GiB for a bf16 [2304, 256000] weight).
+    Inside a ``lax.cond`` branch the convert is not hoisted and fuses with the
+    slice, so only the block is read. The predicate is always true but not
+    known to the compiler. Other platforms (native bf16) take the plain slice.
+    """
+    plain = lambda x, start: lax.dynamic_slice_in_dim(x, start, size, axis=axis)  # noqa: E731
+    if jnp.dtype(x.dtype).itemsize >= 4 or not jnp.issubdtype(x.dtype, jnp.floating):
+        return plain(x, start)
+    shape = x.shape[:axis] + (size,) + x.shape[axis + 1 :]
+    behind_cond = lambda x, start: lax.cond(  # noqa: E731
+        start >= 0, plain, lambda x, start: jnp.zeros(shape, x.dtype), x, start
+    )
+    return lax.platform_dependent(x, start, cpu=behind_cond, default=plain)
 
 
 def _slice_vocab(w, start, vb: int, layout: str):
@@ -327,19 +356,25 @@ class _SumStatic(NamedTuple):
     z_loss: float
 
 
-def sum_path_token_block(tokens: int, d: int, vocab: int, memory_budget: int, token_block=None) -> int | None:
+def sum_path_token_block(
+    tokens: int, d: int, vocab: int, memory_budget: int, token_block=None, narrow_hidden: bool = False
+) -> int | None:
     """Token block for the single-pass path, or None if it does not fit the budget.
 
-    The path keeps a float32 ``[d, V]`` accumulator for ``d_W`` plus the
-    ``d_W`` residual, and ``[Tb, V]`` row blocks (about six float32 arrays).
-    Blocks under 32 tokens make poor matmuls: use the blocked path then.
+    The path keeps float32 ``[d, V]`` arrays for the ``d_W`` accumulator and
+    residual, a float32 ``d_hidden`` accumulator when ``hidden`` is 16-bit
+    (otherwise it lives in the output), and about two float32 ``[Tb, V]``
+    row blocks (measured: XLA fuses the rest). Blocks under 32 tokens make
+    poor matmuls: use the streaming path then.
     """
-    left = memory_budget - 2 * 4 * d * vocab
+    left = memory_budget - 8 * d * vocab - (4 * tokens * d if narrow_hidden else 0)
     if left <= 0:
         return None
     if token_block:
         return min(token_block, tokens)
-    tb = min(tokens, left // (6 * 4 * vocab))
+    tb = min(tokens, left // (8 * vocab))
+    if tb >= 256:
+        tb = tb // 128 * 128
     return tb if tb >= min(32, tokens) else None
 
 
@@ -356,7 +391,7 @@ def _sum_forward(h, w, b, labels, valid, cw, st: _SumStatic):
         total, denom, dh, dw, db = carry
         t0, fresh0 = _clamped(i, tb, t_total)
         sl = lambda x: lax.dynamic_slice_in_dim(x, t0, tb)  # noqa: E731
-        h_blk, y = sl(h), sl(labels)
+        h_blk, y = _slice(h, t0, tb, 0), sl(labels)
         ok = sl(valid) & (lax.broadcasted_iota(jnp.int32, (tb,), 0) + t0 >= fresh0)
         s = _targets.softcap(_logits_block(h_blk, w, b, layout), opts)
         m = jnp.max(s, axis=-1)
@@ -574,11 +609,13 @@ def linear_cross_entropy(
     # stream vocabulary blocks and recompute in the backward.
     sum_tb = None
     if opt["reduction"] != "none" and not return_aux and axis_name is None and vocab_block is None:
-        sum_tb = sum_path_token_block(n, d, v_local, memory_budget, token_block)
+        narrow = jnp.dtype(hidden.dtype).itemsize < 4
+        sum_tb = sum_path_token_block(n, d, v_local, memory_budget, token_block, narrow)
     if sum_tb is not None:
         static = _SumStatic(opts, sum_tb, layout, opt["z_loss"])
         total, denom = _linear_sum(h2, weight, bias, y, valid, cw, static)
         return _reduce.reduce_loss(total[None], denom[None], opt["reduction"], batch_axis_name)
-    blocks = choose_blocks(n, v_local, memory_budget, token_block, vocab_block)
+    narrow_w = jnp.dtype(weight.dtype).itemsize < 4
+    blocks = choose_blocks(n, v_local, d, memory_budget, token_block, vocab_block, narrow_w)
     outputs = _linear_rows(h2, weight, bias, y, valid, cw, _Static(opts, blocks, layout))
     return finish(outputs, valid, opt, return_aux=return_aux, batch_axis_name=batch_axis_name, batch_shape=batch_shape)
