@@ -356,23 +356,22 @@ class _SumStatic(NamedTuple):
     z_loss: float
 
 
-def sum_path_token_block(
-    tokens: int, d: int, vocab: int, memory_budget: int, token_block=None, narrow_hidden: bool = False
-) -> int | None:
+def sum_path_token_block(tokens: int, d: int, vocab: int, memory_budget: int, token_block=None) -> int | None:
     """Token block for the single-pass path, or None if it does not fit the budget.
 
-    The path keeps float32 ``[d, V]`` arrays for the ``d_W`` accumulator and
-    residual, a float32 ``d_hidden`` accumulator when ``hidden`` is 16-bit
-    (otherwise it lives in the output), and about two float32 ``[Tb, V]``
-    row blocks (measured: XLA fuses the rest). Blocks under 32 tokens make
-    poor matmuls: use the streaming path then.
+    Compiled temporaries (``memory_analysis`` on XLA:CPU, jax 0.10.2) are
+    about ``4 d V`` bytes for the float32 ``d_W`` accumulator, ``4 T d`` for
+    the transposed hidden states (float32) or the ``d_hidden`` accumulator
+    (16-bit inputs), and 4-8 bytes per logit of the ``[Tb, V]`` row block;
+    6 is used. Blocks under 32 tokens make poor matmuls: use the streaming
+    path then.
     """
-    left = memory_budget - 8 * d * vocab - (4 * tokens * d if narrow_hidden else 0)
+    left = memory_budget - 4 * d * vocab - 4 * tokens * d
     if left <= 0:
         return None
     if token_block:
         return min(token_block, tokens)
-    tb = min(tokens, left // (8 * vocab))
+    tb = min(tokens, left // (6 * vocab))
     if tb >= 256:
         tb = tb // 128 * 128
     return tb if tb >= min(32, tokens) else None
@@ -412,12 +411,16 @@ def _sum_forward(h, w, b, labels, valid, cw, st: _SumStatic):
         ds = _targets.softcap_scale(s, ds, opts)
         ds = jnp.where(in_range[:, None], ds, jnp.nan)
         ds = jnp.where(ok[:, None], ds, 0)
-        if layout == "dv":
-            dh_blk = lax.dot_general(ds.astype(w.dtype), w, (((1,), (1,)), ((), ())), preferred_element_type=ct)
-            dw = dw + lax.dot_general(h_blk, ds.astype(h.dtype), (((0,), (0,)), ((), ())), preferred_element_type=ct)
+        w_contract = 1 if layout == "dv" else 0
+        dh_blk = lax.dot_general(ds.astype(w.dtype), w, (((1,), (w_contract,)), ((), ())), preferred_element_type=ct)
+        if h_t is not None:
+            # A plain [d, Tb] @ [Tb, V] product of the pre-transposed hidden
+            # block: XLA:CPU ran h_blk^T @ ds (contracting dimension 0 of
+            # both) at 158 GFLOP/s and this at 187 (Tb 1024, d 512, V 32768,
+            # float32, 2 cores).
+            dw = dw + jnp.matmul(_slice(h_t, t0, tb, 1), ds, preferred_element_type=ct)
         else:
-            dh_blk = lax.dot_general(ds.astype(w.dtype), w, (((1,), (0,)), ((), ())), preferred_element_type=ct)
-            dw = dw + lax.dot_general(ds.astype(h.dtype), h_blk, (((0,), (0,)), ((), ())), preferred_element_type=ct)
+            dw = dw + lax.dot_general(h_blk, ds.astype(h.dtype), (((0,), (0,)), ((), ())), preferred_element_type=ct)
         # Rows repeated by a clamped last block keep the value written before.
         dh_blk = jnp.where(ok[:, None], dh_blk, sl(dh))
         dh = lax.dynamic_update_slice_in_dim(dh, dh_blk, t0, 0)
@@ -425,12 +428,17 @@ def _sum_forward(h, w, b, labels, valid, cw, st: _SumStatic):
             db = db + jnp.sum(ds, axis=0)
         return total, denom, dh, dw, db
 
+    # [d, T], once (T * d is small next to d * V). Not for 16-bit inputs: that
+    # dot form hit "Unsupported element type for DotThunk: BF16 x BF16 = F32"
+    # on XLA:CPU (jax 0.10.2) for small shapes.
+    h_t = jnp.transpose(h) if jnp.dtype(h.dtype).itemsize >= 4 else None
     zero = jnp.zeros((), ct)
     db0 = None if b is None else jnp.zeros(b.shape, ct)
-    init = (zero, zero, jnp.zeros((t_total, d), ct), jnp.zeros(w.shape, ct), db0)
+    init = (zero, zero, jnp.zeros((t_total, d), ct), jnp.zeros((d, w.size // d), ct), db0)
     init = _vary_like(init, h, w, b, labels)
     total, denom, dh, dw, db = lax.fori_loop(0, math.ceil(t_total / tb), body, init)
     dh = jnp.where(valid[:, None], dh, 0).astype(h.dtype)
+    dw = dw if layout == "dv" else jnp.transpose(dw)
     grads = (dh, dw.astype(w.dtype), None if db is None else db.astype(b.dtype))
     return (total, denom), grads
 
@@ -527,8 +535,10 @@ def linear_cross_entropy(
         so as not to clash with the projection).
       token_block, vocab_block: block sizes; by default chosen from the
         shapes so that the block temporaries stay within ``memory_budget``.
-      memory_budget: bytes of temporaries the path may use (default 256 MiB).
-        Scalar losses (``"mean"``/``"sum"``, no ``return_aux``, no
+      memory_budget: bytes of compiled temporaries to aim for (default
+        256 MiB), counting the float32 ``d_hidden`` accumulator (``4 T d``
+        bytes) and the blocks; with 16-bit inputs the weight is never copied
+        to float32. Scalar losses (``"mean"``/``"sum"``, no ``return_aux``, no
         ``axis_name``, no ``vocab_block``) whose float32 ``d_W`` fits take a
         single pass that forms the gradient with the loss (3 matmuls);
         otherwise vocabulary blocks are streamed and recomputed in the
@@ -609,8 +619,7 @@ def linear_cross_entropy(
     # stream vocabulary blocks and recompute in the backward.
     sum_tb = None
     if opt["reduction"] != "none" and not return_aux and axis_name is None and vocab_block is None:
-        narrow = jnp.dtype(hidden.dtype).itemsize < 4
-        sum_tb = sum_path_token_block(n, d, v_local, memory_budget, token_block, narrow)
+        sum_tb = sum_path_token_block(n, d, v_local, memory_budget, token_block)
     if sum_tb is not None:
         static = _SumStatic(opts, sum_tb, layout, opt["z_loss"])
         total, denom = _linear_sum(h2, weight, bias, y, valid, cw, static)

@@ -113,6 +113,30 @@ def test_bf16_inputs_accumulate_in_float32_and_return_input_dtypes(layout, block
         np.testing.assert_allclose(np.asarray(g, np.float32), gr, rtol=2e-2, atol=1e-2 * float(jnp.max(jnp.abs(gr))))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "shape,budget,reduction",
+    [
+        ((4096, 512, 32768), 256, "mean"),  # single-pass path
+        ((4096, 512, 32768), 256, "none"),  # streaming path
+        ((2048, 1024, 65536), 64, "mean"),  # d_W does not fit: streaming
+        ((8192, 128, 50000), 32, "sum"),  # blocks divide nothing
+    ],
+)
+def test_compiled_temporaries_stay_within_the_memory_budget(shape, budget, reduction, dtype):
+    t, d, v = shape
+    args = (
+        jax.ShapeDtypeStruct((t, d), dtype),
+        jax.ShapeDtypeStruct((d, v), dtype),
+        jax.ShapeDtypeStruct((t,), jnp.int32),
+    )
+    loss = lambda h, w, y: jnp.sum(
+        jaxsce.linear_cross_entropy(h, w, y, reduction=reduction, memory_budget=budget * 2**20)
+    )
+    temp = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    assert temp <= budget * 2**20, temp / 2**20
+
+
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("layout", ["dv", "vd"])
 def test_bf16_weight_is_never_copied_to_float32(layout, reduction):
