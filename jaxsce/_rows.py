@@ -73,12 +73,13 @@ def _forward(z, target, valid, class_weight, opts: Options):
         # First global index attaining the global max.
         candidate = jnp.where(m_local == m_raw, i_local, jnp.iinfo(jnp.int32).max)
         argmax = candidate if opts.vocab_axis is None else lax.pmin(candidate, opts.vocab_axis)
+        m, sumexp, pos_inf = _max_shift(s, m_raw)
+    elif opts.soft or opts.vocab_axis is not None:
+        argmax = None
+        m, sumexp, pos_inf = _max_shift(s, _pmax(jnp.max(s, axis=-1), opts))
     else:
-        m_raw, argmax = _pmax(jnp.max(s, axis=-1), opts), None
-    # Shift by the row max; 0 for an all -inf row so that -inf - (-inf) never
-    # appears. The loss does not depend on the shift: hold it constant.
-    m = lax.stop_gradient(jnp.where(jnp.isfinite(m_raw), m_raw, 0))
-    sumexp = row_sum_exp(s, m)
+        argmax = None
+        m, sumexp, pos_inf = _label_shift(s, target, valid)
     cw = None if class_weight is None else class_weight.astype(ct)
 
     if opts.soft:
@@ -103,7 +104,7 @@ def _forward(z, target, valid, class_weight, opts: Options):
         # A label outside [0, C) must never give a plausible number.
         ce = jnp.where(_in_range(target, opts), ce, jnp.nan)
         w_y = jnp.ones_like(ce) if w_y is None else w_y
-    ce = jnp.where(m_raw == jnp.inf, jnp.nan, ce)  # +inf logit: inf - inf
+    ce = jnp.where(pos_inf, jnp.nan, ce)  # +inf logit: inf - inf
     lse = m + lse_shift
     outputs = (
         jnp.where(valid, ce, 0),
@@ -114,6 +115,36 @@ def _forward(z, target, valid, class_weight, opts: Options):
         jnp.where(valid, w_y, 0),
     )
     return outputs, (s, lse, mass)
+
+
+def _max_shift(s, m_raw):
+    """Shift by the row max: ``(shift, sum_c exp(s_c - shift), row has +inf)``.
+
+    The shift is 0 for an all -inf row so that -inf - (-inf) never appears.
+    The loss does not depend on the shift: it is held constant.
+    """
+    m = lax.stop_gradient(jnp.where(jnp.isfinite(m_raw), m_raw, 0))
+    return m, row_sum_exp(s, m), m_raw == jnp.inf
+
+
+def _label_shift(s, labels, valid):
+    """As ``_max_shift``, but shifted by the label's logit when that is safe.
+
+    Any shift ``c`` gives the same log-sum-exp, ``c + log sum_c exp(s_c - c)``,
+    as long as the sum neither overflows nor loses its largest terms. With
+    ``c`` one of the row's own logits the sum is at least 1, so it can only
+    overflow, when the row max exceeds ``c`` by more than about ``88 - ln V``
+    (float32) -- then, or on any NaN / inf, the whole batch falls back to the
+    max shift. Skipping the max saves one read of the logits, and the loss
+    becomes ``log sum_c exp(s_c - s_y)``, free of the cancellation in
+    ``lse - s_y``. (Out-of-range labels pick a clipped column; their loss is
+    NaN anyway.)
+    """
+    c = lax.stop_gradient(_targets.label_entry(s, labels, 0))
+    sumexp = row_sum_exp(s, c)
+    safe = jnp.all(jnp.isfinite(sumexp) | ~valid)
+    fast = lambda: (c, sumexp, jnp.zeros(c.shape, bool))  # noqa: E731
+    return lax.cond(safe, fast, lambda: _max_shift(s, jnp.max(s, axis=-1)))
 
 
 def row_sum_exp(s, m):
@@ -149,7 +180,7 @@ def _in_range(labels, opts: Options):
     return (labels >= 0) & (labels < opts.num_classes)
 
 
-def _logit_grad(s, lse, g_ce, g_lse, target, class_weight, mass, opts: Options):
+def _logit_grad(s, lse, g_ce, g_lse, target, valid, class_weight, mass, opts: Options):
     """``d(g_ce * ce + g_lse * lse) / ds`` for counted rows (``[N, V]``)."""
     p = jnp.exp(s - lse[:, None])
     cw = None if class_weight is None else class_weight.astype(s.dtype)
@@ -158,8 +189,12 @@ def _logit_grad(s, lse, g_ce, g_lse, target, class_weight, mass, opts: Options):
         return p * (g_ce * mass + g_lse)[:, None] - g_ce[:, None] * q
     col0 = shard_col0(s.shape[-1], opts)
     w_y = _targets.target_weight(target, cw, col0, opts)
-    grad = _targets.class_id_grad(p, g_ce, g_lse, target, col0, cw, w_y, mass, opts)
-    return jnp.where(_in_range(target, opts)[:, None], grad, jnp.nan)
+    # A counted row with a label outside [0, C) gets a NaN gradient: set
+    # through its [N] coefficients (p * NaN is NaN even where p is 0) rather
+    # than by a select over all [N, V] entries.
+    bad = valid & ~_in_range(target, opts)
+    g_ce, g_lse = jnp.where(bad, jnp.nan, g_ce), jnp.where(bad, jnp.nan, g_lse)
+    return _targets.class_id_grad(p, g_ce, g_lse, target, col0, cw, w_y, mass, opts)
 
 
 # --- reverse mode: custom_vjp --------------------------------------------------
@@ -185,7 +220,7 @@ def _rows_vjp_bwd(opts, residuals, cotangents):
     g_ce = jnp.where(valid, g_ce, 0).astype(ct)
     g_lse = jnp.where(valid, g_lse, 0).astype(ct)
     s = _targets.softcap(z.astype(ct), opts)
-    ds = _logit_grad(s, lse, g_ce, g_lse, target, class_weight, mass, opts)
+    ds = _logit_grad(s, lse, g_ce, g_lse, target, valid, class_weight, mass, opts)
     dz = jnp.where(valid[:, None], _targets.softcap_scale(s, ds, opts), 0).astype(z.dtype)
     d_target = None
     if opts.soft:
@@ -217,7 +252,7 @@ def _rows_jvp_rule(opts, primals, tangents):
     ones = jnp.ones(lse.shape, ct)
     zeros = jnp.zeros(lse.shape, ct)
     dzf = jnp.where(valid[:, None], dz.astype(ct), 0)
-    g = _targets.softcap_scale(s, _logit_grad(s, lse, ones, zeros, target, class_weight, mass, opts), opts)
+    g = _targets.softcap_scale(s, _logit_grad(s, lse, ones, zeros, target, valid, class_weight, mass, opts), opts)
     p = _targets.softcap_scale(s, jnp.exp(s - lse[:, None]), opts)
     d_ce = jnp.sum(g * dzf, axis=-1)
     d_lse = jnp.sum(jnp.where(p == 0, 0, p * dzf), axis=-1)

@@ -111,6 +111,30 @@ def test_large_logits_where_naive_overflows(scale):
     np.testing.assert_allclose(g, (p - np.eye(9)[np.asarray(labels)]) / 6, atol=1e-7)
 
 
+@pytest.mark.parametrize("gap", [0.0, 30.0, 80.0, 86.0, 90.0, 1e3, 1e5])
+@pytest.mark.parametrize("derivative", ["vjp", "jvp"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_label_far_below_the_max(gap, derivative, smoothing):
+    # The forward pass shifts by the label's logit when the float32 sum of
+    # exp(s - s_y) cannot overflow (gap below about 88 - ln C) and falls back
+    # to the max shift otherwise; both must match the float64 reference.
+    logits, labels = _data(8, 50, np.float64, seed=4)
+    x = np.array(logits)
+    rows = np.arange(8)
+    x[rows[::2], np.asarray(labels)[::2]] = x[rows[::2]].max(-1) - gap  # every other row
+    x32 = jnp.asarray(x, jnp.float32)
+    kw = dict(label_smoothing=smoothing, derivative=derivative)
+    out = jaxsce.cross_entropy(x32, labels, reduction="none", **kw)
+    x64 = np.asarray(x32, np.float64)
+    ref = np_cross_entropy(x64, labels, reduction="none", label_smoothing=smoothing)
+    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-6)
+    g = jax.grad(lambda x: jaxsce.cross_entropy(x, labels, **kw))(x32)
+    p = np.exp(x64 - x64.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    q = (1 - smoothing) * np.eye(50)[np.asarray(labels)] + smoothing / 50
+    np.testing.assert_allclose(g, (p - q) / 8, atol=1e-7)
+
+
 def test_jit_eager_vmap_and_one_hot_agree():
     logits, labels = _data(12, 6, np.float32)
     eager = jaxsce.cross_entropy(logits, labels, reduction="none")
