@@ -44,7 +44,7 @@ DEFAULT_LOGITS = [(2048, 1024), (512, 8192), (128, 32768)]
 FULL_LOGITS = [(4096, 1024), (2048, 32768), (512, 131072)]
 DEFAULT_FUSED = [(1024, 256, 8192)]
 FULL_FUSED = [(8192, 512, 32768)]
-DEFAULT_MEMORY = dict(d=256, vocab=32768, tokens=(512, 1024, 2048, 4096), dtype="float32")
+DEFAULT_MEMORY = dict(d=256, vocab=32768, tokens=(2048, 4096, 8192, 16384), dtype="float32")
 FULL_MEMORY = dict(d=2304, vocab=256000, tokens=(1024, 2048, 4096, 8192), dtype="bfloat16")
 HEADLINE = (8192, 2304, 256000)
 
