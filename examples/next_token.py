@@ -71,10 +71,22 @@ def features(params, ctx):
     return jax.nn.gelu(e @ params["w1"] + params["b1"]) @ params["w2"]
 
 
+# Temporaries the fused loss may use. At this size the logits are 64 MiB, so
+# the default budget (256 MiB) would take the whole batch as one block; a
+# budget below them shows the blocking at work.
+MEMORY_BUDGET = 16 * 2**20
+
+
 def fused_loss(params, ctx, y):
     h = features(params, ctx)
     return jaxsce.linear_cross_entropy(
-        h, params["embed"], y, bias=params["bias"], weight_layout="vd", label_smoothing=0.05
+        h,
+        params["embed"],
+        y,
+        bias=params["bias"],
+        weight_layout="vd",
+        label_smoothing=0.05,
+        memory_budget=MEMORY_BUDGET,
     )
 
 
