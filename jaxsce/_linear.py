@@ -50,8 +50,7 @@ from jax import lax
 
 from . import _reduce, _targets, _validate
 from ._cross_entropy import axis_size, check_static_options, finish, label_validity, make_options
-from ._rows import psum_rows, shard_col0, total_weight
-from ._rows import row_sum_exp as _row_sum_exp
+from ._rows import max_shift, psum_rows, shard_col0, total_weight
 from ._targets import Options
 
 
@@ -108,6 +107,11 @@ def _logits_block(h, w_blk, b_blk, layout: str):
     return z
 
 
+def _is_narrow_float(dtype) -> bool:
+    """16-bit floating point (bf16, fp16): computed in float32, special-cased on CPU."""
+    return jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4
+
+
 def _slice(x, start, size: int, axis: int):
     """``x[start : start + size]`` along ``axis``, for a traced ``start`` inside a loop.
 
@@ -120,7 +124,7 @@ def _slice(x, start, size: int, axis: int):
     known to the compiler. Other platforms (native bf16) take the plain slice.
     """
     plain = lambda x, start: lax.dynamic_slice_in_dim(x, start, size, axis=axis)  # noqa: E731
-    if jnp.dtype(x.dtype).itemsize >= 4 or not jnp.issubdtype(x.dtype, jnp.floating):
+    if not _is_narrow_float(x.dtype):
         return plain(x, start)
     shape = x.shape[:axis] + (size,) + x.shape[axis + 1 :]
     behind_cond = lambda x, start: lax.cond(  # noqa: E731
@@ -139,7 +143,7 @@ def _transposed(h):
     Not for 16-bit inputs: that dot form hit "Unsupported element type for
     DotThunk: BF16 x BF16 = F32" on XLA:CPU (jax 0.10.2) at small shapes.
     """
-    return jnp.transpose(h) if jnp.dtype(h.dtype).itemsize >= 4 else None
+    return None if _is_narrow_float(h.dtype) else jnp.transpose(h)
 
 
 def _h_t_times(h_t, h_blk, ds, t0, tb: int, ct):
@@ -424,15 +428,14 @@ def _sum_forward(h, w, b, labels, valid, cw, st: _SumStatic):
         h_blk, y = _slice(h, t0, tb, 0), sl(labels)
         ok = sl(valid) & (lax.broadcasted_iota(jnp.int32, (tb,), 0) + t0 >= fresh0)
         s = _targets.softcap(_logits_block(h_blk, w, b, layout), opts)
-        m = jnp.max(s, axis=-1)
-        m_safe = jnp.where(jnp.isfinite(m), m, 0)
-        lse = m_safe + jnp.log(_row_sum_exp(s, m_safe))
+        shift, sumexp, pos_inf = max_shift(s, jnp.max(s, axis=-1))
+        lse = shift + jnp.log(sumexp)
         s_y, smooth = _targets.class_id_partials(s, y, 0, cwf, opts)
         w_y = None if w_y_all is None else sl(w_y_all)
         mass = _targets.class_id_mass(w_y, total_w, opts)
         ce = _targets.class_id_loss(lse, s_y, smooth, w_y, mass, opts)
         in_range = sl(in_range_all)
-        ce = jnp.where(in_range & (m != jnp.inf), ce, jnp.nan)
+        ce = jnp.where(in_range & ~pos_inf, ce, jnp.nan)
         total = total + jnp.sum(jnp.where(ok, ce + z_loss * jnp.square(lse), 0))
         denom = denom + jnp.sum(jnp.where(ok, 1 if w_y is None else w_y, 0).astype(ct))
         g_ce = jnp.where(ok, 1, 0).astype(ct)
@@ -640,13 +643,12 @@ def linear_cross_entropy(
     # stream vocabulary blocks and recompute in the backward.
     sum_tb = None
     if opt["reduction"] != "none" and not return_aux and axis_name is None and vocab_block is None:
-        narrow = jnp.dtype(hidden.dtype).itemsize < 4
-        sum_tb = sum_path_token_block(n, d, v_local, memory_budget, token_block, narrow)
+        narrow_h = _is_narrow_float(hidden.dtype)
+        sum_tb = sum_path_token_block(n, d, v_local, memory_budget, token_block, narrow_h)
     if sum_tb is not None:
         static = _SumStatic(opts, sum_tb, layout, opt["z_loss"])
         total, denom = _linear_sum(h2, weight, bias, y, valid, cw, static)
         return _reduce.reduce_loss(total[None], denom[None], opt["reduction"], batch_axis_name)
-    narrow_w = jnp.dtype(weight.dtype).itemsize < 4
-    blocks = choose_blocks(n, v_local, d, memory_budget, token_block, vocab_block, narrow_w)
+    blocks = choose_blocks(n, v_local, d, memory_budget, token_block, vocab_block, _is_narrow_float(weight.dtype))
     outputs = _linear_rows(h2, weight, bias, y, valid, cw, _Static(opts, blocks, layout))
     return finish(outputs, valid, opt, return_aux=return_aux, batch_axis_name=batch_axis_name, batch_shape=batch_shape)

@@ -73,10 +73,10 @@ def _forward(z, target, valid, class_weight, opts: Options):
         # First global index attaining the global max.
         candidate = jnp.where(m_local == m_raw, i_local, jnp.iinfo(jnp.int32).max)
         argmax = candidate if opts.vocab_axis is None else lax.pmin(candidate, opts.vocab_axis)
-        m, sumexp, pos_inf = _max_shift(s, m_raw)
+        m, sumexp, pos_inf = max_shift(s, m_raw)
     elif opts.soft or opts.vocab_axis is not None:
         argmax = None
-        m, sumexp, pos_inf = _max_shift(s, _pmax(jnp.max(s, axis=-1), opts))
+        m, sumexp, pos_inf = max_shift(s, _pmax(jnp.max(s, axis=-1), opts))
     else:
         argmax = None
         m, sumexp, pos_inf = _label_shift(s, target, valid)
@@ -117,7 +117,7 @@ def _forward(z, target, valid, class_weight, opts: Options):
     return outputs, (s, lse, mass)
 
 
-def _max_shift(s, m_raw):
+def max_shift(s, m_raw):
     """Shift by the row max: ``(shift, sum_c exp(s_c - shift), row has +inf)``.
 
     The shift is 0 for an all -inf row so that -inf - (-inf) never appears.
@@ -128,7 +128,7 @@ def _max_shift(s, m_raw):
 
 
 def _label_shift(s, labels, valid):
-    """As ``_max_shift``, but shifted by the label's logit when that is safe.
+    """As ``max_shift``, but shifted by the label's logit when that is safe.
 
     Any shift ``c`` gives the same log-sum-exp, ``c + log sum_c exp(s_c - c)``,
     as long as the sum neither overflows nor loses its largest terms. With
@@ -144,7 +144,7 @@ def _label_shift(s, labels, valid):
     sumexp = row_sum_exp(s, c)
     safe = jnp.all(jnp.isfinite(sumexp) | ~valid)
     fast = lambda: (c, sumexp, jnp.zeros(c.shape, bool))  # noqa: E731
-    return lax.cond(safe, fast, lambda: _max_shift(s, jnp.max(s, axis=-1)))
+    return lax.cond(safe, fast, lambda: max_shift(s, jnp.max(s, axis=-1)))
 
 
 def row_sum_exp(s, m):
