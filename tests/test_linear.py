@@ -43,6 +43,16 @@ def _resolve(kw, y):
     return kw, plain
 
 
+def _temp_bytes(loss, t, d, v, dtype=jnp.float32, layout="dv"):
+    """Compiled temporaries of value_and_grad(loss) w.r.t. (h, W) at these shapes."""
+    args = (
+        jax.ShapeDtypeStruct((t, d), dtype),
+        jax.ShapeDtypeStruct((d, v) if layout == "dv" else (v, d), dtype),
+        jax.ShapeDtypeStruct((t,), jnp.int32),
+    )
+    return jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o))
 # (None, None) and (5, None) take the single-pass path for "mean"/"sum".
@@ -124,16 +134,10 @@ def test_bf16_inputs_accumulate_in_float32_and_return_input_dtypes(layout, block
     ],
 )
 def test_compiled_temporaries_stay_within_the_memory_budget(shape, budget, reduction, dtype):
-    t, d, v = shape
-    args = (
-        jax.ShapeDtypeStruct((t, d), dtype),
-        jax.ShapeDtypeStruct((d, v), dtype),
-        jax.ShapeDtypeStruct((t,), jnp.int32),
-    )
     loss = lambda h, w, y: jnp.sum(
         jaxsce.linear_cross_entropy(h, w, y, reduction=reduction, memory_budget=budget * 2**20)
     )
-    temp = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    temp = _temp_bytes(loss, *shape, dtype)
     assert temp <= budget * 2**20, temp / 2**20
 
 
@@ -144,35 +148,20 @@ def test_bf16_weight_is_never_copied_to_float32(layout, reduction):
     # convert out of the loop: a float32 copy of the whole weight (here 128 MiB)
     # unless each block is read behind a conditional (_linear._slice).
     t, d, v = 1024, 512, 65536
-    shape = (d, v) if layout == "dv" else (v, d)
-    args = (
-        jax.ShapeDtypeStruct((t, d), jnp.bfloat16),
-        jax.ShapeDtypeStruct(shape, jnp.bfloat16),
-        jax.ShapeDtypeStruct((t,), jnp.int32),
-    )
     loss = lambda h, w, y: jnp.sum(
         jaxsce.linear_cross_entropy(h, w, y, weight_layout=layout, reduction=reduction, memory_budget=32 * 2**20)
     )
-    temp = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    temp = _temp_bytes(loss, t, d, v, jnp.bfloat16, layout)
     assert temp <= 32 * 2**20, temp / 2**20
     assert temp < d * v * 2 / 2  # less than half of one bf16 copy of the weight
 
 
 def test_compiled_temporary_memory_is_far_below_the_logits():
     t, d, v = 4096, 64, 32768
-    args = (
-        jax.ShapeDtypeStruct((t, d), jnp.float32),
-        jax.ShapeDtypeStruct((d, v), jnp.float32),
-        jax.ShapeDtypeStruct((t,), jnp.int32),
-    )
-    fused = jax.jit(
-        jax.value_and_grad(lambda h, w, y: jaxsce.linear_cross_entropy(h, w, y, memory_budget=16 * 2**20), (0, 1))
-    )
-    temp = fused.lower(*args).compile().memory_analysis().temp_size_in_bytes
+    temp = _temp_bytes(lambda h, w, y: jaxsce.linear_cross_entropy(h, w, y, memory_budget=16 * 2**20), t, d, v)
     logits_bytes = t * v * 4
     assert temp < logits_bytes / 8, (temp, logits_bytes)
-    plain = jax.jit(jax.value_and_grad(lambda h, w, y: jaxsce.cross_entropy(h @ w, y), (0, 1)))
-    assert plain.lower(*args).compile().memory_analysis().temp_size_in_bytes >= logits_bytes
+    assert _temp_bytes(lambda h, w, y: jaxsce.cross_entropy(h @ w, y), t, d, v) >= logits_bytes
 
 
 @pytest.mark.parametrize(
