@@ -33,6 +33,11 @@ conditional on CPU (``_slice``), which keeps the convert per block. Written
 ``d_W`` blocks still cost one fused pass over the bf16 ``d_W`` each, so
 16-bit weights get fewer, wider vocabulary blocks (``choose_blocks``).
 
+Forward mode (``derivative="jvp"``): a ``custom_jvp`` whose rule runs the
+same streaming forward and carries the tangents of the per-token sums along
+(``_forward``'s ``tangents``), so ``jax.jvp`` costs one pass of 3 matmuls and
+no logits.
+
 Blocks that do not divide the sizes are handled without padding copies: the
 last block's start is clamped so it ends at the edge, and the entries it
 shares with the previous block are masked out of every sum.
@@ -214,7 +219,30 @@ def _sum_to_type(ct, primal):
     return lax.psum(ct, extra) if extra else ct
 
 
-def _forward(h, w, b, labels, valid, cw, st: _Static):
+def _tangent_block(h_blk, w_blk, dh_blk, dw_blk, db_blk, layout: str, ct):
+    """``dh_blk W_blk + h_blk dW_blk + db_blk``: the logits block's tangent (None terms skipped)."""
+    dz = None
+    if dh_blk is not None:
+        dz = _logits_block(dh_blk, w_blk, None, layout)
+    if dw_blk is not None:
+        term = _logits_block(h_blk, dw_blk, None, layout)
+        dz = term if dz is None else dz + term
+    if db_blk is not None:
+        term = jnp.broadcast_to(db_blk.astype(ct)[None, :], (h_blk.shape[0], db_blk.shape[0]))
+        dz = term if dz is None else dz + term
+    return dz
+
+
+def _forward(h, w, b, labels, valid, cw, st: _Static, tangents=None):
+    """Streaming forward; with ``tangents = (dh, dw, db)`` (None entries: zero)
+    also the tangents of ``ce`` and ``lse``, carried online in the same pass.
+
+    The tangent of ``lse = m + log se`` is ``sum_c p_c ds_c``: its numerator
+    ``sum_c exp(s_c - m) ds_c`` is rescaled with ``se`` whenever the running
+    max moves. ``ce`` is linear in ``(lse, s_y, smooth)`` for fixed weights
+    (``_targets.class_id_loss``), so its tangent is the same formula applied
+    to their tangents. Two more matmuls per block (``dh W_b``, ``h dW_b``).
+    """
     opts, (tb, vb), layout = st
     t_total, _ = h.shape
     v_local = w.shape[1] if layout == "dv" else w.shape[0]
@@ -222,17 +250,21 @@ def _forward(h, w, b, labels, valid, cw, st: _Static):
     n_tok, n_voc = math.ceil(t_total / tb), math.ceil(v_local / vb)
     ct = _acc_dtype(h, w)
     cwf = None if cw is None else cw.astype(ct)
+    dh_all, dw_all, db_all = tangents if tangents is not None else (None, None, None)
+    n_out = 5 if tangents is None else 8
 
     def token_block(i, outs):
         t0, _ = _clamped(i, tb, t_total)
         h_blk = _slice(h, t0, tb, 0)
+        dh_blk = None if dh_all is None else _slice(dh_all, t0, tb, 0)
         y_blk = lax.dynamic_slice_in_dim(labels, t0, tb)
 
         def vocab_block(j, carry):
-            m, se, s_y, smooth, am = carry
+            m, se, s_y, smooth, am, *tan = carry
             v0, fresh0 = _clamped(j, vb, v_local)
             b_blk = None if b is None else lax.dynamic_slice_in_dim(b, v0, vb)
-            z = _logits_block(h_blk, _slice_vocab(w, v0, vb, layout), b_blk, layout)
+            w_blk = _slice_vocab(w, v0, vb, layout)
+            z = _logits_block(h_blk, w_blk, b_blk, layout)
             s = _targets.softcap(z, opts)
             fresh = lax.broadcasted_iota(jnp.int32, (1, vb), 1) + v0 >= fresh0
             s_new = jnp.where(fresh, s, -jnp.inf)
@@ -243,24 +275,39 @@ def _forward(h, w, b, labels, valid, cw, st: _Static):
                 bm = jnp.max(s_new, axis=-1)
             m_new = jnp.maximum(m, bm)
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0)
-            se = se * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(s_new - m_safe[:, None]), axis=-1)
+            rescale = jnp.exp(m - m_safe)
+            e = jnp.exp(s_new - m_safe[:, None])
+            se = se * rescale + jnp.sum(e, axis=-1)
             in_fresh = (y_blk - shard0 >= fresh0) & (y_blk - shard0 < v0 + vb)
             s_y = s_y + jnp.where(in_fresh, _targets.label_entry(s, y_blk, v0 + shard0), 0)
+            cw_blk = None if cwf is None else lax.dynamic_slice_in_dim(cwf, v0, vb)
             if opts.label_smoothing:
-                cw_blk = None if cwf is None else lax.dynamic_slice_in_dim(cwf, v0, vb)
                 ws = s if cw_blk is None else s * cw_blk[None, :]
                 smooth = smooth + jnp.sum(jnp.where(fresh, ws, 0), axis=-1)
-            return m_new, se, s_y, smooth, am
+            if tangents is not None:
+                d_se, d_sy, d_smooth = tan
+                dw_blk = None if dw_all is None else _slice_vocab(dw_all, v0, vb, layout)
+                db_blk = None if db_all is None else lax.dynamic_slice_in_dim(db_all, v0, vb)
+                dz = _tangent_block(h_blk, w_blk, dh_blk, dw_blk, db_blk, layout, ct)
+                ds = jnp.where(fresh, _targets.softcap_scale(s, dz, opts), 0)
+                d_se = d_se * rescale + jnp.sum(e * ds, axis=-1)
+                d_sy = d_sy + jnp.where(in_fresh, _targets.label_entry(ds, y_blk, v0 + shard0), 0)
+                if opts.label_smoothing:
+                    d_smooth = d_smooth + jnp.sum(ds if cw_blk is None else ds * cw_blk[None, :], axis=-1)
+                tan = [d_se, d_sy, d_smooth]
+            return (m_new, se, s_y, smooth, am, *tan)
 
         zeros = jnp.zeros((tb,), ct)
         init = (jnp.full((tb,), -jnp.inf, ct), zeros, zeros, zeros, jnp.zeros((tb,), jnp.int32))
-        init = _vary_like(init, h, w, b, labels)
-        m, se, s_y, smooth, am = lax.fori_loop(0, n_voc, vocab_block, init)
-        return [lax.dynamic_update_slice_in_dim(o, x, t0, 0) for o, x in zip(outs, (m, se, s_y, smooth, am))]
+        init = init + (zeros,) * (n_out - 5)
+        init = _vary_like(init, h, w, b, labels, *(tangents or ()))
+        rows = lax.fori_loop(0, n_voc, vocab_block, init)
+        return [lax.dynamic_update_slice_in_dim(o, x, t0, 0) for o, x in zip(outs, rows)]
 
     zeros = jnp.zeros((t_total,), ct)
-    outs = _vary_like([zeros, zeros, zeros, zeros, jnp.zeros((t_total,), jnp.int32)], h, w, b, labels)
-    m, sumexp, s_y, smooth, argmax = lax.fori_loop(0, n_tok, token_block, outs)
+    outs = [zeros] * 4 + [jnp.zeros((t_total,), jnp.int32)] + [zeros] * (n_out - 5)
+    outs = _vary_like(outs, h, w, b, labels, *(tangents or ()))
+    m, sumexp, s_y, smooth, argmax, *tan = lax.fori_loop(0, n_tok, token_block, outs)
 
     # Combine the vocabulary shards: one pmax, one psum of a few floats per token.
     w_y = _targets.target_weight(labels - shard0, cwf, 0, opts)
@@ -269,23 +316,33 @@ def _forward(h, w, b, labels, valid, cw, st: _Static):
         m_gs = jnp.where(jnp.isfinite(m_g), m_g, 0)
         if opts.argmax:
             argmax = lax.pmin(jnp.where(m == m_g, argmax, jnp.iinfo(jnp.int32).max), opts.vocab_axis)
-        rescaled = sumexp * jnp.exp(m - m_gs)
-        if w_y is None:
-            sumexp, s_y, smooth = psum_rows(rescaled, s_y, smooth, opts=opts)
-        else:
-            sumexp, s_y, smooth, w_y = psum_rows(rescaled, s_y, smooth, w_y, opts=opts)
+        scale = jnp.exp(m - m_gs)
+        rows = [sumexp * scale, s_y, smooth] + ([] if w_y is None else [w_y])
+        if tan:
+            rows += [tan[0] * scale, tan[1], tan[2]]
+        rows = list(psum_rows(*rows, opts=opts))
+        sumexp, s_y, smooth = rows[:3]
+        if w_y is not None:
+            w_y = rows[3]
+        if tan:
+            tan = rows[-3:]
         m = m_g
     m_safe = jnp.where(jnp.isfinite(m), m, 0)
     lse = m_safe + jnp.log(sumexp)
     mass = _targets.class_id_mass(w_y, total_weight(cwf, opts), opts)
-    ce = _targets.class_id_loss(lse, s_y, smooth, w_y, mass, opts)
-    ce = jnp.where((labels >= 0) & (labels < opts.num_classes), ce, jnp.nan)
-    ce = jnp.where(m == jnp.inf, jnp.nan, ce)
+    in_range = (labels >= 0) & (labels < opts.num_classes)
+    bad = ~in_range | (m == jnp.inf)
+    ce = jnp.where(bad, jnp.nan, _targets.class_id_loss(lse, s_y, smooth, w_y, mass, opts))
     correct = (argmax == labels) if opts.argmax else jnp.zeros(labels.shape, bool)
-    w_y = jnp.ones_like(ce) if w_y is None else w_y
+    count = jnp.ones_like(ce) if w_y is None else w_y
     hit = jnp.where(valid & correct, 1, 0).astype(ce.dtype)
-    outputs = (jnp.where(valid, ce, 0), jnp.where(valid, lse, 0), hit, jnp.where(valid, w_y, 0))
-    return outputs, (lse, mass)
+    outputs = (jnp.where(valid, ce, 0), jnp.where(valid, lse, 0), hit, jnp.where(valid, count, 0))
+    if tangents is None:
+        return outputs, (lse, mass)
+    d_se, d_sy, d_smooth = tan
+    d_lse = d_se / sumexp
+    d_ce = jnp.where(bad, jnp.nan, _targets.class_id_loss(d_lse, d_sy, d_smooth, w_y, mass, opts))
+    return outputs, (lse, mass), (jnp.where(valid, d_ce, 0), jnp.where(valid, d_lse, 0))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -372,6 +429,33 @@ def _linear_rows_bwd(st: _Static, res, cts):
 
 
 _linear_rows.defvjp(_linear_rows_fwd, _linear_rows_bwd)
+
+
+# --- forward mode: custom_jvp --------------------------------------------------
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
+def _linear_rows_jvp(h, w, b, labels, valid, cw, st: _Static):
+    return _forward(h, w, b, labels, valid, cw, st)[0]
+
+
+def _linear_rows_jvp_rule(st: _Static, primals, tangents):
+    # The tangents of ce and lse come out of the same streaming pass as the
+    # loss (3 matmuls per block: logits, dh W_b, h dW_b; fewer when an input
+    # is not perturbed). Class weights and masks are constants, as in the
+    # reverse rule.
+    h, w, b, labels, valid, cw = primals
+    zero = jax.custom_derivatives.SymbolicZero
+    dh, dw, db = (None if isinstance(t, zero) else t for t in tangents[:3])
+    if dh is None and dw is None and db is None:
+        outputs = _forward(h, w, b, labels, valid, cw, st)[0]
+        return outputs, tuple(jnp.zeros_like(o) for o in outputs)
+    outputs, _, (d_ce, d_lse) = _forward(h, w, b, labels, valid, cw, st, tangents=(dh, dw, db))
+    _, _, hit, count = outputs
+    return outputs, (d_ce, d_lse, jnp.zeros_like(hit), jnp.zeros_like(count))
+
+
+_linear_rows_jvp.defjvp(_linear_rows_jvp_rule, symbolic_zeros=True)
 
 
 # --- scalar losses: the gradient in the forward pass (3 matmuls) -------------------
@@ -508,6 +592,7 @@ _linear_sum.defvjp(_linear_sum_fwd, _linear_sum_bwd)
         "axis_name",
         "batch_axis_name",
         "check_labels",
+        "derivative",
     ),
 )
 def linear_cross_entropy(
@@ -531,6 +616,7 @@ def linear_cross_entropy(
     axis_name=None,
     batch_axis_name=None,
     check_labels: bool = False,
+    derivative: str = "vjp",
 ):
     r"""Fused ``cross_entropy(hidden @ weight + bias, labels)`` that never builds the logits.
 
@@ -567,6 +653,17 @@ def linear_cross_entropy(
         single pass that forms the gradient with the loss (3 matmuls);
         otherwise vocabulary blocks are streamed and recomputed in the
         backward (4 matmuls).
+      derivative: ``"vjp"`` (default): the ``jax.custom_vjp`` above, for
+        ``jax.grad``; it cannot be used with ``jax.jvp``/``jax.jacfwd``.
+        ``"jvp"``: a ``jax.custom_jvp`` whose rule streams the tangent with
+        the loss, :math:`\dot\ell = \sum_c (Q p_c - q_c)\,\dot z_c` with
+        :math:`\dot z = \dot h W + h \dot W + \dot b` formed per block (3
+        matmuls per block, one fewer per unperturbed input), so forward
+        mode (``jax.jvp``, ``jax.jacfwd``, Hessian-vector products as
+        ``jax.jvp(jax.grad(f))``) never builds the logits either. Reverse
+        mode also works in this mode (JAX transposes the rule) but then keeps
+        per-block intermediates of the logits' total size: use ``"vjp"`` for
+        training.
 
     Returns:
       As :func:`jaxsce.cross_entropy`: float32 loss (scalar or per token),
@@ -576,7 +673,7 @@ def linear_cross_entropy(
     Raises:
       TypeError: non-floating ``hidden``/``weight``/``bias``, non-integer labels.
       ValueError: shapes that do not fit (named in the message), unknown
-        ``weight_layout``, options out of range.
+        ``weight_layout`` or ``derivative``, options out of range.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxsce
@@ -592,7 +689,7 @@ def linear_cross_entropy(
         label_smoothing=label_smoothing,
         z_loss=z_loss,
         logit_softcap=logit_softcap,
-        derivative="vjp",
+        derivative=derivative,
     )
     layout = _validate.check_choice(weight_layout, "weight_layout", ("dv", "vd"))
     hidden = _validate.check_floating(hidden, "hidden")
@@ -642,7 +739,8 @@ def linear_cross_entropy(
     # for "none", whose per-token cotangents are unknown until the backward)
     # stream vocabulary blocks and recompute in the backward.
     sum_tb = None
-    if opt["reduction"] != "none" and not return_aux and axis_name is None and vocab_block is None:
+    forward_mode = opt["derivative"] == "jvp"
+    if opt["reduction"] != "none" and not (return_aux or forward_mode) and axis_name is None and vocab_block is None:
         narrow_h = _is_narrow_float(hidden.dtype)
         sum_tb = sum_path_token_block(n, d, v_local, memory_budget, token_block, narrow_h)
     if sum_tb is not None:
@@ -650,5 +748,6 @@ def linear_cross_entropy(
         total, denom = _linear_sum(h2, weight, bias, y, valid, cw, static)
         return _reduce.reduce_loss(total[None], denom[None], opt["reduction"], batch_axis_name)
     blocks = choose_blocks(n, v_local, d, memory_budget, token_block, vocab_block, _is_narrow_float(weight.dtype))
-    outputs = _linear_rows(h2, weight, bias, y, valid, cw, _Static(opts, blocks, layout))
+    kernel = _linear_rows_jvp if forward_mode else _linear_rows
+    outputs = kernel(h2, weight, bias, y, valid, cw, _Static(opts, blocks, layout))
     return finish(outputs, valid, opt, return_aux=return_aux, batch_axis_name=batch_axis_name, batch_shape=batch_shape)

@@ -164,6 +164,115 @@ def test_compiled_temporary_memory_is_far_below_the_logits():
     assert _temp_bytes(lambda h, w, y: jaxsce.cross_entropy(h @ w, y), t, d, v) >= logits_bytes
 
 
+# --- forward mode: derivative="jvp" ------------------------------------------------
+
+
+def _tangents(*xs, seed=5):
+    rng = np.random.default_rng(seed)
+    return tuple(jnp.asarray(rng.normal(size=x.shape), x.dtype) for x in xs)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o))
+@pytest.mark.parametrize("blocks", [(8, 64), (5, 299), (None, None)])
+def test_forward_mode_matches_plain_path(opts, reduction, blocks):
+    h, w, b, y = _data()
+    kw, plain_kw = _resolve(opts, y)
+    common = dict(reduction=reduction, return_aux=True, derivative="jvp")
+    fused = lambda h, w, b: jaxsce.linear_cross_entropy(
+        h, w, y, bias=b, token_block=blocks[0], vocab_block=blocks[1], **common, **kw
+    )
+    plain = lambda h, w, b: jaxsce.cross_entropy(h @ w + b[None, :], y, **common, **plain_kw)
+    args, tans = (h, w, b), _tangents(h, w, b)
+    out, t_out = jax.jvp(fused, args, tans)
+    out_ref, t_ref = jax.jvp(plain, args, tans)
+    for x, x_ref in zip(jax.tree.leaves((out, t_out)), jax.tree.leaves((out_ref, t_ref))):
+        np.testing.assert_allclose(x, x_ref, rtol=2e-4, atol=2e-5)
+    # Reverse mode still works in this mode (JAX transposes the JVP).
+    loss = lambda f: lambda *a: jnp.sum(f(*a)[0])
+    for g, g_ref in zip(jax.grad(loss(fused), (0, 1, 2))(*args), jax.grad(loss(plain), (0, 1, 2))(*args)):
+        np.testing.assert_allclose(g, g_ref, rtol=2e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("perturbed", [(0,), (1,), (2,), (0, 2)], ids=["h", "W", "b", "h+b"])
+@pytest.mark.parametrize("layout", ["dv", "vd"])
+def test_forward_mode_with_some_inputs_fixed_in_float64(perturbed, layout):
+    # Unperturbed inputs reach the rule as symbolic zeros and skip their
+    # matmul; the tangent must still be that of the naive formula.
+    h, w, b, y = _data(np.float64)
+    y = jnp.abs(y) % V
+    w_in = w if layout == "dv" else w.T
+    fused = lambda h, w, b: jaxsce.linear_cross_entropy(
+        h, w, y, bias=b, weight_layout=layout, token_block=8, vocab_block=64, derivative="jvp"
+    )
+    naive = lambda h, w, b: naive_cross_entropy(h @ (w if layout == "dv" else w.T) + b[None, :], y)
+    args = (h, w_in, b)
+    tans = _tangents(*args)
+
+    def restricted(f):
+        def g(*picked):
+            full = list(args)
+            for i, x in zip(perturbed, picked):
+                full[i] = x
+            return f(*full)
+
+        return g
+
+    picked, picked_t = tuple(args[i] for i in perturbed), tuple(tans[i] for i in perturbed)
+    val, tan = jax.jvp(restricted(fused), picked, picked_t)
+    val_ref, tan_ref = jax.jvp(restricted(naive), picked, picked_t)
+    np.testing.assert_allclose(val, val_ref, rtol=1e-12)
+    np.testing.assert_allclose(tan, tan_ref, rtol=1e-10, atol=1e-13)
+
+
+def test_forward_mode_hessian_vector_product_and_jacfwd_in_float64():
+    h, w, b, y = _data(np.float64)
+    y = jnp.abs(y) % V
+    fused = lambda h, w, b: jaxsce.linear_cross_entropy(
+        h, w, y, bias=b, token_block=8, vocab_block=64, derivative="jvp", label_smoothing=0.1
+    )
+    naive = lambda h, w, b: naive_cross_entropy(h @ w + b[None, :], y, label_smoothing=0.1)
+    args = (h, w, b)
+    tans = _tangents(*args)
+    hvp = lambda f: jax.jvp(jax.grad(f, (0, 1, 2)), args, tans)[1]
+    for x, x_ref in zip(hvp(fused), hvp(naive)):
+        np.testing.assert_allclose(x, x_ref, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(jax.jacfwd(fused, 2)(*args), jax.jacrev(naive, 2)(*args), rtol=1e-10, atol=1e-14)
+
+
+def test_forward_mode_bf16_inputs():
+    h, w, b, y = _data(jnp.bfloat16)
+    y = jnp.abs(y) % V
+    fused = lambda h, w, b: jaxsce.linear_cross_entropy(
+        h, w, y, bias=b, token_block=8, vocab_block=64, derivative="jvp", reduction="none"
+    )
+    f32 = lambda x: x.astype(jnp.float32)
+    plain = lambda h, w, b: jaxsce.cross_entropy(h @ w + b[None, :], y, derivative="jvp", reduction="none")
+    tans = _tangents(h, w, b)
+    val, tan = jax.jvp(fused, (h, w, b), tans)
+    val_ref, tan_ref = jax.jvp(plain, tuple(map(f32, (h, w, b))), tuple(map(f32, tans)))
+    assert val.dtype == tan.dtype == jnp.float32
+    np.testing.assert_allclose(val, val_ref, rtol=1e-5)
+    # The tangent's matmuls (dh W_b, h dW_b) take bf16 operands and
+    # accumulate in float32, as the plain path's float32 ones do not.
+    np.testing.assert_allclose(tan, tan_ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(tan_ref))))
+
+
+def test_forward_mode_keeps_the_logits_out_of_memory():
+    t, d, v = 4096, 64, 32768
+    args = (jax.ShapeDtypeStruct((t, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32))
+    y = jnp.zeros((t,), jnp.int32)
+
+    def temp(loss):
+        jvp = lambda h, w: jax.jvp(loss, (h, w), (h, w))
+        return jax.jit(jvp).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    fused = temp(lambda h, w: jaxsce.linear_cross_entropy(h, w, y, derivative="jvp", memory_budget=16 * 2**20))
+    plain = temp(lambda h, w: jaxsce.cross_entropy(h @ w, y, derivative="jvp"))
+    assert plain >= t * v * 4
+    assert fused < t * v * 4 / 8, (fused / 2**20, plain / 2**20)
+
+
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
@@ -174,6 +283,7 @@ def test_compiled_temporary_memory_is_far_below_the_logits():
         (dict(bias=jnp.ones((V + 1,))), ValueError, r"\(301,\)"),
         (dict(weight_layout="dV"), ValueError, "weight_layout"),
         (dict(vocab_block=0), ValueError, "vocab_block"),
+        (dict(derivative="forward"), ValueError, "derivative"),
     ],
 )
 def test_bad_input_is_a_trace_time_error(kwargs, exc, match):
