@@ -68,7 +68,14 @@ DEFAULT_MEMORY_BUDGET = 256 * 2**20
 
 
 def choose_blocks(
-    tokens: int, vocab: int, d: int, memory_budget: int, token_block=None, vocab_block=None, narrow_weight=False
+    tokens: int,
+    vocab: int,
+    d: int,
+    memory_budget: int,
+    token_block=None,
+    vocab_block=None,
+    narrow_weight=False,
+    forward_mode=False,
 ) -> Blocks:
     """Block sizes for the streaming path from the shapes and the memory budget.
 
@@ -84,11 +91,18 @@ def choose_blocks(
     block costs a pass over all of ``d_W`` (there is no native bf16
     dynamic-update-slice; the update runs as one fused convert-update-convert
     loop over the whole array).
+
+    Forward mode (``forward_mode``) has no ``d_hidden`` accumulator but up to
+    five float32 ``[Tb, Vb]`` arrays alive at once (logits, the tangent's
+    two products, their sum and the exponentials): ``20 Tb Vb`` bytes.
     """
     tb = min(token_block or 1024, tokens)
-    blocks_budget = max(memory_budget - 4 * tokens * d, memory_budget // 4)
+    if forward_mode:
+        blocks_budget, per_entry = memory_budget, 20
+    else:
+        blocks_budget, per_entry = max(memory_budget - 4 * tokens * d, memory_budget // 4), 12
     cap = 8192 if narrow_weight else 4096
-    vb = vocab_block or max(128, min(cap, blocks_budget // (12 * (tb + d))) // 128 * 128)
+    vb = vocab_block or max(128, min(cap, blocks_budget // (per_entry * (tb + d))) // 128 * 128)
     return Blocks(max(1, tb), max(1, min(vb, vocab)))
 
 
@@ -747,7 +761,9 @@ def linear_cross_entropy(
         static = _SumStatic(opts, sum_tb, layout, opt["z_loss"])
         total, denom = _linear_sum(h2, weight, bias, y, valid, cw, static)
         return _reduce.reduce_loss(total[None], denom[None], opt["reduction"], batch_axis_name)
-    blocks = choose_blocks(n, v_local, d, memory_budget, token_block, vocab_block, _is_narrow_float(weight.dtype))
+    blocks = choose_blocks(
+        n, v_local, d, memory_budget, token_block, vocab_block, _is_narrow_float(weight.dtype), forward_mode
+    )
     kernel = _linear_rows_jvp if forward_mode else _linear_rows
     outputs = kernel(h2, weight, bias, y, valid, cw, _Static(opts, blocks, layout))
     return finish(outputs, valid, opt, return_aux=return_aux, batch_axis_name=batch_axis_name, batch_shape=batch_shape)

@@ -258,6 +258,23 @@ def test_forward_mode_bf16_inputs():
     np.testing.assert_allclose(tan, tan_ref, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(tan_ref))))
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize(
+    "shape,budget,reduction",
+    [((4096, 512, 32768), 256, "mean"), ((4096, 512, 32768), 64, "none"), ((8192, 128, 50000), 32, "sum")],
+)
+def test_forward_mode_temporaries_stay_within_the_memory_budget(shape, budget, reduction, dtype):
+    t, d, v = shape
+    hw = (jax.ShapeDtypeStruct((t, d), dtype), jax.ShapeDtypeStruct((d, v), dtype))
+    y = jax.ShapeDtypeStruct((t,), jnp.int32)
+    loss = lambda h, w, y: jnp.sum(
+        jaxsce.linear_cross_entropy(h, w, y, reduction=reduction, derivative="jvp", memory_budget=budget * 2**20)
+    )
+    jvp = lambda h, w, th, tw, y: jax.jvp(lambda h, w: loss(h, w, y), (h, w), (th, tw))
+    temp = jax.jit(jvp).lower(*hw, *hw, y).compile().memory_analysis().temp_size_in_bytes
+    assert temp <= budget * 2**20, temp / 2**20
+
+
 def test_forward_mode_keeps_the_logits_out_of_memory():
     t, d, v = 4096, 64, 32768
     args = (jax.ShapeDtypeStruct((t, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32))
