@@ -94,15 +94,25 @@ def logit_impls() -> dict[str, Callable]:
     return {k: jax.jit(jax.value_and_grad(f)) for k, f in impls.items()}
 
 
-def fused_impls() -> dict[str, Callable]:
+def fused_impls(mode: str = "grad") -> dict[str, Callable]:
+    """``mode="grad"``: value_and_grad wrt (h, W) of ``f(h, w, y)``.
+    ``mode="jvp"``: ``jax.jvp`` wrt (h, W) in the direction (th, tw), called
+    as ``f(h, w, y, th, tw)``; jaxsce then uses ``derivative="jvp"``."""
+    derivative = "jvp" if mode == "jvp" else "vjp"
     impls = {
-        "jaxsce fused": lambda h, w, y: jaxsce.linear_cross_entropy(h, w, y),
-        "plain h@W + jaxsce": lambda h, w, y: jaxsce.cross_entropy(h @ w, y),
+        "jaxsce fused": lambda h, w, y: jaxsce.linear_cross_entropy(h, w, y, derivative=derivative),
+        "plain h@W + jaxsce": lambda h, w, y: jaxsce.cross_entropy(h @ w, y, derivative=derivative),
         "plain h@W + autodiff naive": lambda h, w, y: naive_loss(h @ w, y),
     }
     if optax is not None:
         impls["plain h@W + optax"] = lambda h, w, y: optax.softmax_cross_entropy_with_integer_labels(h @ w, y).mean()
-    return {k: jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for k, f in impls.items()}
+    if mode == "grad":
+        return {k: jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for k, f in impls.items()}
+
+    def forward(f):
+        return lambda h, w, y, th, tw: jax.jvp(lambda h, w: f(h, w, y), (h, w), (th, tw))
+
+    return {k: jax.jit(forward(f)) for k, f in impls.items()}
 
 
 def torch_logit(x_np, y_np):
@@ -241,32 +251,37 @@ def bench_logits(shapes, dtype, repeats, progress) -> list[Row]:
     return rows
 
 
-def bench_fused(shapes, dtype, repeats, progress) -> list[Row]:
+def bench_fused(shapes, dtype, repeats, progress, mode: str = "grad") -> list[Row]:
+    """Fused vs plain ``h @ W``; ``mode`` as in :func:`fused_impls` (section "fused" or "forward")."""
     rows = []
-    impls = fused_impls()
+    impls = fused_impls(mode)
     for t_, d, v in shapes:
         rng = np.random.default_rng(0)
         h = jnp.asarray(rng.normal(size=(t_, d)), dtype)
         w = jnp.asarray(rng.normal(size=(d, v)) / math.sqrt(d), dtype)
         y = jnp.asarray(rng.integers(0, v, size=t_), jnp.int32)
+        args = (h, w, y)
+        if mode == "jvp":
+            args += (jnp.asarray(rng.normal(size=(t_, d)), dtype), jnp.asarray(rng.normal(size=(d, v)) / d, dtype))
         matmul = jax.jit(lambda h, w: h @ w)
-        calls = {k: (lambda f=f, h=h, w=w, y=y: f(h, w, y)) for k, f in impls.items()}
+        calls = {k: (lambda f=f, args=args: f(*args)) for k, f in impls.items()}
         calls["roofline: h@W matmul"] = lambda h=h, w=w, matmul=matmul: matmul(h, w)
-        if torch is not None and dtype == jnp.float32:
+        if torch is not None and dtype == jnp.float32 and mode == "grad":
             calls["torch h@W + F.cross_entropy"] = torch_fused(np.asarray(h), np.asarray(w), np.asarray(y))
         times = interleaved(calls, repeats, _block, progress)
         matmul_ms = np.median(times.pop("roofline: h@W matmul"))
         matmul_rate = 2 * t_ * d * v / (matmul_ms / 1e3)
-        ref_grad = impls["plain h@W + autodiff naive"](h, w, y)[1]
+        # The derivative (gradient, or tangent in forward mode) of the naive formula.
+        ref = impls["plain h@W + autodiff naive"](*args)[1]
         peer = np.median(times["plain h@W + jaxsce"])
-        flops = 6 * t_ * d * v
+        flops = 6 * t_ * d * v  # grad: logits, d_hidden, d_weight; jvp: logits, dh W, h dW
         for name, t in times.items():
             is_torch = name.startswith("torch")
-            diff = max_diff(_gradient(calls[name], is_torch), ref_grad)
+            diff = max_diff(_gradient(calls[name], is_torch), ref)
             rate = flops / (np.median(t) / 1e3)
             rows.append(
                 _measured_row(
-                    "fused",
+                    "fused" if mode == "grad" else "forward",
                     name,
                     f"{t_}x{d}x{v}",
                     dtype,
@@ -274,9 +289,9 @@ def bench_fused(shapes, dtype, repeats, progress) -> list[Row]:
                     t_,
                     peer_ms=peer,
                     roofline=rate / matmul_rate,
-                    temp=None if is_torch else temp_mib(impls[name], h, w, y),
+                    temp=None if is_torch else temp_mib(impls[name], *args),
                     diff=diff,
-                    tol=10 * grad_tolerance(ref_grad),
+                    tol=10 * grad_tolerance(ref),
                     extra={"gflops_6TdV": rate / 1e9, "matmul_gflops": matmul_rate / 1e9},
                 )
             )
@@ -340,10 +355,12 @@ def markdown(env: dict, rows: list[Row], memory: list[dict]) -> str:
     titles = {
         "logits": "Logit level: value_and_grad of the mean loss",
         "fused": "Fused linear + cross-entropy: value_and_grad wrt (h, W)",
+        "forward": 'Fused linear + cross-entropy, forward mode: jax.jvp wrt (h, W) (derivative="jvp")',
     }
     for section, peer, roof in (
         ("logits", "÷ optax", "÷ exp pass"),
         ("fused", "÷ plain jaxsce", "FLOP rate ÷ matmul's"),
+        ("forward", "÷ plain jaxsce", "FLOP rate ÷ matmul's"),
     ):
         part = [r for r in rows if r.section == section]
         if not part:
@@ -352,7 +369,7 @@ def markdown(env: dict, rows: list[Row], memory: list[dict]) -> str:
             f"### {titles[section]}",
             "",
             f"| shape | dtype | implementation | median ms | min–max ms | tokens/s | {peer} | {roof} | temp MiB "
-            "| max abs grad diff vs naive |",
+            "| max abs derivative diff vs naive |",
             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in part:
@@ -456,10 +473,11 @@ def main(argv=None) -> dict:
     try:
         from tqdm import tqdm
 
-        progress = tqdm(total=repeats * (len(logits) + len(fused)), desc="timing rounds", file=sys.stderr)
+        progress = tqdm(total=repeats * (len(logits) + 2 * len(fused)), desc="timing rounds", file=sys.stderr)
     except ImportError:
         progress = None
     rows = bench_logits(logits, dtype, repeats, progress) + bench_fused(fused, dtype, repeats, progress)
+    rows += bench_fused(fused, dtype, repeats, progress, mode="jvp")
     if progress is not None:
         progress.close()
     memory = [] if args.no_memory else memory_table(**mem)
@@ -482,7 +500,9 @@ def main(argv=None) -> dict:
     print(table)
     bad = [f"{r.impl} @ {r.shape}" for r in rows if not r.grad_ok]
     print(
-        "gradients: all implementations match the naive autodiff gradient" if not bad else f"gradient mismatch: {bad}"
+        "derivatives: every implementation's gradient (and tangent) matches naive autodiff's"
+        if not bad
+        else f"derivative mismatch: {bad}"
     )
     print(f"wrote {args.out}/results.json, results.md" + ("" if args.no_plot else ", results.png"))
     return result

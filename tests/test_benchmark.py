@@ -35,6 +35,8 @@ def test_benchmark_runs_and_every_gradient_matches(tmp_path):
         "jaxsce fused",
         "plain h@W + jaxsce",
     } <= impls
+    forward = {r["impl"] for r in rows if r["section"] == "forward"}
+    assert {"jaxsce fused", "plain h@W + jaxsce", "plain h@W + optax"} <= forward
     for r in rows:
         assert set(bench.Row.__dataclass_fields__) <= set(r)
         assert r["grad_ok"], r
