@@ -331,15 +331,14 @@ def _forward(h, w, b, labels, valid, cw, st: _Static, tangents=None):
         if opts.argmax:
             argmax = lax.pmin(jnp.where(m == m_g, argmax, jnp.iinfo(jnp.int32).max), opts.vocab_axis)
         scale = jnp.exp(m - m_gs)
-        rows = [sumexp * scale, s_y, smooth] + ([] if w_y is None else [w_y])
+        if w_y is None:
+            sumexp, s_y, smooth = psum_rows(sumexp * scale, s_y, smooth, opts=opts)
+        else:
+            sumexp, s_y, smooth, w_y = psum_rows(sumexp * scale, s_y, smooth, w_y, opts=opts)
         if tan:
-            rows += [tan[0] * scale, tan[1], tan[2]]
-        rows = list(psum_rows(*rows, opts=opts))
-        sumexp, s_y, smooth = rows[:3]
-        if w_y is not None:
-            w_y = rows[3]
-        if tan:
-            tan = rows[-3:]
+            # A separate psum: when JAX linearizes this rule (reverse mode in
+            # "jvp" mode) the primal sums must not wait on tangent values.
+            tan = psum_rows(tan[0] * scale, tan[1], tan[2], opts=opts)
         m = m_g
     m_safe = jnp.where(jnp.isfinite(m), m, 0)
     lse = m_safe + jnp.log(sumexp)
