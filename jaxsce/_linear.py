@@ -55,7 +55,7 @@ from jax import lax
 
 from . import _reduce, _targets, _validate
 from ._cross_entropy import axis_size, check_static_options, finish, label_validity, make_options
-from ._rows import max_shift, psum_rows, shard_col0, total_weight
+from ._rows import in_range, max_shift, psum_rows, shard_col0, total_weight
 from ._targets import Options
 
 
@@ -343,8 +343,7 @@ def _forward(h, w, b, labels, valid, cw, st: _Static, tangents=None):
     m_safe = jnp.where(jnp.isfinite(m), m, 0)
     lse = m_safe + jnp.log(sumexp)
     mass = _targets.class_id_mass(w_y, total_weight(cwf, opts), opts)
-    in_range = (labels >= 0) & (labels < opts.num_classes)
-    bad = ~in_range | (m == jnp.inf)
+    bad = ~in_range(labels, opts) | (m == jnp.inf)
     ce = jnp.where(bad, jnp.nan, _targets.class_id_loss(lse, s_y, smooth, w_y, mass, opts))
     correct = (argmax == labels) if opts.argmax else jnp.zeros(labels.shape, bool)
     count = jnp.ones_like(ce) if w_y is None else w_y
@@ -379,7 +378,7 @@ def _linear_rows_bwd(st: _Static, res, cts):
     ct = _acc_dtype(h, w)
     g_ce = jnp.where(valid, g_ce, 0).astype(ct)
     g_lse = jnp.where(valid, g_lse, 0).astype(ct)
-    in_range = (labels >= 0) & (labels < opts.num_classes)
+    label_ok = in_range(labels, opts)
     cwf = None if cw is None else cw.astype(ct)
     w_y_all = _targets.target_weight(labels - shard0, cwf, 0, opts)
 
@@ -404,7 +403,7 @@ def _linear_rows_bwd(st: _Static, res, cts):
             ms = None if mass is None else sl(mass)
             ds = _targets.class_id_grad(p, gc, gl, sl(labels), v0 + shard0, cw_blk, w_y, ms, opts)
             ds = _targets.softcap_scale(s, ds, opts)
-            ds = jnp.where(sl(in_range)[:, None], ds, jnp.nan)
+            ds = jnp.where(sl(label_ok)[:, None], ds, jnp.nan)
             # Rows not counted (masked, ignored, or repeated by a clamped
             # block) contribute exactly 0, even if their hidden state is NaN.
             ds = jnp.where((sl(valid) & fresh_row)[:, None], ds, 0)
@@ -516,7 +515,7 @@ def _sum_forward(h, w, b, labels, valid, cw, st: _SumStatic):
     cwf = None if cw is None else cw.astype(ct)
     total_w = None if cwf is None else jnp.sum(cwf)
     w_y_all = _targets.target_weight(labels, cwf, 0, opts)
-    in_range_all = (labels >= 0) & (labels < opts.num_classes)
+    label_ok_all = in_range(labels, opts)
 
     def body(i, carry):
         total, denom, dh, dw, db = carry
@@ -531,8 +530,8 @@ def _sum_forward(h, w, b, labels, valid, cw, st: _SumStatic):
         w_y = None if w_y_all is None else sl(w_y_all)
         mass = _targets.class_id_mass(w_y, total_w, opts)
         ce = _targets.class_id_loss(lse, s_y, smooth, w_y, mass, opts)
-        in_range = sl(in_range_all)
-        ce = jnp.where(in_range & ~pos_inf, ce, jnp.nan)
+        label_ok = sl(label_ok_all)
+        ce = jnp.where(label_ok & ~pos_inf, ce, jnp.nan)
         total = total + jnp.sum(jnp.where(ok, ce + z_loss * jnp.square(lse), 0))
         denom = denom + jnp.sum(jnp.where(ok, 1 if w_y is None else w_y, 0).astype(ct))
         g_ce = jnp.where(ok, 1, 0).astype(ct)
@@ -540,7 +539,7 @@ def _sum_forward(h, w, b, labels, valid, cw, st: _SumStatic):
         p = jnp.exp(s - lse[:, None])
         ds = _targets.class_id_grad(p, g_ce, g_lse, y, 0, cwf, w_y, mass, opts)
         ds = _targets.softcap_scale(s, ds, opts)
-        ds = jnp.where(in_range[:, None], ds, jnp.nan)
+        ds = jnp.where(label_ok[:, None], ds, jnp.nan)
         ds = jnp.where(ok[:, None], ds, 0)
         w_contract = 1 if layout == "dv" else 0
         dh_blk = lax.dot_general(ds.astype(w.dtype), w, (((1,), (w_contract,)), ((), ())), preferred_element_type=ct)

@@ -102,7 +102,7 @@ def _forward(z, target, valid, class_weight, opts: Options):
         ce = _targets.class_id_loss(lse_shift, t_y, smooth, w_y, mass, opts)
         correct = jnp.zeros(ce.shape, bool) if argmax is None else argmax == target
         # A label outside [0, C) must never give a plausible number.
-        ce = jnp.where(_in_range(target, opts), ce, jnp.nan)
+        ce = jnp.where(in_range(target, opts), ce, jnp.nan)
         w_y = jnp.ones_like(ce) if w_y is None else w_y
     ce = jnp.where(pos_inf, jnp.nan, ce)  # +inf logit: inf - inf
     lse = m + lse_shift
@@ -176,7 +176,8 @@ def _soft_hit(target, argmax, col0, opts: Options):
     return at_argmax >= best
 
 
-def _in_range(labels, opts: Options):
+def in_range(labels, opts: Options):
+    """Class ids inside ``[0, C)``, ``C`` the class count over all shards."""
     return (labels >= 0) & (labels < opts.num_classes)
 
 
@@ -192,7 +193,7 @@ def _logit_grad(s, lse, g_ce, g_lse, target, valid, class_weight, mass, opts: Op
     # A counted row with a label outside [0, C) gets a NaN gradient: set
     # through its [N] coefficients (p * NaN is NaN even where p is 0) rather
     # than by a select over all [N, V] entries.
-    bad = valid & ~_in_range(target, opts)
+    bad = valid & ~in_range(target, opts)
     g_ce, g_lse = jnp.where(bad, jnp.nan, g_ce), jnp.where(bad, jnp.nan, g_lse)
     return _targets.class_id_grad(p, g_ce, g_lse, target, col0, cw, w_y, mass, opts)
 
