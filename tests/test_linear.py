@@ -43,14 +43,16 @@ def _resolve(kw, y):
     return kw, plain
 
 
-def _temp_bytes(loss, t, d, v, dtype=jnp.float32, layout="dv"):
-    """Compiled temporaries of value_and_grad(loss) w.r.t. (h, W) at these shapes."""
-    args = (
-        jax.ShapeDtypeStruct((t, d), dtype),
-        jax.ShapeDtypeStruct((d, v) if layout == "dv" else (v, d), dtype),
-        jax.ShapeDtypeStruct((t,), jnp.int32),
-    )
-    return jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*args).compile().memory_analysis().temp_size_in_bytes
+def _temp_bytes(loss, t, d, v, dtype=jnp.float32, layout="dv", mode="grad"):
+    """Compiled temporaries at these shapes of value_and_grad(loss) w.r.t. (h, W)
+    (``mode="grad"``) or of its jax.jvp in a direction (th, tW) given as inputs."""
+    hw = (jax.ShapeDtypeStruct((t, d), dtype), jax.ShapeDtypeStruct((d, v) if layout == "dv" else (v, d), dtype))
+    y = jax.ShapeDtypeStruct((t,), jnp.int32)
+    if mode == "grad":
+        fn, args = jax.value_and_grad(loss, (0, 1)), (*hw, y)
+    else:
+        fn, args = (lambda h, w, th, tw, y: jax.jvp(lambda h, w: loss(h, w, y), (h, w), (th, tw))), (*hw, *hw, y)
+    return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -264,28 +266,23 @@ def test_forward_mode_bf16_inputs():
     [((4096, 512, 32768), 256, "mean"), ((4096, 512, 32768), 64, "none"), ((8192, 128, 50000), 32, "sum")],
 )
 def test_forward_mode_temporaries_stay_within_the_memory_budget(shape, budget, reduction, dtype):
-    t, d, v = shape
-    hw = (jax.ShapeDtypeStruct((t, d), dtype), jax.ShapeDtypeStruct((d, v), dtype))
-    y = jax.ShapeDtypeStruct((t,), jnp.int32)
     loss = lambda h, w, y: jnp.sum(
         jaxsce.linear_cross_entropy(h, w, y, reduction=reduction, derivative="jvp", memory_budget=budget * 2**20)
     )
-    jvp = lambda h, w, th, tw, y: jax.jvp(lambda h, w: loss(h, w, y), (h, w), (th, tw))
-    temp = jax.jit(jvp).lower(*hw, *hw, y).compile().memory_analysis().temp_size_in_bytes
+    temp = _temp_bytes(loss, *shape, dtype, mode="jvp")
     assert temp <= budget * 2**20, temp / 2**20
 
 
 def test_forward_mode_keeps_the_logits_out_of_memory():
     t, d, v = 4096, 64, 32768
-    args = (jax.ShapeDtypeStruct((t, d), jnp.float32), jax.ShapeDtypeStruct((d, v), jnp.float32))
-    y = jnp.zeros((t,), jnp.int32)
-
-    def temp(loss):
-        jvp = lambda h, w: jax.jvp(loss, (h, w), (h, w))
-        return jax.jit(jvp).lower(*args).compile().memory_analysis().temp_size_in_bytes
-
-    fused = temp(lambda h, w: jaxsce.linear_cross_entropy(h, w, y, derivative="jvp", memory_budget=16 * 2**20))
-    plain = temp(lambda h, w: jaxsce.cross_entropy(h @ w, y, derivative="jvp"))
+    fused = _temp_bytes(
+        lambda h, w, y: jaxsce.linear_cross_entropy(h, w, y, derivative="jvp", memory_budget=16 * 2**20),
+        t,
+        d,
+        v,
+        mode="jvp",
+    )
+    plain = _temp_bytes(lambda h, w, y: jaxsce.cross_entropy(h @ w, y, derivative="jvp"), t, d, v, mode="jvp")
     assert plain >= t * v * 4
     assert fused < t * v * 4 / 8, (fused / 2**20, plain / 2**20)
 
