@@ -83,7 +83,7 @@ def fused_loss(params, ctx, y):
         h,
         params["embed"],
         y,
-        bias=params["bias"],
+        linear_bias=params["bias"],
         weight_layout="vd",
         label_smoothing=0.05,
         memory_budget=MEMORY_BUDGET,

@@ -5,124 +5,15 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
-from jax.experimental import checkify
 
-from . import _reduce, _rows, _validate
-from ._targets import Options
+from . import _labels, _options, _reduce, _rows, _spmd, _validate
 
 AxisName = str | tuple[str, ...] | None
 
 
-def axis_size(axis_name: AxisName) -> int:
-    """Static size of a (tuple of) mesh axis inside ``shard_map``."""
-    if axis_name is None:
-        return 1
-    try:
-        return int(lax.axis_size(axis_name))
-    except (NameError, ValueError) as e:
-        raise ValueError(
-            f"axis_name={axis_name!r} is not a mesh axis bound here: call the "
-            f"loss inside jax.shard_map over a mesh with that axis ({e})."
-        ) from None
-
-
-def check_static_options(
-    *,
-    reduction: str,
-    ignore_index: Any,
-    label_smoothing: Any,
-    z_loss: Any,
-    logit_softcap: Any,
-    derivative: str,
-) -> dict:
-    """Validates the static options shared by every loss; returns them normalized."""
-    return dict(
-        reduction=_validate.check_choice(reduction, "reduction", _validate.REDUCTIONS),
-        ignore_index=_validate.check_ignore_index(ignore_index),
-        label_smoothing=_validate.static_float(label_smoothing, "label_smoothing", low=0.0, high=1.0),
-        z_loss=_validate.static_float(z_loss, "z_loss", low=0.0),
-        logit_softcap=None
-        if logit_softcap is None
-        else _validate.static_float(logit_softcap, "logit_softcap", low=0.0, low_open=True),
-        derivative=_validate.check_choice(derivative, "derivative", _validate.DERIVATIVES),
-    )
-
-
-def label_validity(labels, num_classes: int, valid, ignore_index, check_labels: bool):
-    """Applies ``ignore_index``; returns ``(int32-or-wider labels, valid)``.
-
-    A label outside ``[0, C)`` that is counted is mapped to -1, which the
-    kernel turns into a NaN loss; with ``check_labels`` a checkify error names
-    the first offending flat index and value instead.
-    """
-    if ignore_index is not None:
-        valid = valid & (labels != ignore_index)
-    in_range = (labels >= 0) & (labels < num_classes)
-    if check_labels:
-        bad = valid & ~in_range
-        first = jnp.argmax(bad)
-        checkify.check(
-            ~jnp.any(bad),
-            f"labels must lie in [0, {num_classes}) or equal ignore_index={ignore_index}; "
-            "found {value} at flat index {index}",
-            value=labels.reshape(-1)[first],
-            index=first,
-        )
-    wide = jnp.int64 if num_classes > np.iinfo(np.int32).max else jnp.int32
-    labels = jnp.where(in_range, labels, -1).astype(wide)
-    return labels, valid
-
-
-def make_options(opt: dict, *, num_classes: int, class_weight, soft: bool, axis_name, return_aux: bool) -> Options:
-    """The kernels' static options from the checked public ones."""
-    return Options(
-        num_classes=num_classes,
-        label_smoothing=opt["label_smoothing"],
-        logit_softcap=opt["logit_softcap"],
-        weighted=class_weight is not None,
-        soft=soft,
-        vocab_axis=axis_name,
-        argmax=bool(return_aux),
-    )
-
-
-def finish(outputs, valid, opt: dict, *, return_aux, batch_axis_name, batch_shape):
-    """Adds the z-loss to the kernel's per-example outputs, reduces, builds the aux."""
-    ce, lse, correct, w_y = outputs
-    z_loss, reduction = opt["z_loss"], opt["reduction"]
-    z_term = z_loss * jnp.square(lse) if z_loss else jnp.zeros_like(lse)
-    per_example = ce + z_term if z_loss else ce
-    loss = _reduce.reduce_loss(per_example, w_y, reduction, batch_axis_name)
-    if reduction == "none":
-        loss = loss.reshape(batch_shape)
-    if not return_aux:
-        return loss
-    aux = _reduce.make_aux(lse.reshape(batch_shape), z_term.reshape(batch_shape), correct, valid, batch_axis_name)
-    return loss, aux
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "axis",
-        "reduction",
-        "ignore_index",
-        "label_smoothing",
-        "z_loss",
-        "logit_softcap",
-        "return_aux",
-        "derivative",
-        "axis_name",
-        "batch_axis_name",
-        "check_labels",
-    ),
-)
 def cross_entropy(
     logits: jax.Array,
     labels: jax.Array,
@@ -132,9 +23,9 @@ def cross_entropy(
     reduction: str = "mean",
     ignore_index: int | None = None,
     weight: jax.Array | None = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    logit_softcap: float | None = None,
+    label_smoothing: float | jax.Array = 0.0,
+    z_loss: float | jax.Array = 0.0,
+    logit_softcap: float | jax.Array | None = None,
     return_aux: bool = False,
     derivative: str = "vjp",
     axis_name: AxisName = None,
@@ -241,19 +132,58 @@ def cross_entropy(
       >>> bool(jnp.allclose(g, (jax.nn.softmax(logits) - jnp.eye(3, dtype=jnp.float32)[labels]) / 2))
       True
     """
-    opt = check_static_options(
-        reduction=reduction,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-        derivative=derivative,
+    _labels.check_host_labels(labels)
+    static = dict(
+        axis=_options.axis(axis),
+        reduction=_options.choice(reduction, "reduction", _options.REDUCTIONS),
+        ignore_index=_options.ignore_index(ignore_index),
+        return_aux=_options.flag(return_aux, "return_aux"),
+        derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
+        axis_name=_options.mesh_axes(axis_name, "axis_name"),
+        batch_axis_name=_options.mesh_axes(batch_axis_name, "batch_axis_name"),
+        check_labels=_options.flag(check_labels, "check_labels"),
     )
+    fl = _options.floats(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap)
+    args = (logits, labels, where, weight, fl)
+    return _options.run(_cross_entropy, args, static, check_labels=static["check_labels"])
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "axis",
+        "reduction",
+        "ignore_index",
+        "return_aux",
+        "derivative",
+        "axis_name",
+        "batch_axis_name",
+        "check_labels",
+    ),
+)
+def _cross_entropy(
+    logits,
+    labels,
+    where,
+    weight,
+    fl: _options.Floats,
+    *,
+    axis,
+    reduction,
+    ignore_index,
+    return_aux,
+    derivative,
+    axis_name,
+    batch_axis_name,
+    check_labels,
+):
     logits = _validate.check_floating(logits, "logits")
     axes = _validate.canonical_axes(axis, logits.ndim)
     batch_shape = tuple(d for i, d in enumerate(logits.shape) if i not in axes)
     local_classes = math.prod(logits.shape[a] for a in axes)
-    num_classes = local_classes * axis_size(axis_name)
+    if local_classes == 0:
+        raise ValueError(f"logits of shape {logits.shape} have no classes along axis {axis}.")
+    num_classes = local_classes * _spmd.axis_size(axis_name)
 
     labels = jnp.asarray(labels)
     if jnp.issubdtype(labels.dtype, jnp.integer):
@@ -263,6 +193,7 @@ def cross_entropy(
                 f"integer labels have shape {labels.shape}, but logits of shape "
                 f"{logits.shape} with class axis {axis} need shape {batch_shape}."
             )
+        _spmd.check_split_axes("logits", logits, labels, "labels", axis_name, batch_axis_name)
     elif jnp.issubdtype(labels.dtype, jnp.floating):
         soft = True
         if labels.shape != logits.shape:
@@ -270,7 +201,7 @@ def cross_entropy(
                 f"probability labels (dtype {labels.dtype}) have shape {labels.shape}, "
                 f"but must have the logits' shape {logits.shape}."
             )
-        if opt["ignore_index"] is not None:
+        if ignore_index is not None:
             raise ValueError("ignore_index applies to class-id labels only, got probability labels.")
     else:
         raise TypeError(
@@ -290,14 +221,27 @@ def cross_entropy(
         valid = _validate.check_mask(where, batch_shape, "where", "the batch shape: logits.shape without axis")
         valid = valid.reshape(n)
     if not soft:
-        target, valid = label_validity(target, num_classes, valid, opt["ignore_index"], check_labels)
-    class_weight = None
-    if weight is not None:
-        class_weight = lax.stop_gradient(_validate.check_class_weight(weight, local_classes))
+        target, valid = _labels.label_validity(target, num_classes, valid, ignore_index, check_labels)
+    class_weight = None if weight is None else _options.check_class_weight(weight, local_classes)
 
-    opts = make_options(
-        opt, num_classes=num_classes, class_weight=class_weight, soft=soft, axis_name=axis_name, return_aux=return_aux
+    fl = _options.in_dtype(fl, _validate.compute_dtype(z.dtype))
+    opts = _options.make_options(
+        fl,
+        num_classes=num_classes,
+        class_weight=class_weight,
+        soft=soft,
+        axis_name=axis_name,
+        return_aux=return_aux,
+        is_unchecked=_spmd.unchecked(axis_name),
     )
-    kernel = _rows.rows_vjp if opt["derivative"] == "vjp" else _rows.rows_jvp
+    kernel = _rows.rows_vjp if derivative == "vjp" else _rows.rows_jvp
     outputs = kernel(z, target, valid, class_weight, opts)
-    return finish(outputs, valid, opt, return_aux=return_aux, batch_axis_name=batch_axis_name, batch_shape=batch_shape)
+    return _reduce.finish(
+        outputs,
+        valid,
+        fl.z_loss,
+        reduction,
+        return_aux=return_aux,
+        batch_axis_name=batch_axis_name,
+        batch_shape=batch_shape,
+    )

@@ -53,8 +53,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _reduce, _targets, _validate
-from ._cross_entropy import axis_size, check_static_options, finish, label_validity, make_options
+from . import _labels, _options, _reduce, _spmd, _targets, _validate
 from ._rows import in_range, max_shift, psum_rows, shard_col0, total_weight
 from ._targets import Options
 
@@ -96,14 +95,24 @@ def choose_blocks(
     five float32 ``[Tb, Vb]`` arrays alive at once (logits, the tangent's
     two products, their sum and the exponentials): ``20 Tb Vb`` bytes.
     """
-    tb = min(token_block or 1024, tokens)
-    if forward_mode:
-        blocks_budget, per_entry = memory_budget, 20
+    if not isinstance(tokens, int):
+        # A symbolic token count (jax.export): the caller pads to whole token
+        # blocks, and the d_hidden accumulator's size is unknown, so the
+        # vocabulary blocks get the smallest share the rule below allows.
+        tb = token_block or 1024
+        blocks_budget = memory_budget if forward_mode else memory_budget // 4
     else:
-        blocks_budget, per_entry = max(memory_budget - 4 * tokens * d, memory_budget // 4), 12
+        tb = min(token_block or 1024, tokens)
+        blocks_budget = memory_budget if forward_mode else max(memory_budget - 4 * tokens * d, memory_budget // 4)
+    per_entry = 20 if forward_mode else 12
     cap = 8192 if narrow_weight else 4096
     vb = vocab_block or max(128, min(cap, blocks_budget // (per_entry * (tb + d))) // 128 * 128)
     return Blocks(max(1, tb), max(1, min(vb, vocab)))
+
+
+def _num_blocks(total, size: int):
+    """``ceil(total / size)``, also for a symbolic ``total`` (``jax.export``)."""
+    return (total + size - 1) // size
 
 
 def _clamped(i, size: int, total: int):
@@ -152,6 +161,16 @@ def _slice(x, start, size: int, axis: int):
     return lax.platform_dependent(x, start, cpu=behind_cond, default=plain)
 
 
+def _token_rows(x, valid, start, size: int):
+    """Rows ``start : start + size`` of ``x``, zero where the token is not counted.
+
+    A masked token's hidden state may be NaN (padding); zeroing it keeps
+    ``h^T @ ds`` from computing NaN * 0 into ``d_W``.
+    """
+    rows = _slice(x, start, size, 0)
+    return jnp.where(lax.dynamic_slice_in_dim(valid, start, size)[:, None], rows, jnp.zeros((), x.dtype))
+
+
 def _slice_vocab(w, start, vb: int, layout: str):
     return _slice(w, start, vb, 1 if layout == "dv" else 0)
 
@@ -181,56 +200,8 @@ def _h_t_times(h_t, h_blk, ds, t0, tb: int, ct):
 
 
 class _Static(NamedTuple):
-    opts: Options
     blocks: Blocks
     layout: str
-
-
-def _varying_axes(x) -> frozenset:
-    """Mesh axes over which ``x`` varies inside ``shard_map`` (empty outside).
-
-    jax 0.10 exposes them as ``typeof(x).manual_axis_type.varying``, earlier
-    releases as ``typeof(x).vma``; without either, nothing is tracked.
-    """
-    aval = jax.typeof(x)
-    mat = getattr(aval, "manual_axis_type", None)
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()))
-
-
-def _vary_like(tree, *like):
-    """Give loop-carry initial values the sharding type of the inputs.
-
-    Inside ``jax.shard_map`` a carry computed from sharded inputs "varies"
-    over the mesh axes those inputs vary over, and ``fori_loop`` requires the
-    initial value to match. Outside shard_map this is the identity.
-    """
-    axes = frozenset().union(*(_varying_axes(x) for x in jax.tree.leaves(like)))
-    if not axes:
-        return tree
-    cast = getattr(lax, "pcast", None)
-
-    def vary(x):
-        missing = tuple(sorted(axes - _varying_axes(x)))
-        if not missing:
-            return x
-        return cast(x, missing, to="varying") if cast is not None else lax.pvary(x, missing)
-
-    return jax.tree.map(vary, tree)
-
-
-def _sum_to_type(ct, primal):
-    """Sum a cotangent over the mesh axes it varies over but its primal does not.
-
-    A weight replicated over a data-parallel axis receives one partial
-    gradient per data shard; their sum is its gradient (the all-reduce every
-    data-parallel step does). Identity outside shard_map.
-    """
-    if ct is None:
-        return ct
-    extra = tuple(sorted(_varying_axes(ct) - _varying_axes(primal)))
-    return lax.psum(ct, extra) if extra else ct
 
 
 def _tangent_block(h_blk, w_blk, dh_blk, dw_blk, db_blk, layout: str, ct):
@@ -247,7 +218,7 @@ def _tangent_block(h_blk, w_blk, dh_blk, dw_blk, db_blk, layout: str, ct):
     return dz
 
 
-def _forward(h, w, b, labels, valid, cw, st: _Static, tangents=None):
+def _forward(h, w, b, labels, valid, cw, opts: Options, st: _Static, tangents=None):
     """Streaming forward; with ``tangents = (dh, dw, db)`` (None entries: zero)
     also the tangents of ``ce`` and ``lse``, carried online in the same pass.
 
@@ -257,11 +228,11 @@ def _forward(h, w, b, labels, valid, cw, st: _Static, tangents=None):
     (``_targets.class_id_loss``), so its tangent is the same formula applied
     to their tangents. Two more matmuls per block (``dh W_b``, ``h dW_b``).
     """
-    opts, (tb, vb), layout = st
+    (tb, vb), layout = st
     t_total, _ = h.shape
     v_local = w.shape[1] if layout == "dv" else w.shape[0]
     shard0 = shard_col0(v_local, opts)
-    n_tok, n_voc = math.ceil(t_total / tb), math.ceil(v_local / vb)
+    n_tok, n_voc = _num_blocks(t_total, tb), _num_blocks(v_local, vb)
     ct = _acc_dtype(h, w)
     cwf = None if cw is None else cw.astype(ct)
     dh_all, dw_all, db_all = tangents if tangents is not None else (None, None, None)
@@ -269,8 +240,8 @@ def _forward(h, w, b, labels, valid, cw, st: _Static, tangents=None):
 
     def token_block(i, outs):
         t0, _ = _clamped(i, tb, t_total)
-        h_blk = _slice(h, t0, tb, 0)
-        dh_blk = None if dh_all is None else _slice(dh_all, t0, tb, 0)
+        h_blk = _token_rows(h, valid, t0, tb)
+        dh_blk = None if dh_all is None else _token_rows(dh_all, valid, t0, tb)
         y_blk = lax.dynamic_slice_in_dim(labels, t0, tb)
 
         def vocab_block(j, carry):
@@ -295,7 +266,7 @@ def _forward(h, w, b, labels, valid, cw, st: _Static, tangents=None):
             in_fresh = (y_blk - shard0 >= fresh0) & (y_blk - shard0 < v0 + vb)
             s_y = s_y + jnp.where(in_fresh, _targets.label_entry(s, y_blk, v0 + shard0), 0)
             cw_blk = None if cwf is None else lax.dynamic_slice_in_dim(cwf, v0, vb)
-            if opts.label_smoothing:
+            if opts.label_smoothing is not None:
                 ws = s if cw_blk is None else s * cw_blk[None, :]
                 smooth = smooth + jnp.sum(jnp.where(fresh, ws, 0), axis=-1)
             if tangents is not None:
@@ -306,7 +277,7 @@ def _forward(h, w, b, labels, valid, cw, st: _Static, tangents=None):
                 ds = jnp.where(fresh, _targets.softcap_scale(s, dz, opts), 0)
                 d_se = d_se * rescale + jnp.sum(e * ds, axis=-1)
                 d_sy = d_sy + jnp.where(in_fresh, _targets.label_entry(ds, y_blk, v0 + shard0), 0)
-                if opts.label_smoothing:
+                if opts.label_smoothing is not None:
                     d_smooth = d_smooth + jnp.sum(ds if cw_blk is None else ds * cw_blk[None, :], axis=-1)
                 tan = [d_se, d_sy, d_smooth]
             return (m_new, se, s_y, smooth, am, *tan)
@@ -314,13 +285,13 @@ def _forward(h, w, b, labels, valid, cw, st: _Static, tangents=None):
         zeros = jnp.zeros((tb,), ct)
         init = (jnp.full((tb,), -jnp.inf, ct), zeros, zeros, zeros, jnp.zeros((tb,), jnp.int32))
         init = init + (zeros,) * (n_out - 5)
-        init = _vary_like(init, h, w, b, labels, *(tangents or ()))
+        init = _spmd.vary_like(init, h, w, b, labels, *(tangents or ()))
         rows = lax.fori_loop(0, n_voc, vocab_block, init)
         return [lax.dynamic_update_slice_in_dim(o, x, t0, 0) for o, x in zip(outs, rows)]
 
     zeros = jnp.zeros((t_total,), ct)
     outs = [zeros] * 4 + [jnp.zeros((t_total,), jnp.int32)] + [zeros] * (n_out - 5)
-    outs = _vary_like(outs, h, w, b, labels, *(tangents or ()))
+    outs = _spmd.vary_like(outs, h, w, b, labels, *(tangents or ()))
     m, sumexp, s_y, smooth, argmax, *tan = lax.fori_loop(0, n_tok, token_block, outs)
 
     # Combine the vocabulary shards: one pmax, one psum of a few floats per token.
@@ -357,24 +328,25 @@ def _forward(h, w, b, labels, valid, cw, st: _Static, tangents=None):
     return outputs, (lse, mass), (jnp.where(valid, d_ce, 0), jnp.where(valid, d_lse, 0))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _linear_rows(h, w, b, labels, valid, cw, st: _Static):
-    return _forward(h, w, b, labels, valid, cw, st)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _linear_rows(h, w, b, labels, valid, cw, opts: Options, st: _Static):
+    return _forward(h, w, b, labels, valid, cw, opts, st)[0]
 
 
-def _linear_rows_fwd(h, w, b, labels, valid, cw, st):
-    outputs, (lse, mass) = _forward(h, w, b, labels, valid, cw, st)
-    return outputs, (h, w, b, labels, valid, cw, lse, mass)
+def _linear_rows_fwd(h, w, b, labels, valid, cw, opts, st):
+    outputs, (lse, mass) = _forward(h, w, b, labels, valid, cw, opts, st)
+    return outputs, (h, w, b, labels, valid, cw, opts, lse, mass)
 
 
 def _linear_rows_bwd(st: _Static, res, cts):
-    opts, (tb, vb), layout = st
-    h, w, b, labels, valid, cw, lse, mass = res
+    (tb, vb), layout = st
+    h, w, b, labels, valid, cw, opts, lse, mass = res
     g_ce, g_lse, _, _ = cts
+    g_ce, g_lse = _spmd.row_cotangents(g_ce, g_lse, axis_name=opts.vocab_axis, is_unchecked=opts.vocab_unchecked)
     t_total, d = h.shape
     v_local = w.shape[1] if layout == "dv" else w.shape[0]
     shard0 = shard_col0(v_local, opts)
-    n_tok, n_voc = math.ceil(t_total / tb), math.ceil(v_local / vb)
+    n_tok, n_voc = _num_blocks(t_total, tb), _num_blocks(v_local, vb)
     ct = _acc_dtype(h, w)
     g_ce = jnp.where(valid, g_ce, 0).astype(ct)
     g_lse = jnp.where(valid, g_lse, 0).astype(ct)
@@ -395,7 +367,7 @@ def _linear_rows_bwd(st: _Static, res, cts):
             t0, tfresh0 = _clamped(i, tb, t_total)
             fresh_row = lax.broadcasted_iota(jnp.int32, (tb,), 0) + t0 >= tfresh0
             sl = lambda x: lax.dynamic_slice_in_dim(x, t0, tb)  # noqa: E731
-            h_blk = _slice(h, t0, tb, 0)
+            h_blk = _token_rows(h, valid, t0, tb)
             gc, gl = jnp.where(fresh_row, sl(g_ce), 0), jnp.where(fresh_row, sl(g_lse), 0)
             s = _targets.softcap(_logits_block(h_blk, w_blk, b_blk, layout), opts)
             p = jnp.exp(s - sl(lse)[:, None])
@@ -423,7 +395,7 @@ def _linear_rows_bwd(st: _Static, res, cts):
 
         acc_shape = (d, vb) if layout == "dv" else (vb, d)
         inner0 = (dh, jnp.zeros(acc_shape, ct), None if b is None else jnp.zeros((vb,), ct))
-        inner0 = _vary_like(inner0, h, w, b, labels, g_ce, g_lse, lse)
+        inner0 = _spmd.vary_like(inner0, h, w, b, labels, g_ce, g_lse, lse)
         dh, dw_acc, db_acc = lax.fori_loop(0, n_tok, token_block, inner0)
         axis = 1 if layout == "dv" else 0
         dw = lax.dynamic_update_slice_in_dim(dw, dw_acc.astype(w.dtype), v0, axis)
@@ -432,12 +404,15 @@ def _linear_rows_bwd(st: _Static, res, cts):
         return dh, dw, db
 
     init = (jnp.zeros((t_total, d), ct), jnp.zeros_like(w), None if b is None else jnp.zeros_like(b))
-    init = _vary_like(init, h, w, b, labels, g_ce, g_lse, lse)
+    init = _spmd.vary_like(init, h, w, b, labels, g_ce, g_lse, lse)
     dh, dw, db = lax.fori_loop(0, n_voc, vocab_block, init)
-    if opts.vocab_axis is not None:
-        dh = lax.psum(dh, opts.vocab_axis)  # each shard holds its vocabulary's share
+    if opts.vocab_axis is not None and not opts.vocab_unchecked:
+        # Each shard holds its vocabulary's share. (Under check_vma=False JAX
+        # itself sums the input cotangents over the axes hidden is replicated on.)
+        dh = lax.psum(dh, opts.vocab_axis)
     dh = jnp.where(valid[:, None], dh, 0).astype(h.dtype)
-    return _sum_to_type(dh, h), _sum_to_type(dw, w), _sum_to_type(db, b), None, None, None
+    dh, dw, db = (_spmd.sum_to_type(ct, x) for ct, x in ((dh, h), (dw, w), (db, b)))
+    return dh, dw, db, None, None, None, None
 
 
 _linear_rows.defvjp(_linear_rows_fwd, _linear_rows_bwd)
@@ -446,9 +421,9 @@ _linear_rows.defvjp(_linear_rows_fwd, _linear_rows_bwd)
 # --- forward mode: custom_jvp --------------------------------------------------
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(6,))
-def _linear_rows_jvp(h, w, b, labels, valid, cw, st: _Static):
-    return _forward(h, w, b, labels, valid, cw, st)[0]
+@functools.partial(jax.custom_jvp, nondiff_argnums=(7,))
+def _linear_rows_jvp(h, w, b, labels, valid, cw, opts: Options, st: _Static):
+    return _forward(h, w, b, labels, valid, cw, opts, st)[0]
 
 
 def _linear_rows_jvp_rule(st: _Static, primals, tangents):
@@ -456,13 +431,13 @@ def _linear_rows_jvp_rule(st: _Static, primals, tangents):
     # loss (3 matmuls per block: logits, dh W_b, h dW_b; fewer when an input
     # is not perturbed). Class weights and masks are constants, as in the
     # reverse rule.
-    h, w, b, labels, valid, cw = primals
+    h, w, b, labels, valid, cw, opts = primals
     zero = jax.custom_derivatives.SymbolicZero
     dh, dw, db = (None if isinstance(t, zero) else t for t in tangents[:3])
     if dh is None and dw is None and db is None:
-        outputs = _forward(h, w, b, labels, valid, cw, st)[0]
+        outputs = _forward(h, w, b, labels, valid, cw, opts, st)[0]
         return outputs, tuple(jnp.zeros_like(o) for o in outputs)
-    outputs, _, (d_ce, d_lse) = _forward(h, w, b, labels, valid, cw, st, tangents=(dh, dw, db))
+    outputs, _, (d_ce, d_lse) = _forward(h, w, b, labels, valid, cw, opts, st, tangents=(dh, dw, db))
     _, _, hit, count = outputs
     return outputs, (d_ce, d_lse, jnp.zeros_like(hit), jnp.zeros_like(count))
 
@@ -474,10 +449,8 @@ _linear_rows_jvp.defjvp(_linear_rows_jvp_rule, symbolic_zeros=True)
 
 
 class _SumStatic(NamedTuple):
-    opts: Options
     token_block: int
     layout: str
-    z_loss: float
 
 
 def sum_path_token_block(
@@ -508,8 +481,8 @@ def sum_path_token_block(
     return tb if tb >= min(32, tokens) else None
 
 
-def _sum_forward(h, w, b, labels, valid, cw, st: _SumStatic):
-    opts, tb, layout, z_loss = st
+def _sum_forward(h, w, b, labels, valid, cw, opts: Options, z_loss, st: _SumStatic):
+    tb, layout = st
     t_total, d = h.shape
     ct = _acc_dtype(h, w)
     cwf = None if cw is None else cw.astype(ct)
@@ -521,7 +494,7 @@ def _sum_forward(h, w, b, labels, valid, cw, st: _SumStatic):
         total, denom, dh, dw, db = carry
         t0, fresh0 = _clamped(i, tb, t_total)
         sl = lambda x: lax.dynamic_slice_in_dim(x, t0, tb)  # noqa: E731
-        h_blk, y = _slice(h, t0, tb, 0), sl(labels)
+        h_blk, y = _token_rows(h, valid, t0, tb), sl(labels)
         ok = sl(valid) & (lax.broadcasted_iota(jnp.int32, (tb,), 0) + t0 >= fresh0)
         s = _targets.softcap(_logits_block(h_blk, w, b, layout), opts)
         shift, sumexp, pos_inf = max_shift(s, jnp.max(s, axis=-1))
@@ -532,10 +505,11 @@ def _sum_forward(h, w, b, labels, valid, cw, st: _SumStatic):
         ce = _targets.class_id_loss(lse, s_y, smooth, w_y, mass, opts)
         label_ok = sl(label_ok_all)
         ce = jnp.where(label_ok & ~pos_inf, ce, jnp.nan)
-        total = total + jnp.sum(jnp.where(ok, ce + z_loss * jnp.square(lse), 0))
+        per_token = ce if z_loss is None else ce + z_loss * jnp.square(lse)
+        total = total + jnp.sum(jnp.where(ok, per_token, 0))
         denom = denom + jnp.sum(jnp.where(ok, 1 if w_y is None else w_y, 0).astype(ct))
         g_ce = jnp.where(ok, 1, 0).astype(ct)
-        g_lse = jnp.where(ok, 2 * z_loss * lse, 0)
+        g_lse = jnp.zeros_like(g_ce) if z_loss is None else jnp.where(ok, 2 * z_loss * lse, 0)
         p = jnp.exp(s - lse[:, None])
         ds = _targets.class_id_grad(p, g_ce, g_lse, y, 0, cwf, w_y, mass, opts)
         ds = _targets.softcap_scale(s, ds, opts)
@@ -551,30 +525,30 @@ def _sum_forward(h, w, b, labels, valid, cw, st: _SumStatic):
             db = db + jnp.sum(ds, axis=0)
         return total, denom, dh, dw, db
 
-    h_t = _transposed(h)
+    h_t = _transposed(jnp.where(valid[:, None], h, 0))
     zero = jnp.zeros((), ct)
     db0 = None if b is None else jnp.zeros(b.shape, ct)
     init = (zero, zero, jnp.zeros((t_total, d), ct), jnp.zeros((d, w.size // d), ct), db0)
-    init = _vary_like(init, h, w, b, labels)
-    total, denom, dh, dw, db = lax.fori_loop(0, math.ceil(t_total / tb), body, init)
+    init = _spmd.vary_like(init, h, w, b, labels)
+    total, denom, dh, dw, db = lax.fori_loop(0, _num_blocks(t_total, tb), body, init)
     dh = jnp.where(valid[:, None], dh, 0).astype(h.dtype)
     dw = dw if layout == "dv" else jnp.transpose(dw)
     grads = (dh, dw.astype(w.dtype), None if db is None else db.astype(b.dtype))
     return (total, denom), grads
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _linear_sum(h, w, b, labels, valid, cw, st: _SumStatic):
-    return _sum_forward(h, w, b, labels, valid, cw, st)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _linear_sum(h, w, b, labels, valid, cw, opts: Options, z_loss, st: _SumStatic):
+    return _sum_forward(h, w, b, labels, valid, cw, opts, z_loss, st)[0]
 
 
-def _linear_sum_fwd(h, w, b, labels, valid, cw, st):
+def _linear_sum_fwd(h, w, b, labels, valid, cw, opts, z_loss, st):
     # The cotangent of a scalar loss only scales the gradient, so it is
     # formed here, in the same pass as the loss: 3 matmul passes in all
     # (logits, d_hidden, d_weight) instead of 4. The price is keeping d_W
     # (and d_hidden) alive until the backward pass, which the caller's
     # memory budget has to allow (sum_path_token_block).
-    outputs, grads = _sum_forward(h, w, b, labels, valid, cw, st)
+    outputs, grads = _sum_forward(h, w, b, labels, valid, cw, opts, z_loss, st)
     return outputs, (grads, (h, w, b))
 
 
@@ -582,81 +556,66 @@ def _linear_sum_bwd(st, res, cts):
     (dh, dw, db), (h, w, b) = res
     g, _ = cts
     scale = lambda x: None if x is None else (x * g.astype(x.dtype)).astype(x.dtype)  # noqa: E731
-    return _sum_to_type(scale(dh), h), _sum_to_type(scale(dw), w), _sum_to_type(scale(db), b), None, None, None
+    dh, dw, db = (_spmd.sum_to_type(scale(ct), x) for ct, x in ((dh, h), (dw, w), (db, b)))
+    return dh, dw, db, None, None, None, None, None
 
 
 _linear_sum.defvjp(_linear_sum_fwd, _linear_sum_bwd)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "weight_layout",
-        "reduction",
-        "ignore_index",
-        "label_smoothing",
-        "z_loss",
-        "logit_softcap",
-        "return_aux",
-        "token_block",
-        "vocab_block",
-        "memory_budget",
-        "axis_name",
-        "batch_axis_name",
-        "check_labels",
-        "derivative",
-    ),
-)
 def linear_cross_entropy(
     hidden: jax.Array,
-    weight: jax.Array,
+    linear_weight: jax.Array,
     labels: jax.Array,
     *,
-    bias: jax.Array | None = None,
+    linear_bias: jax.Array | None = None,
     weight_layout: str = "dv",
     where: jax.Array | None = None,
     reduction: str = "mean",
     ignore_index: int | None = None,
-    class_weight: jax.Array | None = None,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    logit_softcap: float | None = None,
+    weight: jax.Array | None = None,
+    label_smoothing: float | jax.Array = 0.0,
+    z_loss: float | jax.Array = 0.0,
+    logit_softcap: float | jax.Array | None = None,
     return_aux: bool = False,
     token_block: int | None = None,
     vocab_block: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
-    axis_name=None,
-    batch_axis_name=None,
+    axis_name: str | tuple[str, ...] | None = None,
+    batch_axis_name: str | tuple[str, ...] | None = None,
     check_labels: bool = False,
     derivative: str = "vjp",
-):
-    r"""Fused ``cross_entropy(hidden @ weight + bias, labels)`` that never builds the logits.
+) -> jax.Array | tuple[jax.Array, _reduce.LossAux]:
+    r"""Fused ``cross_entropy(hidden @ linear_weight + linear_bias, labels)`` that never builds the logits.
 
     Computes exactly :func:`jaxsce.cross_entropy` of the logits
     :math:`z = h W + b` for class-id labels, with the same options and
     semantics, while only ``[token_block, vocab_block]`` blocks of :math:`z`
-    ever exist (forward and backward). Gradients for ``hidden``, ``weight``
-    and ``bias`` come from a ``jax.custom_vjp``:
+    ever exist (forward and backward). The names follow
+    ``torch.nn.functional.linear_cross_entropy`` (PyTorch 2.13): ``weight``
+    is the class weights, ``linear_weight``/``linear_bias`` the projection.
+    Gradients for ``hidden``, ``linear_weight`` and ``linear_bias`` come from
+    a ``jax.custom_vjp``:
     :math:`\partial z = (Q p - q)\,g + p\,g_{\mathrm{lse}}`,
     :math:`\partial h = \partial z\,W^\top`, :math:`\partial W = h^\top \partial z`,
     :math:`\partial b = \sum_n \partial z_n`.
 
     Args:
       hidden: ``[..., d]`` floating (float32, bfloat16, float16).
-      weight: ``[d, V]`` (``weight_layout="dv"``, a flax ``Dense`` kernel) or
-        ``[V, d]`` (``weight_layout="vd"``: a tied embedding table, used as
-        is: blocks are sliced from it, nothing is transposed or copied).
+      linear_weight: ``[d, V]`` (``weight_layout="dv"``, a flax ``Dense``
+        kernel) or ``[V, d]`` (``weight_layout="vd"``: a tied embedding
+        table, or torch's ``Linear.weight``, used as is: blocks are sliced
+        from it, nothing is transposed or copied).
       labels: integer class ids of ``hidden.shape[:-1]``.
-      bias: optional ``[V]``.
-      weight_layout: ``"dv"`` or ``"vd"``, see ``weight``.
-      where, reduction, ignore_index, label_smoothing, z_loss, logit_softcap,
-        return_aux, axis_name, batch_axis_name, check_labels: as in
-        :func:`jaxsce.cross_entropy`. With ``axis_name`` the vocabulary axis
-        of ``weight`` (and ``bias``, ``class_weight``) is the local shard.
-      class_weight: per-class weights ``[V]`` (PyTorch's ``weight``; renamed
-        so as not to clash with the projection).
-      token_block, vocab_block: block sizes; by default chosen from the
-        shapes so that the block temporaries stay within ``memory_budget``.
+      linear_bias: optional ``[V]``.
+      weight_layout: ``"dv"`` or ``"vd"``, see ``linear_weight``.
+      where, reduction, ignore_index, weight, label_smoothing, z_loss,
+        logit_softcap, return_aux, axis_name, batch_axis_name, check_labels:
+        as in :func:`jaxsce.cross_entropy` (``weight``: per-class weights
+        ``[V]``). With ``axis_name`` the vocabulary axis of ``linear_weight``
+        (and ``linear_bias``, ``weight``) is the local shard.
+      token_block, vocab_block: block sizes (static); by default chosen from
+        the shapes so that the block temporaries stay within ``memory_budget``.
       memory_budget: bytes of compiled temporaries to aim for (default
         256 MiB), counting the float32 ``d_hidden`` accumulator (``4 T d``
         bytes) and the blocks; with 16-bit inputs the weight is never copied
@@ -685,9 +644,21 @@ def linear_cross_entropy(
       matmuls accumulate in float32.
 
     Raises:
-      TypeError: non-floating ``hidden``/``weight``/``bias``, non-integer labels.
-      ValueError: shapes that do not fit (named in the message), unknown
-        ``weight_layout`` or ``derivative``, options out of range.
+      TypeError: non-floating ``hidden``/``linear_weight``/``linear_bias``,
+        non-integer labels, a traced or unhashable static option.
+      ValueError: shapes that do not fit (named in the message), no classes,
+        unknown ``weight_layout`` or ``derivative``, options out of range.
+
+    Note:
+      ``reduction="none"`` (per-token cotangents) and ``return_aux`` always
+      take the streaming path, whose backward recomputes the logits blocks:
+      4 matmul passes instead of the single-pass path's 3.
+
+      A masked or ignored token contributes exactly 0 to the loss and to
+      every gradient, even when its hidden state is NaN. Zero tokens give
+      what :func:`jaxsce.cross_entropy` gives for zero examples. With a
+      symbolic token count (``jax.export``), tokens are padded to a multiple
+      of the token block (1024 unless ``token_block``) inside the program.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxsce
@@ -697,73 +668,149 @@ def linear_cross_entropy(
       >>> jaxsce.linear_cross_entropy(h, w, y)  # uniform: log(1000)
       Array(6.907755, dtype=float32)
     """
-    opt = check_static_options(
-        reduction=reduction,
-        ignore_index=ignore_index,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        logit_softcap=logit_softcap,
-        derivative=derivative,
+    _labels.check_host_labels(labels)
+    static = dict(
+        weight_layout=_options.choice(weight_layout, "weight_layout", ("dv", "vd")),
+        reduction=_options.choice(reduction, "reduction", _options.REDUCTIONS),
+        ignore_index=_options.ignore_index(ignore_index),
+        return_aux=_options.flag(return_aux, "return_aux"),
+        token_block=_options.size(token_block, "token_block"),
+        vocab_block=_options.size(vocab_block, "vocab_block"),
+        memory_budget=_options.size(memory_budget, "memory_budget", allow_none=False),
+        axis_name=_options.mesh_axes(axis_name, "axis_name"),
+        batch_axis_name=_options.mesh_axes(batch_axis_name, "batch_axis_name"),
+        check_labels=_options.flag(check_labels, "check_labels"),
+        derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
     )
-    layout = _validate.check_choice(weight_layout, "weight_layout", ("dv", "vd"))
+    fl = _options.floats(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap)
+    args = (hidden, linear_weight, labels, linear_bias, where, weight, fl)
+    return _options.run(_linear_cross_entropy, args, static, check_labels=static["check_labels"])
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "weight_layout",
+        "reduction",
+        "ignore_index",
+        "return_aux",
+        "token_block",
+        "vocab_block",
+        "memory_budget",
+        "axis_name",
+        "batch_axis_name",
+        "check_labels",
+        "derivative",
+    ),
+)
+def _linear_cross_entropy(
+    hidden,
+    weight,
+    labels,
+    bias,
+    where,
+    class_weight,
+    fl: _options.Floats,
+    *,
+    weight_layout,
+    reduction,
+    ignore_index,
+    return_aux,
+    token_block,
+    vocab_block,
+    memory_budget,
+    axis_name,
+    batch_axis_name,
+    check_labels,
+    derivative,
+):
+    layout = weight_layout
     hidden = _validate.check_floating(hidden, "hidden")
-    weight = _validate.check_floating(weight, "weight")
+    weight = _validate.check_floating(weight, "linear_weight")
     if hidden.ndim < 1:
         raise ValueError(f"hidden must have shape [..., d], got shape {hidden.shape}.")
     if weight.ndim != 2:
-        raise ValueError(f"weight must be 2-D ([d, V] or [V, d]), got shape {weight.shape}.")
+        raise ValueError(f"linear_weight must be 2-D ([d, V] or [V, d]), got shape {weight.shape}.")
     d = hidden.shape[-1]
     wd, v_local = (weight.shape[0], weight.shape[1]) if layout == "dv" else (weight.shape[1], weight.shape[0])
     if wd != d:
         raise ValueError(
-            f"hidden has feature size {d} (shape {hidden.shape}) but weight of shape "
+            f"hidden has feature size {d} (shape {hidden.shape}) but linear_weight of shape "
             f"{weight.shape} with weight_layout={layout!r} has input size {wd}."
         )
+    if v_local == 0:
+        raise ValueError(f"linear_weight of shape {weight.shape} (weight_layout={layout!r}) has no classes.")
     if bias is not None:
-        bias = _validate.check_floating(bias, "bias")
+        bias = _validate.check_floating(bias, "linear_bias")
         if bias.shape != (v_local,):
-            raise ValueError(f"bias has shape {bias.shape} but must have shape ({v_local},).")
+            raise ValueError(f"linear_bias has shape {bias.shape} but must have shape ({v_local},).")
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype} with shape {labels.shape}.")
     batch_shape = hidden.shape[:-1]
     if labels.shape != batch_shape:
         raise ValueError(f"labels have shape {labels.shape} but hidden of shape {hidden.shape} needs {batch_shape}.")
-    if not isinstance(memory_budget, int) or memory_budget <= 0:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}.")
-    for name, blk in (("token_block", token_block), ("vocab_block", vocab_block)):
-        if blk is not None and (not isinstance(blk, int) or blk <= 0):
-            raise ValueError(f"{name} must be a positive int or None, got {blk!r}.")
+    _spmd.check_split_axes("linear_weight", weight, labels, "labels", axis_name, batch_axis_name)
 
     n = math.prod(batch_shape)
-    num_classes = v_local * axis_size(axis_name)
+    num_classes = v_local * _spmd.axis_size(axis_name)
     h2 = hidden.reshape(n, d)
     valid = jnp.ones(n, bool)
     if where is not None:
         valid = _validate.check_mask(where, batch_shape, "where", "hidden.shape[:-1]").reshape(n)
-    y, valid = label_validity(labels.reshape(n), num_classes, valid, opt["ignore_index"], check_labels)
-    cw = None
-    if class_weight is not None:
-        cw = lax.stop_gradient(_validate.check_class_weight(class_weight, v_local, "class_weight"))
-    opts = make_options(
-        opt, num_classes=num_classes, class_weight=cw, soft=False, axis_name=axis_name, return_aux=return_aux
+    y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, ignore_index, check_labels)
+    cw = None if class_weight is None else _options.check_class_weight(class_weight, v_local)
+    fl = _options.in_dtype(fl, _acc_dtype(h2, weight))
+    opts = _options.make_options(
+        fl,
+        num_classes=num_classes,
+        class_weight=cw,
+        soft=False,
+        axis_name=axis_name,
+        return_aux=return_aux,
+        is_unchecked=_spmd.unchecked(axis_name),
     )
+    done = functools.partial(
+        _reduce.finish,
+        z_loss=fl.z_loss,
+        reduction=reduction,
+        return_aux=return_aux,
+        batch_axis_name=batch_axis_name,
+        batch_shape=batch_shape,
+    )
+    if isinstance(n, int) and n == 0:
+        # No tokens: nothing to stream; the loss does not depend on the inputs.
+        empty = jnp.zeros((0,), _acc_dtype(h2, weight))
+        return done((empty,) * 4, valid)
+    symbolic = not isinstance(n, int)
     # A scalar loss without aux outputs or vocabulary sharding can get its
     # gradient in the forward pass when d_W fits the budget; otherwise (and
     # for "none", whose per-token cotangents are unknown until the backward)
     # stream vocabulary blocks and recompute in the backward.
     sum_tb = None
-    forward_mode = opt["derivative"] == "jvp"
-    if opt["reduction"] != "none" and not (return_aux or forward_mode) and axis_name is None and vocab_block is None:
-        narrow_h = _is_narrow_float(hidden.dtype)
-        sum_tb = sum_path_token_block(n, d, v_local, memory_budget, token_block, narrow_h)
+    forward_mode = derivative == "jvp"
+    scalar = reduction != "none" and not (return_aux or forward_mode)
+    if scalar and axis_name is None and vocab_block is None and not symbolic:
+        sum_tb = sum_path_token_block(n, d, v_local, memory_budget, token_block, _is_narrow_float(hidden.dtype))
     if sum_tb is not None:
-        static = _SumStatic(opts, sum_tb, layout, opt["z_loss"])
-        total, denom = _linear_sum(h2, weight, bias, y, valid, cw, static)
-        return _reduce.reduce_loss(total[None], denom[None], opt["reduction"], batch_axis_name)
+        total, denom = _linear_sum(h2, weight, bias, y, valid, cw, opts, fl.z_loss, _SumStatic(sum_tb, layout))
+        return _reduce.reduce_loss(total[None], denom[None], reduction, batch_axis_name)
+    if symbolic:
+        # Block sizes cannot depend on an unknown token count: pad the tokens
+        # to a whole number of blocks (at least one padded row, which keeps
+        # every block slice provably in bounds); padded rows are not counted.
+        tb = token_block or 1024
+        pad = tb * (n // tb + 1) - n
+        h2 = jnp.pad(h2, ((0, pad), (0, 0)))
+        y = jnp.pad(y, (0, pad))
+        valid = jnp.pad(valid, (0, pad))
+        token_block = tb
     blocks = choose_blocks(
-        n, v_local, d, memory_budget, token_block, vocab_block, _is_narrow_float(weight.dtype), forward_mode
+        h2.shape[0], v_local, d, memory_budget, token_block, vocab_block, _is_narrow_float(weight.dtype), forward_mode
     )
     kernel = _linear_rows_jvp if forward_mode else _linear_rows
-    outputs = kernel(h2, weight, bias, y, valid, cw, _Static(opts, blocks, layout))
-    return finish(outputs, valid, opt, return_aux=return_aux, batch_axis_name=batch_axis_name, batch_shape=batch_shape)
+    outputs = kernel(h2, weight, bias, y, valid, cw, opts, _Static(blocks, layout))
+    if symbolic:
+        outputs = tuple(o[:n] for o in outputs)
+        valid = valid[:n]
+    return done(outputs, valid)

@@ -65,3 +65,31 @@ def make_aux(lse, z_term, correct, valid, batch_axes) -> LossAux:
         hits, count = lax.psum(jnp.stack([hits, count]), batch_axes)
     accuracy = hits / jnp.maximum(count, 1)
     return LossAux(lse=lse, z_loss=z_term, accuracy=accuracy, count=count)
+
+
+def finish(outputs, valid, z_loss, reduction: str, *, return_aux: bool, batch_axis_name, batch_shape):
+    """Adds the z-loss to a kernel's per-example outputs, reduces, builds the aux.
+
+    ``outputs`` are the kernels' ``(ce, lse, correct, w_y)`` over the
+    flattened examples; ``z_loss`` is None (off) or a 0-d array.
+    """
+    ce, lse, correct, w_y = outputs
+    z_term = jnp.zeros_like(lse) if z_loss is None else z_loss * jnp.square(lse)
+    per_example = ce if z_loss is None else ce + z_term
+    loss = reduce_loss(per_example, w_y, reduction, batch_axis_name)
+    if reduction == "none":
+        loss = loss.reshape(batch_shape)
+    if not return_aux:
+        return loss
+    aux = make_aux(lse.reshape(batch_shape), z_term.reshape(batch_shape), correct, valid, batch_axis_name)
+    return loss, aux
+
+
+def _register_for_export() -> None:
+    """Lets ``jax.export`` serialize functions that return a ``LossAux``."""
+    register = getattr(getattr(jax, "export", None), "register_namedtuple_serialization", None)
+    if register is not None:
+        register(LossAux, serialized_name="jaxsce.LossAux")
+
+
+_register_for_export()

@@ -26,23 +26,18 @@ times the soft cap's chain rule. Two rules are attached to the same forward:
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _targets
+from . import _spmd, _targets
 from ._targets import Options
 from ._validate import compute_dtype
 
 
 def psum_rows(*rows, opts: Options):
     """Sums per-row partials over the vocabulary shards in one collective."""
-    if opts.vocab_axis is None:
-        return rows if len(rows) > 1 else rows[0]
-    out = lax.psum(jnp.stack(rows), opts.vocab_axis)
-    return tuple(out) if len(rows) > 1 else out[0]
+    return _spmd.psum_rows(*rows, axis_name=opts.vocab_axis)
 
 
 def _pmax(x, opts: Options):
@@ -143,8 +138,9 @@ def _label_shift(s, labels, valid):
     c = lax.stop_gradient(_targets.label_entry(s, labels, 0))
     sumexp = row_sum_exp(s, c)
     safe = jnp.all(jnp.isfinite(sumexp) | ~valid)
-    fast = lambda: (c, sumexp, jnp.zeros(c.shape, bool))  # noqa: E731
-    return lax.cond(safe, fast, lambda: max_shift(s, jnp.max(s, axis=-1)))
+    fast = lambda: _spmd.vary_like((c, sumexp, jnp.zeros(c.shape, bool)), s)  # noqa: E731
+    slow = lambda: _spmd.vary_like(max_shift(s, jnp.max(s, axis=-1)), s)  # noqa: E731
+    return lax.cond(safe, fast, slow)
 
 
 def row_sum_exp(s, m):
@@ -201,7 +197,7 @@ def _logit_grad(s, lse, g_ce, g_lse, target, valid, class_weight, mass, opts: Op
 # --- reverse mode: custom_vjp --------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@jax.custom_vjp
 def rows_vjp(z, target, valid, class_weight, opts: Options):
     return _forward(z, target, valid, class_weight, opts)[0]
 
@@ -211,12 +207,13 @@ def _rows_vjp_fwd(z, target, valid, class_weight, opts):
     # Residuals: the inputs (already live) and [N]-sized lse / mass. Neither
     # softmax(z) nor the soft-capped logits are kept: the backward recomputes
     # them in one fused elementwise pass.
-    return outputs, (z, target, valid, class_weight, lse, mass)
+    return outputs, (z, target, valid, class_weight, opts, lse, mass)
 
 
-def _rows_vjp_bwd(opts, residuals, cotangents):
-    z, target, valid, class_weight, lse, mass = residuals
+def _rows_vjp_bwd(residuals, cotangents):
+    z, target, valid, class_weight, opts, lse, mass = residuals
     g_ce, g_lse, _, _ = cotangents
+    g_ce, g_lse = _spmd.row_cotangents(g_ce, g_lse, axis_name=opts.vocab_axis, is_unchecked=opts.vocab_unchecked)
     ct = compute_dtype(z.dtype)
     g_ce = jnp.where(valid, g_ce, 0).astype(ct)
     g_lse = jnp.where(valid, g_lse, 0).astype(ct)
@@ -230,7 +227,7 @@ def _rows_vjp_bwd(opts, residuals, cotangents):
         d_target = jnp.where(valid[:, None], d_target, 0).astype(target.dtype)
     # Class weights and masks are constants (as in PyTorch, whose weight has no
     # gradient); the public functions apply stop_gradient to make that visible.
-    return dz, d_target, None, None
+    return dz, d_target, None, None, None
 
 
 rows_vjp.defvjp(_rows_vjp_fwd, _rows_vjp_bwd)
@@ -239,15 +236,15 @@ rows_vjp.defvjp(_rows_vjp_fwd, _rows_vjp_bwd)
 # --- forward mode: custom_jvp --------------------------------------------------
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
+@jax.custom_jvp
 def rows_jvp(z, target, valid, class_weight, opts: Options):
     return _forward(z, target, valid, class_weight, opts)[0]
 
 
 @rows_jvp.defjvp
-def _rows_jvp_rule(opts, primals, tangents):
-    z, target, valid, class_weight = primals
-    dz, d_target, _, _ = tangents
+def _rows_jvp_rule(primals, tangents):
+    z, target, valid, class_weight, opts = primals
+    dz, d_target, _, _, _ = tangents
     outputs, (s, lse, mass) = _forward(z, target, valid, class_weight, opts)
     ct = s.dtype
     ones = jnp.ones(lse.shape, ct)

@@ -48,7 +48,7 @@ def _check_mesh(mesh: Mesh, *names):
                 raise ValueError(f"axis {n!r} is not an axis of the mesh {dict(mesh.shape)}.")
 
 
-def _run(fn, mesh: Mesh, specs, out_specs, args):
+def _run(fn, mesh: Mesh, specs, out_specs, args, check_vma: bool):
     # Optional arguments left as None take no spec.
     in_specs = tuple(None if a is None else spec for a, spec in zip(args, specs))
     # Meshes with Explicit axes require inputs already laid out as in_specs;
@@ -59,7 +59,7 @@ def _run(fn, mesh: Mesh, specs, out_specs, args):
             a if s is None else jax.sharding.reshard(a, jax.sharding.NamedSharding(mesh, s))
             for a, s in zip(args, in_specs)
         )
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)(*args)
 
 
 def _out_specs(reduction: str, return_aux: bool, batch_spec: PartitionSpec):
@@ -80,6 +80,7 @@ def sharded_cross_entropy(
     weight: jax.Array | None = None,
     reduction: str = "mean",
     return_aux: bool = False,
+    check_vma: bool = True,
     **options,
 ):
     """:func:`jaxsce.cross_entropy` over a mesh: classes split by ``vocab_axis``.
@@ -96,7 +97,9 @@ def sharded_cross_entropy(
         loss = jax.jit(lambda z, y: jaxsce.sharded_cross_entropy(
             z, y, mesh=mesh, vocab_axis="model", batch_axes="data", label_smoothing=0.1))(z, y)
 
-    Other keyword options are passed to :func:`jaxsce.cross_entropy` (not
+    ``check_vma`` is passed to ``jax.shard_map``; results and gradients are
+    the same either way. Other keyword options are passed to
+    :func:`jaxsce.cross_entropy` (not
     ``axis``: the class axis is last).
     """
     if "axis" in options or "axis_name" in options or "batch_axis_name" in options:
@@ -123,33 +126,35 @@ def sharded_cross_entropy(
         )
 
     args = (logits, labels, where, weight)
-    return _run(local, mesh, specs, _out_specs(reduction, return_aux, batch_spec), args)
+    return _run(local, mesh, specs, _out_specs(reduction, return_aux, batch_spec), args, check_vma)
 
 
 def sharded_linear_cross_entropy(
     hidden: jax.Array,
-    weight: jax.Array,
+    linear_weight: jax.Array,
     labels: jax.Array,
     *,
     mesh: Mesh,
     vocab_axis: AxisNames = None,
     batch_axes: AxisNames = None,
-    bias: jax.Array | None = None,
-    class_weight: jax.Array | None = None,
+    linear_bias: jax.Array | None = None,
+    weight: jax.Array | None = None,
     where: jax.Array | None = None,
     weight_layout: str = "dv",
     reduction: str = "mean",
     return_aux: bool = False,
+    check_vma: bool = True,
     **options,
 ):
     """:func:`jaxsce.linear_cross_entropy` over a mesh.
 
     ``hidden [B, ..., d]`` is split over ``batch_axes`` on its leading axis;
-    ``weight`` (``[d, V]``, or ``[V, d]`` with ``weight_layout="vd"``),
-    ``bias`` and ``class_weight`` are split over ``vocab_axis`` on their
+    ``linear_weight`` (``[d, V]``, or ``[V, d]`` with ``weight_layout="vd"``),
+    ``linear_bias`` and the class weights ``weight`` are split over ``vocab_axis`` on their
     vocabulary axis; ``labels``/``where`` follow ``hidden``. No logits, and no
     all-gather of the weight: each device streams over its own vocabulary
-    shard, and the shards combine a few floats per token.
+    shard, and the shards combine a few floats per token. ``check_vma`` is
+    passed to ``jax.shard_map`` (results and gradients are the same either way).
     """
     if "axis_name" in options or "batch_axis_name" in options:
         raise ValueError("sharded_linear_cross_entropy takes vocab_axis/batch_axes.")
@@ -166,15 +171,15 @@ def sharded_linear_cross_entropy(
         PartitionSpec(vocab),
         PartitionSpec(vocab),
     )
-    args = (hidden, weight, labels, where, bias, class_weight)
+    args = (hidden, linear_weight, labels, where, linear_bias, weight)
 
     def local(h, w, y, mask, b, cw):
         return linear_cross_entropy(
             h,
             w,
             y,
-            bias=b,
-            class_weight=cw,
+            linear_bias=b,
+            weight=cw,
             where=mask,
             weight_layout=weight_layout,
             reduction=reduction,
@@ -184,4 +189,4 @@ def sharded_linear_cross_entropy(
             **options,
         )
 
-    return _run(local, mesh, specs, _out_specs(reduction, return_aux, batch_spec), args)
+    return _run(local, mesh, specs, _out_specs(reduction, return_aux, batch_spec), args, check_vma)

@@ -27,23 +27,41 @@ parallelism). Per-row partial sums are added over blocks or with ``psum``.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 
-class Options(NamedTuple):
-    """Static (hashable) loss options; they select the compiled program."""
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["label_smoothing", "logit_softcap"],
+    meta_fields=["num_classes", "weighted", "soft", "vocab_axis", "argmax", "vocab_unchecked"],
+)
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Loss options as the kernels see them.
+
+    The structure (meta fields) selects the compiled program; the float
+    values are array leaves, so a schedule of them under ``jit`` compiles
+    once. A float option that is off is None (its code is not traced).
+    """
 
     num_classes: int  # C over all shards
-    label_smoothing: float = 0.0
-    logit_softcap: float | None = None
     weighted: bool = False
     soft: bool = False  # probability targets instead of class ids
     vocab_axis: str | tuple[str, ...] | None = None  # mesh axis splitting the classes
     argmax: bool = False  # also find each row's argmax (for the aux accuracy)
+    vocab_unchecked: bool = False  # inside shard_map(check_vma=False) over vocab_axis
+    label_smoothing: jax.Array | None = None  # eps, in the compute dtype
+    logit_softcap: jax.Array | None = None  # cap, in the compute dtype
+
+    @property
+    def eps(self):
+        """The label smoothing, 0 when off."""
+        return 0.0 if self.label_smoothing is None else self.label_smoothing
 
 
 def max_and_argmax(s: jax.Array, col0):
@@ -129,7 +147,7 @@ def class_id_partials(s, labels, col0, class_weight_block, opts: Options, shift=
     else:
         local = labels - col0
         t_y = jnp.where((local >= 0) & (local < s.shape[-1]), s_y - shift, 0)
-    if opts.label_smoothing:
+    if opts.label_smoothing is not None:
         t = s if shift is None else s - shift[:, None]
         wt = t if class_weight_block is None else t * class_weight_block[None, :]
         smooth = jnp.sum(wt, axis=-1)
@@ -140,7 +158,7 @@ def class_id_partials(s, labels, col0, class_weight_block, opts: Options, shift=
 
 def class_id_mass(w_y, total_weight, opts: Options):
     """``Q = (1 - eps) w_y + (eps / C) sum_c w_c`` (exactly 1 unweighted)."""
-    eps = opts.label_smoothing
+    eps = opts.eps
     if w_y is None:
         return None  # Q == 1; kept symbolic so no array is saved or read.
     return (1 - eps) * w_y + (eps / opts.num_classes) * total_weight
@@ -148,10 +166,10 @@ def class_id_mass(w_y, total_weight, opts: Options):
 
 def class_id_loss(lse_shift, t_y, smooth, w_y, mass, opts: Options):
     """``Q lse - sum_c q_c t_c`` from the per-row sums (same shift for all)."""
-    eps = opts.label_smoothing
+    eps = opts.eps
     wy = 1.0 if w_y is None else w_y
     q_dot_t = (1 - eps) * wy * t_y
-    if eps:
+    if opts.label_smoothing is not None:
         q_dot_t = q_dot_t + (eps / opts.num_classes) * smooth
     return (1.0 if mass is None else mass) * lse_shift - q_dot_t
 
@@ -161,13 +179,13 @@ def class_id_grad(p, g_loss, g_lse, labels, col0, class_weight_block, w_y, mass,
 
     ``g_loss``/``g_lse`` are per-row cotangents ``[N]``; ``p`` is ``[N, B]``.
     """
-    eps = opts.label_smoothing
+    eps = opts.eps
     coef = g_loss if mass is None else g_loss * mass
     out = p * (coef + g_lse)[:, None]
     hit = block_hits(labels, col0, p.shape[-1])
     on_label = (1 - eps) * g_loss if w_y is None else (1 - eps) * g_loss * w_y
     out = out - jnp.where(hit, on_label[:, None], 0)
-    if eps:
+    if opts.label_smoothing is not None:
         off = (eps / opts.num_classes) * g_loss[:, None]
         if class_weight_block is not None:
             off = off * class_weight_block[None, :]
@@ -177,8 +195,8 @@ def class_id_grad(p, g_loss, g_lse, labels, col0, class_weight_block, w_y, mass,
 
 def soft_target(targets, class_weight, opts: Options):
     """``q = w * ((1 - eps) t + eps / C)`` for probability targets ``[N, B]``."""
-    eps = opts.label_smoothing
-    q = targets if not eps else (1 - eps) * targets + eps / opts.num_classes
+    eps = opts.eps
+    q = targets if opts.label_smoothing is None else (1 - eps) * targets + eps / opts.num_classes
     if class_weight is not None:
         q = q * class_weight[None, :]
     return q
@@ -197,7 +215,7 @@ def soft_target_cotangent(g_loss, lse, s, targets, class_weight, opts: Options):
     so ``0 * log 0 = 0`` holds in a neighbourhood and its gradient is 0. This
     keeps distillation through a masked teacher free of ``0 * inf = NaN``.
     """
-    g = (1 - opts.label_smoothing) * (lse[:, None] - s)
+    g = (1 - opts.eps) * (lse[:, None] - s)
     if class_weight is not None:
         g = g * class_weight[None, :]
     g = jnp.where((targets == 0) & (s == -jnp.inf), 0, g)

@@ -34,13 +34,10 @@ OPTIONS = [
 def _resolve(kw, y):
     kw = dict(kw)
     if kw.pop("class_weight", False):
-        kw["class_weight"] = jnp.asarray(np.linspace(0.5, 1.5, V), jnp.float32)
+        kw["weight"] = jnp.asarray(np.linspace(0.5, 1.5, V), jnp.float32)
     if kw.pop("where", False):
         kw["where"] = jnp.asarray(np.arange(y.size).reshape(y.shape) % 5 != 0)
-    plain = dict(kw)
-    if "class_weight" in plain:
-        plain["weight"] = plain.pop("class_weight")
-    return kw, plain
+    return kw, dict(kw)
 
 
 def _temp_bytes(loss, t, d, v, dtype=jnp.float32, layout="dv", mode="grad"):
@@ -66,7 +63,7 @@ def test_matches_plain_path(opts, reduction, blocks):
     fused = lambda h, w, b: jnp.sum(
         cot
         * jaxsce.linear_cross_entropy(
-            h, w, y, bias=b, reduction=reduction, token_block=blocks[0], vocab_block=blocks[1], **kw
+            h, w, y, linear_bias=b, reduction=reduction, token_block=blocks[0], vocab_block=blocks[1], **kw
         )
     )
     plain = lambda h, w, b: jnp.sum(cot * jaxsce.cross_entropy(h @ w + b[None, :], y, reduction=reduction, **plain_kw))
@@ -79,7 +76,7 @@ def test_matches_plain_path(opts, reduction, blocks):
 def test_gradient_matches_naive_autodiff_in_float64(vocab_block):
     h, w, b, y = _data(np.float64)
     y = jnp.abs(y) % V
-    fused = lambda h, w, b: jaxsce.linear_cross_entropy(h, w, y, bias=b, token_block=8, vocab_block=vocab_block)
+    fused = lambda h, w, b: jaxsce.linear_cross_entropy(h, w, y, linear_bias=b, token_block=8, vocab_block=vocab_block)
     naive = lambda h, w, b: naive_cross_entropy(h @ w + b[None, :], y)
     np.testing.assert_allclose(fused(h, w, b), naive(h, w, b), rtol=1e-12)
     for g, g_ref in zip(jax.grad(fused, (0, 1, 2))(h, w, b), jax.grad(naive, (0, 1, 2))(h, w, b)):
@@ -109,7 +106,7 @@ def test_bf16_inputs_accumulate_in_float32_and_return_input_dtypes(layout, block
     y = jnp.abs(y) % V
     w_in = w if layout == "dv" else w.T
     fused = lambda h, w, b: jaxsce.linear_cross_entropy(
-        h, w, y, bias=b, weight_layout=layout, token_block=blocks[0], vocab_block=blocks[1]
+        h, w, y, linear_bias=b, weight_layout=layout, token_block=blocks[0], vocab_block=blocks[1]
     )
     loss, grads = jax.value_and_grad(fused, (0, 1, 2))(h, w_in, b)
     assert loss.dtype == jnp.float32 and all(g.dtype == jnp.bfloat16 for g in grads)
@@ -182,7 +179,7 @@ def test_forward_mode_matches_plain_path(opts, reduction, blocks):
     kw, plain_kw = _resolve(opts, y)
     common = dict(reduction=reduction, return_aux=True, derivative="jvp")
     fused = lambda h, w, b: jaxsce.linear_cross_entropy(
-        h, w, y, bias=b, token_block=blocks[0], vocab_block=blocks[1], **common, **kw
+        h, w, y, linear_bias=b, token_block=blocks[0], vocab_block=blocks[1], **common, **kw
     )
     plain = lambda h, w, b: jaxsce.cross_entropy(h @ w + b[None, :], y, **common, **plain_kw)
     args, tans = (h, w, b), _tangents(h, w, b)
@@ -205,7 +202,7 @@ def test_forward_mode_with_some_inputs_fixed_in_float64(perturbed, layout):
     y = jnp.abs(y) % V
     w_in = w if layout == "dv" else w.T
     fused = lambda h, w, b: jaxsce.linear_cross_entropy(
-        h, w, y, bias=b, weight_layout=layout, token_block=8, vocab_block=64, derivative="jvp"
+        h, w, y, linear_bias=b, weight_layout=layout, token_block=8, vocab_block=64, derivative="jvp"
     )
     naive = lambda h, w, b: naive_cross_entropy(h @ (w if layout == "dv" else w.T) + b[None, :], y)
     args = (h, w_in, b)
@@ -231,7 +228,7 @@ def test_forward_mode_hessian_vector_product_and_jacfwd_in_float64():
     h, w, b, y = _data(np.float64)
     y = jnp.abs(y) % V
     fused = lambda h, w, b: jaxsce.linear_cross_entropy(
-        h, w, y, bias=b, token_block=8, vocab_block=64, derivative="jvp", label_smoothing=0.1
+        h, w, y, linear_bias=b, token_block=8, vocab_block=64, derivative="jvp", label_smoothing=0.1
     )
     naive = lambda h, w, b: naive_cross_entropy(h @ w + b[None, :], y, label_smoothing=0.1)
     args = (h, w, b)
@@ -246,7 +243,7 @@ def test_forward_mode_bf16_inputs():
     h, w, b, y = _data(jnp.bfloat16)
     y = jnp.abs(y) % V
     fused = lambda h, w, b: jaxsce.linear_cross_entropy(
-        h, w, y, bias=b, token_block=8, vocab_block=64, derivative="jvp", reduction="none"
+        h, w, y, linear_bias=b, token_block=8, vocab_block=64, derivative="jvp", reduction="none"
     )
     f32 = lambda x: x.astype(jnp.float32)
     plain = lambda h, w, b: jaxsce.cross_entropy(h @ w + b[None, :], y, derivative="jvp", reduction="none")
@@ -290,11 +287,11 @@ def test_forward_mode_keeps_the_logits_out_of_memory():
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        (dict(weight=jnp.ones((15, V))), ValueError, r"\(15, 300\)"),
+        (dict(linear_weight=jnp.ones((15, V))), ValueError, r"\(15, 300\)"),
         (dict(labels=jnp.zeros((T + 1,), jnp.int32)), ValueError, r"\(38,\)"),
         (dict(labels=jnp.zeros((T,), jnp.float32)), TypeError, "float32"),
         (dict(hidden=jnp.ones((T, D), jnp.int32)), TypeError, "int32"),
-        (dict(bias=jnp.ones((V + 1,))), ValueError, r"\(301,\)"),
+        (dict(linear_bias=jnp.ones((V + 1,))), ValueError, r"\(301,\)"),
         (dict(weight_layout="dV"), ValueError, "weight_layout"),
         (dict(vocab_block=0), ValueError, "vocab_block"),
         (dict(derivative="forward"), ValueError, "derivative"),
@@ -302,10 +299,10 @@ def test_forward_mode_keeps_the_logits_out_of_memory():
 )
 def test_bad_input_is_a_trace_time_error(kwargs, exc, match):
     h, w, b, y = _data()
-    args = dict(hidden=h, weight=w, labels=y)
+    args = dict(hidden=h, linear_weight=w, labels=y)
     args.update({k: kwargs.pop(k) for k in list(kwargs) if k in args})
     with pytest.raises(exc, match=match):
-        jaxsce.linear_cross_entropy(args["hidden"], args["weight"], args["labels"], **kwargs)
+        jaxsce.linear_cross_entropy(args["hidden"], args["linear_weight"], args["labels"], **kwargs)
 
 
 def test_exports_for_gpu_and_tpu_and_runs_the_same_on_cpu():

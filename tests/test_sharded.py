@@ -47,11 +47,11 @@ OPTIONS = {
 }
 
 
-def _split(opts, d, weight_name="weight"):
+def _split(opts, d):
     opts = dict(opts)
     extra = {}
     if opts.pop("weighted", False):
-        extra[weight_name] = d["weight"]
+        extra["weight"] = d["weight"]
     if opts.pop("masked", False):
         extra["where"] = d["where"]
     return opts, extra
@@ -110,16 +110,16 @@ def test_probability_targets_equal_unsharded(mesh_shape):
 def test_linear_cross_entropy_equals_unsharded(mesh_shape, name, reduction, derivative):
     d = _data(2)
     mesh = _mesh(mesh_shape)
-    opts, extra = _split(OPTIONS[name], d, weight_name="class_weight")
+    opts, extra = _split(OPTIONS[name], d)
     kw = dict(reduction=reduction, return_aux=True, vocab_block=4, token_block=3, derivative=derivative, **opts)
 
     def sharded(h, w, b):
         return jaxsce.sharded_linear_cross_entropy(
-            h, w, d["labels"], bias=b, mesh=mesh, vocab_axis="model", batch_axes="data", **extra, **kw
+            h, w, d["labels"], linear_bias=b, mesh=mesh, vocab_axis="model", batch_axes="data", **extra, **kw
         )
 
     def plain(h, w, b):
-        return jaxsce.linear_cross_entropy(h, w, d["labels"], bias=b, **extra, **kw)
+        return jaxsce.linear_cross_entropy(h, w, d["labels"], linear_bias=b, **extra, **kw)
 
     args = (d["hidden"], d["proj"], d["bias"])
     _close(jax.jit(sharded)(*args), plain(*args))

@@ -1,0 +1,220 @@
+"""The public functions' options: checked once, split into static and traced.
+
+Every public loss is a thin Python function that checks its options here and
+then calls a jitted implementation:
+
+* options that select the program (``axis``, ``reduction``, ``ignore_index``,
+  block sizes, mesh axes, flags) are *static*: they must be hashable Python
+  values, and a traced or unhashable one is an error that names the option;
+* float options (``label_smoothing``, ``z_loss``, ``logit_softcap``) are
+  *traced*: a concrete value is range-checked here and passed to the program
+  as an array, so a schedule of values compiles once; a traced value that is
+  out of range makes the loss NaN (it cannot raise inside ``jit``). A
+  concrete 0 (or None for the cap) switches the option off, which removes
+  its code from the program.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _labels, _validate
+from ._targets import Options
+
+REDUCTIONS = ("mean", "sum", "none")
+DERIVATIVES = ("vjp", "jvp")
+
+
+def _is_tracer(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def static(value: Any, name: str) -> Any:
+    """A static option: hashable and not traced."""
+    if _is_tracer(value):
+        raise TypeError(
+            f"{name} must be a static Python value (it selects the compiled program), "
+            f"got a traced value of shape {value.shape}."
+        )
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(f"{name} must be hashable (it selects the compiled program), got {value!r}.") from None
+    return value
+
+
+def choice(value: Any, name: str, choices) -> str:
+    static(value, name)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}.")
+    return value
+
+
+def flag(value: Any, name: str) -> bool:
+    static(value, name)
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}.")
+    return bool(value)
+
+
+def size(value: Any, name: str, *, allow_none: bool = True) -> int | None:
+    """A positive number of elements or bytes: a Python or NumPy integer, not a bool."""
+    if value is None and allow_none:
+        return None
+    static(value, name)
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a positive integer, got the bool {value!r}.")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive integer, got {value!r}.") from None
+    if out <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {out}.")
+    return out
+
+
+def axis(value: Any, name: str = "axis") -> int | tuple[int, ...]:
+    """An int or a tuple of ints (a list is accepted and made a tuple)."""
+    if isinstance(value, list):
+        value = tuple(value)
+    static(value, name)
+    return value
+
+
+def ignore_index(value: Any) -> int | None:
+    if value is None:
+        return None
+    static(value, "ignore_index")
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"ignore_index must be an int or None, got {value!r}.")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"ignore_index must be an int or None, got {value!r}.") from None
+
+
+def mesh_axes(value: Any, name: str):
+    if isinstance(value, list):
+        value = tuple(value)
+    return static(value, name)
+
+
+class Floats(NamedTuple):
+    """The traced float options: 0-d arrays, or None where off."""
+
+    label_smoothing: Any = None
+    z_loss: Any = None
+    logit_softcap: Any = None
+
+
+# name -> (low, high, low_open): the documented ranges.
+_RANGES = {
+    "label_smoothing": (0.0, 1.0, False),
+    "z_loss": (0.0, None, False),
+    "logit_softcap": (0.0, None, True),
+}
+
+
+def float_option(value: Any, name: str, *, off_when_zero: bool) -> jax.Array | None:
+    """A float option as a 0-d array (None: off); concrete values are range-checked."""
+    if value is None:
+        if off_when_zero:
+            raise TypeError(f"{name} must be a real number, got None.")
+        return None
+    if _is_tracer(value):
+        if value.shape != () or not (
+            jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+        ):
+            raise TypeError(
+                f"{name} must be a real scalar, got a traced value of shape {value.shape} and dtype {value.dtype}."
+            )
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number, got {value!r}.")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}.") from None
+    low, high, low_open = _RANGES[name]
+    if not np.isfinite(out):
+        raise ValueError(f"{name} must be finite, got {out}.")
+    if out < low or (low_open and out == low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {out}.")
+    if high is not None and out > high:
+        raise ValueError(f"{name} must be <= {high}, got {out}.")
+    if off_when_zero and out == 0:
+        return None
+    return jnp.asarray(out)  # weakly typed, like the Python number
+
+
+def floats(*, label_smoothing: Any = 0.0, z_loss: Any = 0.0, logit_softcap: Any = None) -> Floats:
+    return Floats(
+        label_smoothing=float_option(label_smoothing, "label_smoothing", off_when_zero=True),
+        z_loss=float_option(z_loss, "z_loss", off_when_zero=True),
+        logit_softcap=float_option(logit_softcap, "logit_softcap", off_when_zero=False),
+    )
+
+
+def in_dtype(fl: Floats, dtype) -> Floats:
+    """The float options in the compute dtype, NaN where a traced value is out of range.
+
+    They are constants for differentiation (like class weights): a schedule
+    of them gets no gradient.
+    """
+
+    def conv(name, x):
+        if x is None:
+            return None
+        x = jax.lax.stop_gradient(jnp.asarray(x).astype(dtype))
+        low, high, low_open = _RANGES[name]
+        ok = (x > low) if low_open else (x >= low)
+        if high is not None:
+            ok = ok & (x <= high)
+        return jnp.where(ok, x, jnp.nan)
+
+    return Floats(*(conv(name, x) for name, x in zip(Floats._fields, fl)))
+
+
+def make_options(
+    fl: Floats, *, num_classes: int, class_weight, soft: bool, axis_name, return_aux: bool, is_unchecked: bool
+) -> Options:
+    """The kernels' options from the checked public ones (floats in the compute dtype)."""
+    return Options(
+        num_classes=num_classes,
+        weighted=class_weight is not None,
+        soft=soft,
+        vocab_axis=axis_name,
+        argmax=bool(return_aux),
+        vocab_unchecked=is_unchecked,
+        label_smoothing=fl.label_smoothing,
+        logit_softcap=fl.logit_softcap,
+    )
+
+
+def run(fn: Callable, args: tuple, kwargs: dict, *, check_labels: bool):
+    """Calls the jitted implementation.
+
+    Called eagerly with ``check_labels``, the run-time label check surfaces
+    as a plain ``ValueError`` (under the caller's ``jit`` it arrives as the
+    runtime error JAX raises, carrying the same message).
+    """
+    if not check_labels or any(_is_tracer(x) for x in jax.tree.leaves(args)):
+        return fn(*args, **kwargs)
+    try:
+        return jax.block_until_ready(fn(*args, **kwargs))
+    except Exception as e:  # JaxRuntimeError; its class moved between releases
+        text = str(e)
+        if _labels.BAD_LABEL not in text:
+            raise
+        raise ValueError(text[text.index(_labels.BAD_LABEL) :].splitlines()[0]) from None
+
+
+def check_class_weight(weight, num_classes: int, name: str = "weight"):
+    """Per-class weights, treated as constants (no gradient, as in PyTorch)."""
+    return jax.lax.stop_gradient(_validate.check_class_weight(weight, num_classes, name))
