@@ -1,5 +1,6 @@
 """Vocabulary- and data-parallel losses on 8 virtual CPU devices equal the unsharded ones."""
 
+import functools
 import re
 
 import jax
@@ -57,6 +58,10 @@ def _split(opts, d):
     return opts, extra
 
 
+def _unsharded(kw):
+    return {k: v for k, v in kw.items() if k != "check_vma"}
+
+
 def _close(a, b, rtol=1e-10, atol=1e-12):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
@@ -69,11 +74,12 @@ CASES = [(name, "vjp") for name in OPTIONS] + [("all", "jvp")]
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("name,derivative", CASES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_cross_entropy_equals_unsharded(mesh_shape, name, reduction, derivative):
+@pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
+def test_cross_entropy_equals_unsharded(mesh_shape, name, reduction, derivative, check_vma):
     d = _data()
     mesh = _mesh(mesh_shape)
     opts, extra = _split(OPTIONS[name], d)
-    kw = dict(reduction=reduction, derivative=derivative, return_aux=True, **opts)
+    kw = dict(reduction=reduction, derivative=derivative, return_aux=True, check_vma=check_vma, **opts)
 
     def sharded(x):
         return jaxsce.sharded_cross_entropy(
@@ -81,7 +87,7 @@ def test_cross_entropy_equals_unsharded(mesh_shape, name, reduction, derivative)
         )
 
     def plain(x):
-        return jaxsce.cross_entropy(x, d["labels"], **extra, **kw)
+        return jaxsce.cross_entropy(x, d["labels"], **extra, **_unsharded(kw))
 
     _close(jax.jit(sharded)(d["logits"]), plain(d["logits"]))
     cot = jnp.asarray(np.random.default_rng(1).normal(size=() if reduction == "mean" else (N,)))
@@ -91,11 +97,14 @@ def test_cross_entropy_equals_unsharded(mesh_shape, name, reduction, derivative)
 
 
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_probability_targets_equal_unsharded(mesh_shape):
+@pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
+def test_probability_targets_equal_unsharded(mesh_shape, check_vma):
     d = _data(1)
     mesh = _mesh(mesh_shape)
     kw = dict(label_smoothing=0.1, weight=d["weight"], return_aux=True)
-    f = lambda x, t: jaxsce.sharded_cross_entropy(x, t, mesh=mesh, vocab_axis="model", batch_axes="data", **kw)
+    f = lambda x, t: jaxsce.sharded_cross_entropy(
+        x, t, mesh=mesh, vocab_axis="model", batch_axes="data", check_vma=check_vma, **kw
+    )
     f0 = lambda x, t: jaxsce.cross_entropy(x, t, **kw)
     _close(jax.jit(f)(d["logits"], d["probs"]), f0(d["logits"], d["probs"]))
     _close(
@@ -107,11 +116,13 @@ def test_probability_targets_equal_unsharded(mesh_shape):
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("name,derivative", [("plain", "vjp"), ("all", "vjp"), ("all", "jvp")])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_linear_cross_entropy_equals_unsharded(mesh_shape, name, reduction, derivative):
+@pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
+def test_linear_cross_entropy_equals_unsharded(mesh_shape, name, reduction, derivative, check_vma):
     d = _data(2)
     mesh = _mesh(mesh_shape)
     opts, extra = _split(OPTIONS[name], d)
     kw = dict(reduction=reduction, return_aux=True, vocab_block=4, token_block=3, derivative=derivative, **opts)
+    kw["check_vma"] = check_vma
 
     def sharded(h, w, b):
         return jaxsce.sharded_linear_cross_entropy(
@@ -119,7 +130,7 @@ def test_linear_cross_entropy_equals_unsharded(mesh_shape, name, reduction, deri
         )
 
     def plain(h, w, b):
-        return jaxsce.linear_cross_entropy(h, w, d["labels"], linear_bias=b, **extra, **kw)
+        return jaxsce.linear_cross_entropy(h, w, d["labels"], linear_bias=b, **extra, **_unsharded(kw))
 
     args = (d["hidden"], d["proj"], d["bias"])
     _close(jax.jit(sharded)(*args), plain(*args))
@@ -148,7 +159,8 @@ def test_explicit_mesh_and_tied_layout():
         _close(jax.grad(f, (0, 1))(d["hidden"], emb), jax.grad(f0, (0, 1))(d["hidden"], emb))
 
 
-def test_hand_written_shard_map_with_axis_names():
+@pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
+def test_hand_written_shard_map_with_axis_names(check_vma):
     d = _data(5)
     mesh = _mesh((2, 4))
 
@@ -157,11 +169,47 @@ def test_hand_written_shard_map_with_axis_names():
             x, y, weight=w, ignore_index=-100, label_smoothing=0.1, axis_name="model", batch_axis_name="data"
         )
 
-    f = jax.shard_map(local, mesh=mesh, in_specs=(P("data", "model"), P("data"), P("model")), out_specs=P())
-    expected = jaxsce.cross_entropy(
-        d["logits"], d["labels"], weight=d["weight"], ignore_index=-100, label_smoothing=0.1
+    f = jax.shard_map(
+        local, mesh=mesh, in_specs=(P("data", "model"), P("data"), P("model")), out_specs=P(), check_vma=check_vma
     )
-    _close(jax.jit(f)(d["logits"], d["labels"], d["weight"]), expected)
+    f0 = lambda x, y, w: jaxsce.cross_entropy(x, y, weight=w, ignore_index=-100, label_smoothing=0.1)
+    args = (d["logits"], d["labels"], d["weight"])
+    _close(jax.jit(f)(*args), f0(*args))
+    _close(jax.jit(jax.grad(f))(*args), jax.grad(f0)(*args))
+
+
+@pytest.mark.parametrize("derivative", ["vjp", "jvp"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_unchecked_shard_map_gradients_are_not_divided_by_the_shard_count(reduction, derivative):
+    """Under shard_map(check_vma=False) JAX divides a replicated output's
+    cotangent by the device count and expects the transpose of each psum to
+    sum it back; the custom rules' hidden psums must do the same (they gave
+    1/M of the gradients). hidden is computed inside the shard_map from a
+    replicated layer, so d_hidden also passes through JAX's own transposition."""
+    d = _data(7)
+    mesh = _mesh((2, 4))
+    kw = dict(reduction=reduction, derivative=derivative, label_smoothing=0.1, z_loss=1e-3)
+
+    def loss(x, a, w, b, y, cw, **names):
+        h = jnp.tanh(x @ a)
+        return jaxsce.linear_cross_entropy(h, w, y, linear_bias=b, weight=cw, vocab_block=4, **kw, **names)
+
+    rng = np.random.default_rng(8)
+    x = jnp.asarray(rng.normal(size=(N, 6)))
+    a = jnp.asarray(rng.normal(size=(6, D)) * 0.5)
+    cot = jnp.asarray(rng.normal(size=() if reduction != "none" else (N,)))
+    args = (x, a, d["proj"], d["bias"], d["labels"], d["weight"])
+    f = jax.shard_map(
+        functools.partial(loss, axis_name="model", batch_axis_name="data"),
+        mesh=mesh,
+        in_specs=(P("data"), P(), P(None, "model"), P("model"), P("data"), P("model")),
+        out_specs=P("data") if reduction == "none" else P(),
+        check_vma=False,
+    )
+    _close(jax.jit(f)(*args), loss(*args))
+    g = jax.jit(jax.grad(lambda *t: jnp.sum(cot * f(*t)), (0, 1, 2, 3)))(*args)
+    g_ref = jax.grad(lambda *t: jnp.sum(cot * loss(*t)), (0, 1, 2, 3))(*args)
+    _close(g, g_ref)
 
 
 def test_label_smoothing_uses_global_vocab_size_megatron_737():
