@@ -80,14 +80,19 @@ def cross_entropy(
         counted example (PaLM, T5X). Not multiplied by class weights.
       logit_softcap: ``cap > 0``: logits become ``cap * tanh(logits / cap)``
         before the softmax (Gemma 2); the gradient includes the chain rule.
+        The three float options may be traced values (a schedule under
+        ``jit`` compiles once); they are constants for differentiation.
       return_aux: also return a :class:`LossAux` (per-example ``lse`` and
         z-loss, accuracy, count), computed in the same pass.
       derivative: ``"vjp"`` (default): a ``jax.custom_vjp`` that saves only the
         logits and one float per example; fastest and leanest for
-        ``jax.grad``, but cannot be used with ``jax.jvp``/``jax.jacfwd``.
-        ``"jvp"``: the same analytic derivative as a ``jax.custom_jvp``, so
-        forward mode, ``jax.hessian`` and higher orders work; reverse mode
-        then keeps ``softmax``-sized intermediates.
+        ``jax.grad``. Everything but forward mode through the loss itself
+        works with it, including ``jax.hessian`` and Hessian-vector products
+        ``jax.jvp(jax.grad(f), ...)`` (they differentiate the backward rule,
+        which is ordinary JAX). ``"jvp"``: the same analytic derivative as a
+        ``jax.custom_jvp``; needed for ``jax.jvp``, ``jax.jacfwd`` and
+        ``jax.linearize`` of the loss. Reverse mode then keeps
+        ``softmax``-sized intermediates.
       axis_name: mesh axis (inside ``jax.shard_map``) over which the class
         axis is split; ``logits`` is then the local slice, ``labels`` hold
         global class ids and ``weight`` is the local slice of the class
@@ -96,9 +101,15 @@ def cross_entropy(
       batch_axis_name: mesh axes over which the examples are split: ``"sum"``
         and ``"mean"`` then reduce over all shards, and the mean's denominator
         counts global examples.
-      check_labels: add a ``jax.experimental.checkify`` check that every
-        counted label lies in ``[0, C)``, naming the first offending index and
-        value. Wrap the caller in ``checkify.checkify`` to use it under jit.
+      check_labels: raise an error naming the first counted label outside
+        ``[0, C)`` (its flat index and value) instead of returning NaN. Works
+        eagerly (a ``ValueError``), under ``jit`` and under ``checkify``
+        (where the error comes from a host callback and arrives as the
+        runtime error JAX raises, carrying the same message). Cost: one
+        host callback per call, which also waits for the labels; measured
+        for ``jit(value_and_grad)`` on a 2-core CPU (jax 0.10.2, float32):
+        +0.5 ms at 64 x 1024 (3.3x a 0.2 ms step), +0.6 ms at 4096 x 1024
+        (1.15x), +2.5 ms at 512 x 32768 (1.06x).
 
     Returns:
       The loss: a scalar for ``"mean"``/``"sum"``, the batch shape for
@@ -110,8 +121,10 @@ def cross_entropy(
       TypeError: non-floating ``logits`` or ``weight``; ``labels`` neither
         integer nor floating; non-boolean ``where``; non-static options.
       ValueError: ``labels``/``where``/``weight`` of the wrong shape,
-        ``axis`` out of range, an unknown ``reduction`` or ``derivative``,
-        options out of range, ``ignore_index`` with probability targets.
+        ``axis`` out of range or with no classes, an unknown ``reduction``
+        or ``derivative``, options out of range, ``ignore_index`` with
+        probability targets, a class axis split inside ``shard_map`` without
+        ``axis_name``; with ``check_labels``, an out-of-range label.
 
     Note:
       Logits of ``-inf`` (masked vocabulary) are allowed: the loss stays
@@ -120,7 +133,17 @@ def cross_entropy(
       its loss and gradient NaN. A counted class id outside ``[0, C)`` gives
       NaN (PyTorch raises; a plausible number would hide the bug). When
       nothing is counted, ``"mean"`` gives 0 with zero gradient (PyTorch:
-      NaN).
+      NaN). A traced float option outside its range gives NaN (a concrete
+      one raises ``ValueError``). Labels may have any integer dtype; an
+      ``ignore_index`` that their dtype cannot hold matches nothing. With
+      x64 disabled, JAX converts int64 labels to int32 on entry, which wraps
+      values of :math:`2^{31}` and more: host (NumPy) labels are checked for
+      this and raise ``ValueError``; device arrays and traced labels cannot
+      be, and get what the wrapped value names.
+
+      Options other than the three floats and the arrays select the compiled
+      program: they must be static, hashable Python values (a traced or
+      unhashable one raises ``TypeError`` naming it).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxsce
@@ -182,7 +205,7 @@ def _cross_entropy(
     batch_shape = tuple(d for i, d in enumerate(logits.shape) if i not in axes)
     local_classes = math.prod(logits.shape[a] for a in axes)
     if local_classes == 0:
-        raise ValueError(f"logits of shape {logits.shape} have no classes along axis {axis}.")
+        raise ValueError(f"logits of shape {logits.shape} have no classes along axis={axis!r} (the class axis).")
     num_classes = local_classes * _spmd.axis_size(axis_name)
 
     labels = jnp.asarray(labels)

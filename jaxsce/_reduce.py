@@ -21,9 +21,10 @@ class LossAux(NamedTuple):
         float32 (float64 under x64); 0 for examples that are not counted.
       z_loss: per-example z-loss term ``z_loss * lse**2`` (0 where not counted).
       accuracy: scalar top-1 accuracy over the counted examples (0 if none).
-        An example is a hit when its label's logit equals the row maximum
-        (for probability targets: the logits' argmax class carries the
-        target's largest probability).
+        An example is a hit when its label is the row's argmax, ties going
+        to the first (lowest) class index as in ``jnp.argmax``: with two
+        equal maxima only the first counts. For probability targets: the
+        argmax class carries the target's largest probability.
       count: scalar number of counted examples (after ``where`` and
         ``ignore_index``), summed over ``batch_axis_name`` when given.
     """

@@ -28,6 +28,8 @@ Axis = int | tuple[int, ...] | None
 def _prepare(x, axis: Axis, where, name: str):
     x = _validate.check_floating(x, name)
     axes = _validate.canonical_axes(axis, x.ndim)
+    if any(x.shape[a] == 0 for a in axes):
+        raise ValueError(f"{name} of shape {tuple(x.shape)} has no entries along axis={axis!r} (the class axis).")
     if where is not None:
         where = jnp.asarray(where)
         if where.dtype != jnp.bool_:
@@ -139,12 +141,13 @@ def softmax(x: jax.Array, axis: Axis = -1, where: jax.Array | None = None) -> ja
 
     Raises:
       TypeError: if ``x`` is not floating or ``where`` is not boolean.
-      ValueError: if ``axis`` is out of range or ``where`` does not broadcast.
+      ValueError: if ``axis`` is out of range or has no entries, or ``where``
+        does not broadcast.
 
     Note:
       A row that is entirely ``-inf`` or entirely masked gives zeros, with zero
-      gradient. A ``+inf`` entry makes its row NaN (``inf / inf``); NaN
-      propagates.
+      gradient. A ``+inf`` entry is NaN in the output (``inf - inf``) and the
+      row's finite entries are 0; a NaN entry makes the whole row NaN.
 
     Examples:
       >>> import jax.numpy as jnp, jaxsce
@@ -173,12 +176,14 @@ def log_softmax(x: jax.Array, axis: Axis = -1, where: jax.Array | None = None) -
 
     Raises:
       TypeError: if ``x`` is not floating or ``where`` is not boolean.
-      ValueError: if ``axis`` is out of range or ``where`` does not broadcast.
+      ValueError: if ``axis`` is out of range or has no entries, or ``where``
+        does not broadcast.
 
     Note:
       ``-inf`` entries (and whole rows that are ``-inf`` or masked) give
-      ``-inf`` with zero gradient, never NaN. A ``+inf`` entry makes its row
-      NaN; NaN propagates.
+      ``-inf`` with zero gradient, never NaN. A ``+inf`` entry is NaN in the
+      output and the row's finite entries are ``-inf``; a NaN entry makes the
+      whole row NaN.
 
     Examples:
       >>> import jax.numpy as jnp, jaxsce
@@ -215,7 +220,8 @@ def logsumexp(
 
     Raises:
       TypeError: if ``x`` is not floating or ``where`` is not boolean.
-      ValueError: if ``axis`` is out of range or ``where`` does not broadcast.
+      ValueError: if ``axis`` is out of range or has no entries, or ``where``
+        does not broadcast.
 
     Note:
       An all ``-inf`` or fully masked row gives ``-inf`` with zero gradient. A

@@ -289,3 +289,40 @@ def test_collective_parser_sees_a_logits_sized_all_gather():
     )
     sizes = _collective_sizes(f.lower(x).compile().as_text())
     assert max(sizes) >= 64 * 256 // 8
+
+
+@pytest.mark.parametrize("fn", ["ce", "linear"])
+def test_forgetting_axis_name_inside_shard_map_says_so(fn):
+    """A class axis split over "model" without axis_name gave an internal
+    "cond branches must have equal output types" error."""
+    d = _data(9)
+    mesh = _mesh((2, 4))
+    if fn == "ce":
+        local = lambda x, y: jaxsce.cross_entropy(x, y, batch_axis_name="data")
+        specs, args = (P("data", "model"), P("data")), (d["logits"], d["labels"])
+    else:
+        local = lambda h, w, y: jaxsce.linear_cross_entropy(h, w, y, batch_axis_name="data")
+        specs, args = (P("data"), P(None, "model"), P("data")), (d["hidden"], d["proj"], d["labels"])
+    f = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P())
+    with pytest.raises(ValueError, match="axis_name='model'"):
+        jax.jit(f)(*args)
+
+
+@pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
+def test_data_parallel_shard_map_without_axis_name(check_vma):
+    """Examples split over "data", classes whole: no axis_name is needed, and
+    the label-shift fast path's cond must type-check inside shard_map."""
+    d = _data(10)
+    mesh = _mesh((8, 1))
+    kw = dict(ignore_index=-100, label_smoothing=0.1)
+    f = jax.shard_map(
+        lambda x, y: jaxsce.cross_entropy(x, y, batch_axis_name="data", **kw),
+        mesh=mesh,
+        in_specs=(P("data"), P("data")),
+        out_specs=P(),
+        check_vma=check_vma,
+    )
+    f0 = lambda x, y: jaxsce.cross_entropy(x, y, **kw)
+    y = d["labels"] % V
+    _close(jax.jit(f)(d["logits"], y), f0(d["logits"], y))
+    _close(jax.jit(jax.grad(f))(d["logits"], y), jax.grad(f0)(d["logits"], y))
