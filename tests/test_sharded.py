@@ -146,12 +146,21 @@ def test_linear_cross_entropy_equals_unsharded(mesh_shape, name, reduction, deri
         _close(jax.jit(lambda *a: jax.jvp(sharded, a, tans))(*args), jax.jvp(plain, args, tans))
 
 
-def test_explicit_mesh_and_tied_layout():
+@pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
+def test_explicit_mesh_and_tied_layout(check_vma):
     d = _data(4)
     mesh = _mesh((2, 4), explicit=True)
     with jax.set_mesh(mesh):
         f = lambda h, e: jaxsce.sharded_linear_cross_entropy(
-            h, e, d["labels"], mesh=mesh, vocab_axis="model", batch_axes="data", weight_layout="vd", ignore_index=-100
+            h,
+            e,
+            d["labels"],
+            mesh=mesh,
+            vocab_axis="model",
+            batch_axes="data",
+            weight_layout="vd",
+            ignore_index=-100,
+            check_vma=check_vma,
         )
         f0 = lambda h, e: jaxsce.linear_cross_entropy(h, e, d["labels"], weight_layout="vd", ignore_index=-100)
         emb = d["proj"].T
@@ -241,7 +250,8 @@ def _collective_sizes(hlo: str) -> list[int]:
 
 
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_no_collective_moves_tokens_times_local_vocab(mesh_shape):
+@pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
+def test_no_collective_moves_tokens_times_local_vocab(mesh_shape, check_vma):
     mesh = _mesh(mesh_shape)
     tokens, vocab, d = 256, 1024, 8
     local_tokens, local_vocab = tokens // mesh_shape[0], vocab // mesh_shape[1]
@@ -252,7 +262,15 @@ def test_no_collective_moves_tokens_times_local_vocab(mesh_shape):
     f = jax.jit(
         jax.value_and_grad(
             lambda x, y, w: jaxsce.sharded_cross_entropy(
-                x, y, mesh=mesh, vocab_axis="model", batch_axes="data", weight=w, label_smoothing=0.1, z_loss=1e-4
+                x,
+                y,
+                mesh=mesh,
+                vocab_axis="model",
+                batch_axes="data",
+                weight=w,
+                label_smoothing=0.1,
+                z_loss=1e-4,
+                check_vma=check_vma,
             )
         )
     )
@@ -265,7 +283,7 @@ def test_no_collective_moves_tokens_times_local_vocab(mesh_shape):
     g = jax.jit(
         jax.value_and_grad(
             lambda h, wp, y: jaxsce.sharded_linear_cross_entropy(
-                h, wp, y, mesh=mesh, vocab_axis="model", batch_axes="data", label_smoothing=0.1
+                h, wp, y, mesh=mesh, vocab_axis="model", batch_axes="data", label_smoothing=0.1, check_vma=check_vma
             ),
             argnums=(0, 1),
         )
