@@ -2,8 +2,13 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# The oldest supported JAX, for the compatibility job.
+OLD_JAX ?= 0.6.2
+OLD_VENV := .venv-jax$(OLD_JAX)
+OLD_STAMP := $(OLD_VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+PYTEST := -m pytest -q -n 2
 
-.PHONY: bench bench-full test lint examples clean
+.PHONY: bench bench-full test test-slow test-all test-old-jax lint docs examples clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -11,22 +16,41 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-bench: $(STAMP)  ## the main job: custom gradient vs autodiff, small default (< 3 min)
+$(OLD_STAMP): pyproject.toml
+	python3 -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OLD_VENV)/bin/python -m pip install -q -e '.[test,bench,examples]' 'jax==$(OLD_JAX)' 'jaxlib==$(OLD_JAX)'
+	touch $@
+
+bench: $(STAMP)  ## the main job, small default (~1 min); writes build/bench/
 	$(PY) -m benchmarks.run $(ARGS)
 
-bench-full: $(STAMP)  ## the large shapes of the core and fused issues
+bench-full: $(STAMP)  ## the large shapes
 	$(PY) -m benchmarks.run --full $(ARGS)
 
-test: $(STAMP)  ## the test suite (doctests included)
-	$(PY) -m pytest -q $(ARGS)
+test: $(STAMP)  ## the fast test set (doctests and README included), 2 workers
+	$(PY) $(PYTEST) -m "not slow" $(ARGS)
 
-lint: $(STAMP)
-	$(VENV)/bin/ruff check jaxsce tests benchmarks examples
-	$(VENV)/bin/ruff format --check jaxsce tests benchmarks examples
+test-slow: $(STAMP)  ## the slow set only
+	$(PY) $(PYTEST) -m slow $(ARGS)
+
+test-all: $(STAMP)  ## everything
+	$(PY) $(PYTEST) $(ARGS)
+
+test-old-jax: $(OLD_STAMP)  ## the fast set on the oldest supported JAX
+	$(OLD_VENV)/bin/python $(PYTEST) -m "not slow" $(ARGS)
+
+lint: $(STAMP)  ## ruff (lint + format) and pyright (basic) on the package
+	$(VENV)/bin/ruff check jaxsce tests benchmarks examples docs
+	$(VENV)/bin/ruff format --check jaxsce tests benchmarks examples docs
+	$(VENV)/bin/pyright --pythonpath $(PY)
+
+docs: $(STAMP)  ## HTML documentation in build/docs/html, warnings as errors
+	$(PY) -m sphinx -W --keep-going -q -b html docs build/docs/html
 
 examples: $(STAMP)
 	$(PY) examples/digits_cnn.py
 	$(PY) examples/next_token.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(OLD_VENV) build .pytest_cache .hypothesis

@@ -451,7 +451,11 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--memory-dv", type=lambda s: _shapes(s, 2)[0], help="DxV for the memory table")
     parser.add_argument("--no-memory", action="store_true", help="skip the compile-only memory table")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results"))
+    parser.add_argument(
+        "--out",
+        default=os.path.join("build", "bench"),
+        help="where to write results (default build/bench, not tracked); benchmarks/results holds the reference runs",
+    )
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 

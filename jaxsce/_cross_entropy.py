@@ -164,11 +164,11 @@ def cross_entropy(
         derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
         axis_name=_options.mesh_axes(axis_name, "axis_name"),
         batch_axis_name=_options.mesh_axes(batch_axis_name, "batch_axis_name"),
-        check_labels=_options.flag(check_labels, "check_labels"),
+        check_labels=(checked := _options.flag(check_labels, "check_labels")),
     )
     fl = _options.floats(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap)
     args = (logits, labels, where, weight, fl)
-    return _options.run(_cross_entropy, args, static, check_labels=static["check_labels"])
+    return _options.run(_cross_entropy, args, static, check_labels=checked)
 
 
 @functools.partial(

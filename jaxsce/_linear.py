@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -274,6 +274,7 @@ def _forward(h, w, b, labels, valid, cw, opts: Options, st: _Static, tangents=No
                 dw_blk = None if dw_all is None else _slice_vocab(dw_all, v0, vb, layout)
                 db_blk = None if db_all is None else lax.dynamic_slice_in_dim(db_all, v0, vb)
                 dz = _tangent_block(h_blk, w_blk, dh_blk, dw_blk, db_blk, layout, ct)
+                assert dz is not None  # the rule handles "nothing perturbed" before streaming
                 ds = jnp.where(fresh, _targets.softcap_scale(s, dz, opts), 0)
                 d_se = d_se * rescale + jnp.sum(e * ds, axis=-1)
                 d_sy = d_sy + jnp.where(in_fresh, _targets.label_entry(ds, y_blk, v0 + shard0), 0)
@@ -321,7 +322,7 @@ def _forward(h, w, b, labels, valid, cw, opts: Options, st: _Static, tangents=No
     hit = jnp.where(valid & correct, 1, 0).astype(ce.dtype)
     outputs = (jnp.where(valid, ce, 0), jnp.where(valid, lse, 0), hit, jnp.where(valid, count, 0))
     if tangents is None:
-        return outputs, (lse, mass)
+        return outputs, (lse, mass), None
     d_se, d_sy, d_smooth = tan
     d_lse = d_se / sumexp
     d_ce = jnp.where(bad, jnp.nan, _targets.class_id_loss(d_lse, d_sy, d_smooth, w_y, mass, opts))
@@ -334,7 +335,7 @@ def _linear_rows(h, w, b, labels, valid, cw, opts: Options, st: _Static):
 
 
 def _linear_rows_fwd(h, w, b, labels, valid, cw, opts, st):
-    outputs, (lse, mass) = _forward(h, w, b, labels, valid, cw, opts, st)
+    outputs, (lse, mass), _ = _forward(h, w, b, labels, valid, cw, opts, st)
     return outputs, (h, w, b, labels, valid, cw, opts, lse, mass)
 
 
@@ -400,7 +401,7 @@ def _linear_rows_bwd(st: _Static, res, cts):
         axis = 1 if layout == "dv" else 0
         dw = lax.dynamic_update_slice_in_dim(dw, dw_acc.astype(w.dtype), v0, axis)
         if db is not None:
-            db = lax.dynamic_update_slice_in_dim(db, db_acc.astype(b.dtype), v0, 0)
+            db = lax.dynamic_update_slice_in_dim(db, db_acc.astype(db.dtype), v0, 0)
         return dh, dw, db
 
     init = (jnp.zeros((t_total, d), ct), jnp.zeros_like(w), None if b is None else jnp.zeros_like(b))
@@ -437,7 +438,9 @@ def _linear_rows_jvp_rule(st: _Static, primals, tangents):
     if dh is None and dw is None and db is None:
         outputs = _forward(h, w, b, labels, valid, cw, opts, st)[0]
         return outputs, tuple(jnp.zeros_like(o) for o in outputs)
-    outputs, _, (d_ce, d_lse) = _forward(h, w, b, labels, valid, cw, opts, st, tangents=(dh, dw, db))
+    outputs, _, tangent_rows = _forward(h, w, b, labels, valid, cw, opts, st, tangents=(dh, dw, db))
+    assert tangent_rows is not None
+    d_ce, d_lse = tangent_rows
     _, _, hit, count = outputs
     return outputs, (d_ce, d_lse, jnp.zeros_like(hit), jnp.zeros_like(count))
 
@@ -533,7 +536,7 @@ def _sum_forward(h, w, b, labels, valid, cw, opts: Options, z_loss, st: _SumStat
     total, denom, dh, dw, db = lax.fori_loop(0, _num_blocks(t_total, tb), body, init)
     dh = jnp.where(valid[:, None], dh, 0).astype(h.dtype)
     dw = dw if layout == "dv" else jnp.transpose(dw)
-    grads = (dh, dw.astype(w.dtype), None if db is None else db.astype(b.dtype))
+    grads = (dh, dw.astype(w.dtype), None if b is None else db.astype(b.dtype))
     return (total, denom), grads
 
 
@@ -609,11 +612,19 @@ def linear_cross_entropy(
       labels: integer class ids of ``hidden.shape[:-1]``.
       linear_bias: optional ``[V]``.
       weight_layout: ``"dv"`` or ``"vd"``, see ``linear_weight``.
-      where, reduction, ignore_index, weight, label_smoothing, z_loss,
-        logit_softcap, return_aux, axis_name, batch_axis_name, check_labels:
-        as in :func:`jaxsce.cross_entropy` (``weight``: per-class weights
-        ``[V]``). With ``axis_name`` the vocabulary axis of ``linear_weight``
-        (and ``linear_bias``, ``weight``) is the local shard.
+      where: boolean mask of ``hidden.shape[:-1]``, as in :func:`jaxsce.cross_entropy`.
+      reduction: as in :func:`jaxsce.cross_entropy`.
+      ignore_index: as in :func:`jaxsce.cross_entropy`.
+      weight: per-class weights ``[V]`` (constants), as in :func:`jaxsce.cross_entropy`.
+      label_smoothing: as in :func:`jaxsce.cross_entropy` (may be traced).
+      z_loss: as in :func:`jaxsce.cross_entropy` (may be traced).
+      logit_softcap: as in :func:`jaxsce.cross_entropy` (may be traced).
+      return_aux: as in :func:`jaxsce.cross_entropy`.
+      axis_name: mesh axis splitting the vocabulary inside ``jax.shard_map``:
+        the vocabulary axis of ``linear_weight`` (and of ``linear_bias`` and
+        ``weight``) is then the local shard.
+      batch_axis_name: as in :func:`jaxsce.cross_entropy`.
+      check_labels: as in :func:`jaxsce.cross_entropy`.
       token_block, vocab_block: block sizes (static); by default chosen from
         the shapes so that the block temporaries stay within ``memory_budget``.
       memory_budget: bytes of compiled temporaries to aim for (default
@@ -636,7 +647,9 @@ def linear_cross_entropy(
         ``jax.jvp(jax.grad(f))``, but it keeps per-block intermediates of at
         least the logits' total size (compiled temporaries at 4096 x 64 x
         32768: 735 MiB for ``jax.grad``, 1.4 GiB for the HVP, against 512 MiB
-        of logits): use ``"vjp"`` for training.
+        of logits): use ``"vjp"`` for training. Reverse mode in this mode
+        needs jax >= 0.10: on jax 0.6.2 JAX's own transpose of the block
+        loops fails (an ``AssertionError`` inside JAX).
 
     Returns:
       As :func:`jaxsce.cross_entropy`: float32 loss (scalar or per token),
@@ -679,12 +692,12 @@ def linear_cross_entropy(
         memory_budget=_options.size(memory_budget, "memory_budget", allow_none=False),
         axis_name=_options.mesh_axes(axis_name, "axis_name"),
         batch_axis_name=_options.mesh_axes(batch_axis_name, "batch_axis_name"),
-        check_labels=_options.flag(check_labels, "check_labels"),
+        check_labels=(checked := _options.flag(check_labels, "check_labels")),
         derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
     )
     fl = _options.floats(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap)
     args = (hidden, linear_weight, labels, linear_bias, where, weight, fl)
-    return _options.run(_linear_cross_entropy, args, static, check_labels=static["check_labels"])
+    return _options.run(_linear_cross_entropy, args, static, check_labels=checked)
 
 
 @functools.partial(
@@ -793,7 +806,8 @@ def _linear_cross_entropy(
     if scalar and axis_name is None and vocab_block is None and not symbolic:
         sum_tb = sum_path_token_block(n, d, v_local, memory_budget, token_block, _is_narrow_float(hidden.dtype))
     if sum_tb is not None:
-        total, denom = _linear_sum(h2, weight, bias, y, valid, cw, opts, fl.z_loss, _SumStatic(sum_tb, layout))
+        sums = _linear_sum(h2, weight, bias, y, valid, cw, opts, fl.z_loss, _SumStatic(sum_tb, layout))
+        total, denom = cast(tuple[jax.Array, jax.Array], sums)
         return _reduce.reduce_loss(total[None], denom[None], reduction, batch_axis_name)
     if symbolic:
         # Block sizes cannot depend on an unknown token count: pad the tokens
@@ -809,7 +823,7 @@ def _linear_cross_entropy(
         h2.shape[0], v_local, d, memory_budget, token_block, vocab_block, _is_narrow_float(weight.dtype), forward_mode
     )
     kernel = _linear_rows_jvp if forward_mode else _linear_rows
-    outputs = kernel(h2, weight, bias, y, valid, cw, opts, _Static(blocks, layout))
+    outputs = cast(tuple[jax.Array, ...], kernel(h2, weight, bias, y, valid, cw, opts, _Static(blocks, layout)))
     if symbolic:
         outputs = tuple(o[:n] for o in outputs)
         valid = valid[:n]

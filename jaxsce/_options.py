@@ -32,7 +32,7 @@ DERIVATIVES = ("vjp", "jvp")
 
 
 def _is_tracer(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
+    return _validate.is_tracer(x)
 
 
 def static(value: Any, name: str) -> Any:
@@ -65,8 +65,10 @@ def flag(value: Any, name: str) -> bool:
 
 def size(value: Any, name: str, *, allow_none: bool = True) -> int | None:
     """A positive number of elements or bytes: a Python or NumPy integer, not a bool."""
-    if value is None and allow_none:
-        return None
+    if value is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{name} must be a positive integer, got None.")
     static(value, name)
     if isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a positive integer, got the bool {value!r}.")

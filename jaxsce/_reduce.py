@@ -88,7 +88,11 @@ def finish(outputs, valid, z_loss, reduction: str, *, return_aux: bool, batch_ax
 
 def _register_for_export() -> None:
     """Lets ``jax.export`` serialize functions that return a ``LossAux``."""
-    register = getattr(getattr(jax, "export", None), "register_namedtuple_serialization", None)
+    try:
+        from jax import export  # a submodule that jax < 0.7 does not import by itself
+    except ImportError:  # pragma: no cover
+        return
+    register = getattr(export, "register_namedtuple_serialization", None)
     if register is not None:
         register(LossAux, serialized_name="jaxsce.LossAux")
 

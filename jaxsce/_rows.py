@@ -35,7 +35,7 @@ from ._targets import Options
 from ._validate import compute_dtype
 
 
-def psum_rows(*rows, opts: Options):
+def psum_rows(*rows: jax.Array, opts: Options):
     """Sums per-row partials over the vocabulary shards in one collective."""
     return _spmd.psum_rows(*rows, axis_name=opts.vocab_axis)
 
@@ -266,6 +266,8 @@ def _rows_jvp_rule(primals, tangents):
         jnp.zeros_like(correct),
         jnp.zeros_like(w_y),
     )
+    # Tangents carry their primals' sharding types (jax < 0.7 checks this).
+    tangent_out = tuple(_spmd.vary_like(t, p) for t, p in zip(tangent_out, outputs))
     return outputs, tangent_out
 
 

@@ -38,7 +38,7 @@ def _axes(names: AxisNames):
     if isinstance(names, str):
         return names
     names = tuple(names)
-    return names if len(names) > 1 else names[0]
+    return names[0] if len(names) == 1 else names
 
 
 def _check_mesh(mesh: Mesh, *names):
@@ -55,9 +55,11 @@ def _run(fn, mesh: Mesh, specs, out_specs, args, check_vma: bool):
     # Auto meshes let shard_map reshard inside jit.
     explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
     if explicit:
+        reshard = getattr(jax.sharding, "reshard", None)  # jax >= 0.7
+        if reshard is None:
+            from jax.experimental.shard import reshard  # jax 0.6
         args = tuple(
-            a if s is None else jax.sharding.reshard(a, jax.sharding.NamedSharding(mesh, s))
-            for a, s in zip(args, in_specs)
+            a if s is None else reshard(a, jax.sharding.NamedSharding(mesh, s)) for a, s in zip(args, in_specs)
         )
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)(*args)
 
@@ -66,7 +68,9 @@ def _out_specs(reduction: str, return_aux: bool, batch_spec: PartitionSpec):
     loss = batch_spec if reduction == "none" else PartitionSpec()
     if not return_aux:
         return loss
-    return (loss, LossAux(lse=batch_spec, z_loss=batch_spec, accuracy=PartitionSpec(), count=PartitionSpec()))
+    # LossAux as a pytree of specs, one per field.
+    aux_specs = LossAux._make((batch_spec, batch_spec, PartitionSpec(), PartitionSpec()))
+    return (loss, aux_specs)
 
 
 def sharded_cross_entropy(

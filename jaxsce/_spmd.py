@@ -23,6 +23,11 @@ from jax import lax
 AxisName = str | tuple[str, ...] | None
 
 
+def jax_version() -> tuple[int, ...]:
+    """The installed JAX release as a tuple of ints, for feature fallbacks."""
+    return tuple(int(part) for part in jax.__version__.split(".")[:3] if part.isdigit())
+
+
 def axis_names(axis_name: AxisName) -> tuple[str, ...]:
     if axis_name is None:
         return ()
@@ -49,7 +54,7 @@ def varying_axes(x) -> frozenset:
     jax 0.10 exposes them as ``typeof(x).manual_axis_type.varying``, earlier
     releases as ``typeof(x).vma``; without either, nothing is tracked.
     """
-    aval = jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
+    aval = jax.typeof(x)
     mat = getattr(aval, "manual_axis_type", None)
     if mat is not None:
         return frozenset(mat.varying)
@@ -63,7 +68,9 @@ def unchecked(axis_name: AxisName) -> bool:
     its type tells the two conventions apart.
     """
     names = axis_names(axis_name)
-    return bool(names) and not set(names) <= varying_axes(lax.axis_index(names[0]))
+    if not names:
+        return False
+    return not set(names) <= varying_axes(lax.axis_index(names))
 
 
 def vary_like(tree, *like):
@@ -76,13 +83,16 @@ def vary_like(tree, *like):
     axes = frozenset().union(*(varying_axes(x) for x in jax.tree.leaves(like)))
     if not axes:
         return tree
-    cast = getattr(lax, "pcast", None)
+    pcast, pvary = getattr(lax, "pcast", None), getattr(lax, "pvary", None)  # jax >= 0.7 / 0.6
 
     def vary(x):
         missing = tuple(sorted(axes - varying_axes(x)))
         if not missing:
             return x
-        return cast(x, missing, to="varying") if cast is not None else lax.pvary(x, missing)
+        if pcast is not None:
+            return pcast(x, missing, to="varying")
+        assert pvary is not None, "jax >= 0.6 has lax.pvary or lax.pcast"
+        return pvary(x, missing)
 
     return jax.tree.map(vary, tree)
 
@@ -101,12 +111,11 @@ def sum_to_type(ct, primal):
     return lax.psum(ct, extra) if extra else ct
 
 
-def psum_rows(*rows, axis_name: AxisName):
+def psum_rows(*rows: jax.Array, axis_name: AxisName):
     """Sums per-row partials over the vocabulary shards in one collective."""
-    if axis_name is None:
-        return rows if len(rows) > 1 else rows[0]
-    out = lax.psum(jnp.stack(rows), axis_name)
-    return tuple(out) if len(rows) > 1 else out[0]
+    if len(rows) == 1:
+        return rows[0] if axis_name is None else lax.psum(rows[0], axis_name)
+    return rows if axis_name is None else tuple(lax.psum(jnp.stack(rows), axis_name))
 
 
 def row_cotangents(*cts, axis_name: AxisName, is_unchecked: bool):

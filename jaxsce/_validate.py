@@ -14,9 +14,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 REDUCTIONS = ("mean", "sum", "none")
 DERIVATIVES = ("vjp", "jvp")
+
+
+def is_tracer(x: Any) -> bool:
+    """True for a value being traced (by ``jit``, ``grad``, ``shard_map``, ...)."""
+    return isinstance(x, Tracer)
 
 
 def compute_dtype(dtype: Any) -> np.dtype:
@@ -63,6 +69,7 @@ def canonical_axes(axis: int | Sequence[int] | None, ndim: int, name: str = "axi
     if not axes:
         raise ValueError(f"{name} must name at least one axis, got {axis!r}.")
     out = []
+    a: Any
     for a in axes:
         try:
             a = operator.index(a)
@@ -85,7 +92,7 @@ def static_float(
     low_open: bool = False,
 ) -> float:
     """Converts a static Python number option to float and checks its range."""
-    if isinstance(value, jax.core.Tracer):
+    if is_tracer(value):
         raise TypeError(
             f"{name} must be a static Python number (it selects the compiled "
             f"program), got a traced value of shape {value.shape}."

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 import benchmarks.run as bench
 
 
+@pytest.mark.slow
 def test_benchmark_runs_and_every_gradient_matches(tmp_path):
     bench.main(
         [

@@ -1,5 +1,6 @@
 """cross_entropy core: the custom rule against jax.grad of the naive formula and float64 NumPy."""
 
+import compat
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -225,7 +226,7 @@ def test_out_of_range_labels_give_nan_and_checkify_names_them():
 
 
 def test_wide_labels_are_not_wrapped_into_range():
-    with jax.enable_x64(True):
+    with compat.enable_x64(True):
         logits, _ = _data(2, 5, np.float32)
         labels = jnp.array([2**32 + 1, 1], jnp.int64)
         per = jaxsce.cross_entropy(logits, labels, reduction="none")

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import compat
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -28,6 +29,8 @@ def test_pages_have_code():
 
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: p.name)
 def test_code_blocks_run_as_written(page, tmp_path):
+    if compat.JAX < (0, 7):
+        pytest.skip("the pages are written for current JAX (jax.set_mesh, Explicit mesh axes)")
     script = tmp_path / f"{page.stem}.py"
     script.write_text("\n".join(python_blocks(page)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}

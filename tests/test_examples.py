@@ -9,6 +9,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -25,6 +27,7 @@ def _run(name, *args):
     return proc.stdout.strip().splitlines()
 
 
+@pytest.mark.slow
 def test_digits_cnn_smoke():
     lines = _run("digits_cnn")
     assert lines[-1].startswith("test accuracy: ")
@@ -33,6 +36,7 @@ def test_digits_cnn_smoke():
     assert last < first
 
 
+@pytest.mark.slow
 def test_next_token_smoke():
     lines = _run("next_token")
     mem = next(line for line in lines if line.startswith("training step temporary memory"))

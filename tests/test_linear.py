@@ -1,5 +1,6 @@
 """linear_cross_entropy against the plain path cross_entropy(h @ W + b, y) differentiated by JAX."""
 
+import compat
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +44,8 @@ def _resolve(kw, y):
 def _temp_bytes(loss, t, d, v, dtype=jnp.float32, layout="dv", mode="grad"):
     """Compiled temporaries at these shapes of value_and_grad(loss) w.r.t. (h, W)
     (``mode="grad"``) or of its jax.jvp in a direction (th, tW) given as inputs."""
+    if compat.JAX < (0, 10):
+        pytest.skip("the block memory model is fitted to XLA in jax >= 0.10")
     hw = (jax.ShapeDtypeStruct((t, d), dtype), jax.ShapeDtypeStruct((d, v) if layout == "dv" else (v, d), dtype))
     y = jax.ShapeDtypeStruct((t,), jnp.int32)
     if mode == "grad":
@@ -55,7 +58,10 @@ def _temp_bytes(loss, t, d, v, dtype=jnp.float32, layout="dv", mode="grad"):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o))
 # (None, None) and (5, None) take the single-pass path for "mean"/"sum".
-@pytest.mark.parametrize("blocks", [(8, 64), (37, 300), (5, 299), (5, None), (None, None)])
+@pytest.mark.parametrize(
+    "blocks",
+    [(8, 64), *(pytest.param(b, marks=pytest.mark.slow) for b in [(37, 300), (5, 299), (5, None), (None, None)])],
+)
 def test_matches_plain_path(opts, reduction, blocks):
     h, w, b, y = _data()
     kw, plain_kw = _resolve(opts, y)
@@ -173,7 +179,9 @@ def _tangents(*xs, seed=5):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o))
-@pytest.mark.parametrize("blocks", [(8, 64), (5, 299), (None, None)])
+@pytest.mark.parametrize(
+    "blocks", [(8, 64), *(pytest.param(b, marks=pytest.mark.slow) for b in [(5, 299), (None, None)])]
+)
 def test_forward_mode_matches_plain_path(opts, reduction, blocks):
     h, w, b, y = _data()
     kw, plain_kw = _resolve(opts, y)
@@ -187,7 +195,10 @@ def test_forward_mode_matches_plain_path(opts, reduction, blocks):
     out_ref, t_ref = jax.jvp(plain, args, tans)
     for x, x_ref in zip(jax.tree.leaves((out, t_out)), jax.tree.leaves((out_ref, t_ref))):
         np.testing.assert_allclose(x, x_ref, rtol=2e-4, atol=2e-5)
-    # Reverse mode still works in this mode (JAX transposes the JVP).
+    # Reverse mode also works in this mode (JAX transposes the JVP), on jax
+    # >= 0.10: jax 0.6.2's scan transpose fails on it (documented).
+    if not compat.reverse_through_jvp:
+        return
     loss = lambda f: lambda *a: jnp.sum(f(*a)[0])
     for g, g_ref in zip(jax.grad(loss(fused), (0, 1, 2))(*args), jax.grad(loss(plain), (0, 1, 2))(*args)):
         np.testing.assert_allclose(g, g_ref, rtol=2e-4, atol=2e-6)
@@ -225,6 +236,8 @@ def test_forward_mode_with_some_inputs_fixed_in_float64(perturbed, layout):
 
 
 def test_forward_mode_hessian_vector_product_and_jacfwd_in_float64():
+    if not compat.reverse_through_jvp:
+        pytest.skip("reverse mode through derivative='jvp' needs jax >= 0.10")
     h, w, b, y = _data(np.float64)
     y = jnp.abs(y) % V
     fused = lambda h, w, b: jaxsce.linear_cross_entropy(

@@ -41,6 +41,10 @@ OPTION_VALUES = {
 }
 SINGLES = [(k,) for k in OPTION_VALUES]
 PAIRS = list(itertools.combinations(OPTION_VALUES, 2))
+# Every option alone runs in the fast set; every pair of options in the slow one.
+OPTION_SETS = [pytest.param(n, id="+".join(n) or "plain") for n in [(), *SINGLES]] + [
+    pytest.param(n, id="+".join(n), marks=pytest.mark.slow) for n in PAIRS
+]
 
 
 def _kwargs(names, soft):
@@ -60,7 +64,7 @@ def _np_kwargs(kw):
 
 @pytest.mark.parametrize("soft", [False, True], ids=["class_ids", "probs"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("names", [()] + SINGLES + PAIRS, ids=lambda n: "+".join(n) or "plain")
+@pytest.mark.parametrize("names", OPTION_SETS)
 def test_value_and_grad_against_float64_references(names, reduction, soft):
     logits, labels = _inputs(soft)
     kw = _kwargs(names, soft)
@@ -83,7 +87,7 @@ def test_value_and_grad_against_float64_references(names, reduction, soft):
 
 
 @pytest.mark.parametrize("soft", [False, True], ids=["class_ids", "probs"])
-@pytest.mark.parametrize("names", [()] + SINGLES + PAIRS, ids=lambda n: "+".join(n) or "plain")
+@pytest.mark.parametrize("names", OPTION_SETS)
 def test_jvp_mode_hessian_and_jvp_match_naive(names, soft):
     logits, labels = _inputs(soft, seed=2)
     logits, labels = logits[:4], labels[:4]
@@ -213,6 +217,7 @@ def test_low_precision_accumulates_in_float32(dtype):
     np.testing.assert_allclose(np.asarray(g, np.float32), g32, rtol=1e-1, atol=1e-5)
 
 
+@pytest.mark.slow
 @settings(max_examples=30, deadline=None)
 @given(
     names=st.sets(st.sampled_from(sorted(OPTION_VALUES)), max_size=4),

@@ -4,6 +4,7 @@ Label dtypes, NaN in masked tokens, empty and symbolic shapes, traced and
 static options, check_labels. (Sharded cases live in test_sharded.py.)
 """
 
+import compat
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,6 +112,8 @@ PATHS = {
 def test_masked_or_ignored_token_with_nan_hidden_state_gets_exact_zero_gradients(path, layout):
     """A masked token's NaN hidden state made d_W NaN (h^T @ ds computed
     NaN * 0) on every path, and d_hidden NaN in derivative="jvp" mode."""
+    if path == "jvp" and not compat.reverse_through_jvp:
+        pytest.skip("reverse mode through derivative='jvp' needs jax >= 0.10")
     rng = np.random.default_rng(4)
     t, d, v = 11, 6, 40
     h = rng.normal(size=(t, d))
@@ -142,7 +145,7 @@ def test_masked_or_ignored_token_with_nan_hidden_state_gets_exact_zero_gradients
 def test_int64_host_labels_that_x64_off_jax_would_wrap_are_an_error():
     """With x64 disabled JAX wraps int64 labels to int32 at the jit boundary:
     2**32 + 1 became class 1."""
-    with jax.enable_x64(False):
+    with compat.enable_x64(False):
         logits = _logits(2, 5, dtype=np.float32)
         with pytest.raises(ValueError, match=r"4294967297 at flat index 0"):
             jaxsce.cross_entropy(logits, np.array([2**32 + 1, 1], np.int64))
