@@ -267,8 +267,8 @@ def _rows_jvp_rule(primals, tangents):
         jnp.zeros_like(w_y),
     )
     # Tangents carry their primals' sharding types (jax < 0.7 checks this).
-    tangent_out = tuple(_spmd.vary_like(t, p) for t, p in zip(tangent_out, outputs))
-    return outputs, tangent_out
+    d_ce, d_lse, d_hit, d_w = (_spmd.vary_like(t, p) for t, p in zip(tangent_out, outputs))
+    return outputs, (d_ce, d_lse, d_hit, d_w)
 
 
 def _is_symbolic_zero(x) -> bool:

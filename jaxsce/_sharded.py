@@ -57,7 +57,9 @@ def _run(fn, mesh: Mesh, specs, out_specs, args, check_vma: bool):
     if explicit:
         reshard = getattr(jax.sharding, "reshard", None)  # jax >= 0.7
         if reshard is None:
-            from jax.experimental.shard import reshard  # jax 0.6
+            import importlib
+
+            reshard = importlib.import_module("jax.experimental.shard").reshard  # jax 0.6
         args = tuple(
             a if s is None else reshard(a, jax.sharding.NamedSharding(mesh, s)) for a, s in zip(args, in_specs)
         )
