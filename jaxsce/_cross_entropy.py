@@ -158,17 +158,19 @@ def cross_entropy(
     _labels.check_host_labels(labels)
     static = dict(
         axis=_options.axis(axis),
-        reduction=_options.choice(reduction, "reduction", _options.REDUCTIONS),
-        ignore_index=_options.ignore_index(ignore_index),
-        return_aux=_options.flag(return_aux, "return_aux"),
-        derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
-        axis_name=_options.mesh_axes(axis_name, "axis_name"),
-        batch_axis_name=_options.mesh_axes(batch_axis_name, "batch_axis_name"),
-        check_labels=(checked := _options.flag(check_labels, "check_labels")),
+        **_options.shared(
+            reduction=reduction,
+            ignore_index=ignore_index,
+            return_aux=return_aux,
+            derivative=derivative,
+            axis_name=axis_name,
+            batch_axis_name=batch_axis_name,
+            check_labels=check_labels,
+        ),
     )
     fl = _options.floats(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap)
     args = (logits, labels, where, weight, fl)
-    return _options.run(_cross_entropy, args, static, check_labels=checked)
+    return _options.run(_cross_entropy, args, static)
 
 
 @functools.partial(

@@ -684,20 +684,22 @@ def linear_cross_entropy(
     _labels.check_host_labels(labels)
     static = dict(
         weight_layout=_options.choice(weight_layout, "weight_layout", ("dv", "vd")),
-        reduction=_options.choice(reduction, "reduction", _options.REDUCTIONS),
-        ignore_index=_options.ignore_index(ignore_index),
-        return_aux=_options.flag(return_aux, "return_aux"),
         token_block=_options.size(token_block, "token_block"),
         vocab_block=_options.size(vocab_block, "vocab_block"),
         memory_budget=_options.size(memory_budget, "memory_budget", allow_none=False),
-        axis_name=_options.mesh_axes(axis_name, "axis_name"),
-        batch_axis_name=_options.mesh_axes(batch_axis_name, "batch_axis_name"),
-        check_labels=(checked := _options.flag(check_labels, "check_labels")),
-        derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
+        **_options.shared(
+            reduction=reduction,
+            ignore_index=ignore_index,
+            return_aux=return_aux,
+            derivative=derivative,
+            axis_name=axis_name,
+            batch_axis_name=batch_axis_name,
+            check_labels=check_labels,
+        ),
     )
     fl = _options.floats(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap)
     args = (hidden, linear_weight, labels, linear_bias, where, weight, fl)
-    return _options.run(_linear_cross_entropy, args, static, check_labels=checked)
+    return _options.run(_linear_cross_entropy, args, static)
 
 
 @functools.partial(

@@ -89,7 +89,8 @@ def axis(value: Any, name: str = "axis") -> int | tuple[int, ...]:
     return value
 
 
-def ignore_index(value: Any) -> int | None:
+def ignored_class(value: Any) -> int | None:
+    """``ignore_index``: an int or None."""
     if value is None:
         return None
     static(value, "ignore_index")
@@ -105,6 +106,19 @@ def mesh_axes(value: Any, name: str):
     if isinstance(value, list):
         value = tuple(value)
     return static(value, name)
+
+
+def shared(*, reduction, ignore_index, return_aux, derivative, axis_name, batch_axis_name, check_labels) -> dict:
+    """The static options every loss takes, checked; returned by name."""
+    return dict(
+        reduction=choice(reduction, "reduction", REDUCTIONS),
+        ignore_index=ignored_class(ignore_index),
+        return_aux=flag(return_aux, "return_aux"),
+        derivative=choice(derivative, "derivative", DERIVATIVES),
+        axis_name=mesh_axes(axis_name, "axis_name"),
+        batch_axis_name=mesh_axes(batch_axis_name, "batch_axis_name"),
+        check_labels=flag(check_labels, "check_labels"),
+    )
 
 
 class Floats(NamedTuple):
@@ -199,14 +213,14 @@ def make_options(
     )
 
 
-def run(fn: Callable, args: tuple, kwargs: dict, *, check_labels: bool):
+def run(fn: Callable, args: tuple, kwargs: dict[str, Any]):
     """Calls the jitted implementation.
 
     Called eagerly with ``check_labels``, the run-time label check surfaces
     as a plain ``ValueError`` (under the caller's ``jit`` it arrives as the
     runtime error JAX raises, carrying the same message).
     """
-    if not check_labels or any(_is_tracer(x) for x in jax.tree.leaves(args)):
+    if not kwargs["check_labels"] or any(_is_tracer(x) for x in jax.tree.leaves(args)):
         return fn(*args, **kwargs)
     try:
         return jax.block_until_ready(fn(*args, **kwargs))

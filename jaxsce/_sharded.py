@@ -55,11 +55,12 @@ def _run(fn, mesh: Mesh, specs, out_specs, args, check_vma: bool):
     # Auto meshes let shard_map reshard inside jit.
     explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
     if explicit:
-        reshard = getattr(jax.sharding, "reshard", None)  # jax >= 0.7
+        reshard = getattr(jax.sharding, "reshard", None)
         if reshard is None:
-            import importlib
-
-            reshard = importlib.import_module("jax.experimental.shard").reshard  # jax 0.6
+            raise NotImplementedError(
+                f"meshes with Explicit axes need jax >= 0.7, where explicit sharding is public (this is jax "
+                f"{jax.__version__}); build the mesh with axis_types=(jax.sharding.AxisType.Auto, ...)."
+            )
         args = tuple(
             a if s is None else reshard(a, jax.sharding.NamedSharding(mesh, s)) for a, s in zip(args, in_specs)
         )
