@@ -65,6 +65,7 @@ def test_axis_need_not_be_last(axis, dtype):
     np.testing.assert_allclose(jnp.moveaxis(g, axis, -1).reshape(8, 7), g_ref, rtol=TOL[np.dtype(dtype)][1], atol=1e-7)
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None)
 @given(
     batch=st.lists(st.integers(1, 4), min_size=0, max_size=3),

@@ -67,6 +67,7 @@ def test_unsigned_label_above_the_class_count_is_nan_not_a_class():
     assert np.isfinite(per[0]) and np.isfinite(per[1]) and np.isnan(per[2])
 
 
+@pytest.mark.slow
 @settings(max_examples=25, deadline=None)
 @given(
     dtype=st.sampled_from(LABEL_DTYPES),

@@ -70,7 +70,10 @@ def _close(a, b, rtol=1e-10, atol=1e-12):
 
 
 # Forward mode goes through the same sharded kernel; run it on the full option set only.
-CASES = [(name, "vjp") for name in OPTIONS] + [("all", "jvp")]
+# "all" (every option at once) runs in the fast set; each option group alone in the slow set.
+CASES = [
+    pytest.param(name, "vjp", marks=() if name == "all" else pytest.mark.slow, id=f"{name}-vjp") for name in OPTIONS
+] + [pytest.param("all", "jvp", id="all-jvp")]
 
 
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
@@ -116,7 +119,9 @@ def test_probability_targets_equal_unsharded(mesh_shape, check_vma):
 
 
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
-@pytest.mark.parametrize("name,derivative", [("plain", "vjp"), ("all", "vjp"), ("all", "jvp")])
+@pytest.mark.parametrize(
+    "name,derivative", [pytest.param("plain", "vjp", marks=pytest.mark.slow), ("all", "vjp"), ("all", "jvp")]
+)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
 def test_linear_cross_entropy_equals_unsharded(mesh_shape, name, reduction, derivative, check_vma):
