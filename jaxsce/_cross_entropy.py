@@ -157,7 +157,7 @@ def cross_entropy(
     """
     _labels.check_host_labels(labels)
     static = dict(
-        axis=_options.axis(axis),
+        axis=_options.hashable_axes(axis, "axis"),
         **_options.shared(
             reduction=reduction,
             ignore_index=ignore_index,

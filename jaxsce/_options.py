@@ -31,13 +31,9 @@ REDUCTIONS = ("mean", "sum", "none")
 DERIVATIVES = ("vjp", "jvp")
 
 
-def _is_tracer(x) -> bool:
-    return _validate.is_tracer(x)
-
-
 def static(value: Any, name: str) -> Any:
     """A static option: hashable and not traced."""
-    if _is_tracer(value):
+    if _validate.is_tracer(value):
         raise TypeError(
             f"{name} must be a static Python value (it selects the compiled program), "
             f"got a traced value of shape {value.shape}."
@@ -81,14 +77,6 @@ def size(value: Any, name: str, *, allow_none: bool = True) -> int | None:
     return out
 
 
-def axis(value: Any, name: str = "axis") -> int | tuple[int, ...]:
-    """An int or a tuple of ints (a list is accepted and made a tuple)."""
-    if isinstance(value, list):
-        value = tuple(value)
-    static(value, name)
-    return value
-
-
 def ignored_class(value: Any) -> int | None:
     """``ignore_index``: an int or None."""
     if value is None:
@@ -102,7 +90,8 @@ def ignored_class(value: Any) -> int | None:
         raise TypeError(f"ignore_index must be an int or None, got {value!r}.") from None
 
 
-def mesh_axes(value: Any, name: str):
+def hashable_axes(value: Any, name: str):
+    """``axis`` or a mesh axis option: a name/int or a tuple of them (a list becomes a tuple)."""
     if isinstance(value, list):
         value = tuple(value)
     return static(value, name)
@@ -115,8 +104,8 @@ def shared(*, reduction, ignore_index, return_aux, derivative, axis_name, batch_
         ignore_index=ignored_class(ignore_index),
         return_aux=flag(return_aux, "return_aux"),
         derivative=choice(derivative, "derivative", DERIVATIVES),
-        axis_name=mesh_axes(axis_name, "axis_name"),
-        batch_axis_name=mesh_axes(batch_axis_name, "batch_axis_name"),
+        axis_name=hashable_axes(axis_name, "axis_name"),
+        batch_axis_name=hashable_axes(batch_axis_name, "batch_axis_name"),
         check_labels=flag(check_labels, "check_labels"),
     )
 
@@ -143,7 +132,7 @@ def float_option(value: Any, name: str, *, off_when_zero: bool) -> jax.Array | N
         if off_when_zero:
             raise TypeError(f"{name} must be a real number, got None.")
         return None
-    if _is_tracer(value):
+    if _validate.is_tracer(value):
         if value.shape != () or not (
             jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
         ):
@@ -220,7 +209,7 @@ def run(fn: Callable, args: tuple, kwargs: dict[str, Any]):
     as a plain ``ValueError`` (under the caller's ``jit`` it arrives as the
     runtime error JAX raises, carrying the same message).
     """
-    if not kwargs["check_labels"] or any(_is_tracer(x) for x in jax.tree.leaves(args)):
+    if not kwargs["check_labels"] or any(_validate.is_tracer(x) for x in jax.tree.leaves(args)):
         return fn(*args, **kwargs)
     try:
         return jax.block_until_ready(fn(*args, **kwargs))

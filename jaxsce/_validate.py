@@ -16,9 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.core import Tracer
 
-REDUCTIONS = ("mean", "sum", "none")
-DERIVATIVES = ("vjp", "jvp")
-
 
 def is_tracer(x: Any) -> bool:
     """True for a value being traced (by ``jit``, ``grad``, ``shard_map``, ...)."""
@@ -83,40 +80,6 @@ def canonical_axes(axis: int | Sequence[int] | None, ndim: int, name: str = "axi
     return tuple(out)
 
 
-def static_float(
-    value: Any,
-    name: str,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-) -> float:
-    """Converts a static Python number option to float and checks its range."""
-    if is_tracer(value):
-        raise TypeError(
-            f"{name} must be a static Python number (it selects the compiled "
-            f"program), got a traced value of shape {value.shape}."
-        )
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}.") from None
-    if not np.isfinite(out):
-        raise ValueError(f"{name} must be finite, got {out}.")
-    if low is not None and (out < low or (low_open and out == low)):
-        bound = f"> {low}" if low_open else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {out}.")
-    if high is not None and out > high:
-        raise ValueError(f"{name} must be <= {high}, got {out}.")
-    return out
-
-
-def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}.")
-    return value
-
-
 def check_class_weight(class_weight: Any, num_classes: int, name: str = "weight") -> jax.Array:
     """Per-class weights: a floating vector with one entry per class."""
     class_weight = check_floating(class_weight, name)
@@ -125,14 +88,3 @@ def check_class_weight(class_weight: Any, num_classes: int, name: str = "weight"
             f"{name} has shape {tuple(class_weight.shape)} but must have shape ({num_classes},): one weight per class."
         )
     return class_weight
-
-
-def check_ignore_index(ignore_index: Any) -> int | None:
-    if ignore_index is None:
-        return None
-    if isinstance(ignore_index, bool):
-        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}.")
-    try:
-        return operator.index(ignore_index)
-    except TypeError:
-        raise TypeError(f"ignore_index must be an int or None, got {ignore_index!r}.") from None
