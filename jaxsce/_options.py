@@ -223,3 +223,11 @@ def run(fn: Callable, args: tuple, kwargs: dict[str, Any]):
 def check_class_weight(weight, num_classes: int, name: str = "weight"):
     """Per-class weights, treated as constants (no gradient, as in PyTorch)."""
     return jax.lax.stop_gradient(_validate.check_class_weight(weight, num_classes, name))
+
+
+def sample_weights(sample_weight, batch_shape, what: str, dtype):
+    """Per-example weights, flattened, in the compute dtype, as constants (or None)."""
+    if sample_weight is None:
+        return None
+    sw = _validate.check_sample_weight(sample_weight, batch_shape, what)
+    return jax.lax.stop_gradient(sw.reshape(-1).astype(dtype))

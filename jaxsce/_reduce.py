@@ -68,15 +68,22 @@ def make_aux(lse, z_term, correct, valid, batch_axes) -> LossAux:
     return LossAux(lse=lse, z_loss=z_term, accuracy=accuracy, count=count)
 
 
-def finish(outputs, valid, z_loss, reduction: str, *, return_aux: bool, batch_axis_name, batch_shape):
-    """Adds the z-loss to a kernel's per-example outputs, reduces, builds the aux.
+def finish(
+    outputs, valid, z_loss, reduction: str, *, sample_weight=None, return_aux: bool, batch_axis_name, batch_shape
+):
+    """Adds the z-loss to a kernel's per-example outputs, weights, reduces, builds the aux.
 
     ``outputs`` are the kernels' ``(ce, lse, correct, w_y)`` over the
-    flattened examples; ``z_loss`` is None (off) or a 0-d array.
+    flattened examples; ``z_loss`` is None (off) or a 0-d array;
+    ``sample_weight`` None or per-example weights ``s`` (constants): the
+    loss is ``s * (ce + z-loss)`` and its share of the mean's denominator
+    ``s * w_y``. The aux outputs are not weighted.
     """
     ce, lse, correct, w_y = outputs
     z_term = jnp.zeros_like(lse) if z_loss is None else z_loss * jnp.square(lse)
     per_example = ce if z_loss is None else ce + z_term
+    if sample_weight is not None:
+        per_example, w_y = per_example * sample_weight, w_y * sample_weight
     loss = reduce_loss(per_example, w_y, reduction, batch_axis_name)
     if reduction == "none":
         loss = loss.reshape(batch_shape)

@@ -88,3 +88,13 @@ def check_class_weight(class_weight: Any, num_classes: int, name: str = "weight"
             f"{name} has shape {tuple(class_weight.shape)} but must have shape ({num_classes},): one weight per class."
         )
     return class_weight
+
+
+def check_sample_weight(sample_weight: Any, shape: tuple[int, ...], what: str) -> jax.Array:
+    """Per-example weights: floating, of exactly the batch ``shape``."""
+    sample_weight = check_floating(sample_weight, "sample_weight")
+    if tuple(sample_weight.shape) != tuple(shape):
+        raise ValueError(
+            f"sample_weight has shape {tuple(sample_weight.shape)} but must have shape {tuple(shape)} ({what})."
+        )
+    return sample_weight

@@ -16,3 +16,45 @@ import jax  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+# --- the fast set ------------------------------------------------------------------
+# `make test` runs the tests not marked slow; CI also runs the slow set, so the
+# two together run every case. Most slow marks sit on the parameters; the
+# rules below thin out matrices whose parameters are crossed, keeping each
+# value of every parameter in the fast set but not every combination.
+
+_PAIRS = {("mean", "vjp"), ("none", "jvp")}
+
+
+def _slow_case(name: str, params: dict) -> bool:
+    if name in ("test_cross_entropy_equals_unsharded", "test_linear_cross_entropy_equals_unsharded"):
+        # Each (reduction, derivative) pair in one check_vma mode, alternating.
+        paired = (params["reduction"] == "mean") == (params["derivative"] == "vjp")
+        return params["check_vma"] != paired
+    if name == "test_unchecked_shard_map_gradients_are_not_divided_by_the_shard_count":
+        return (params["reduction"], params["derivative"]) not in _PAIRS
+    if name == "test_forward_mode_matches_plain_path":
+        return params["reduction"] != "none"
+    if name == "test_export_with_a_symbolic_token_count":
+        return bool(params["kw"])
+    return False
+
+
+_SLOW_TESTS = {
+    # The fused path's Hessian-vector product and jacfwd (17 s); the logit
+    # level's Hessians stay in the fast set.
+    "test_forward_mode_hessian_vector_product_and_jacfwd_in_float64",
+}
+
+
+import pytest  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    for item in items:
+        name = getattr(item, "originalname", item.name)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if name in _SLOW_TESTS or (params and _slow_case(name, params)):
+            item.add_marker(pytest.mark.slow)
