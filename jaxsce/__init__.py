@@ -6,6 +6,8 @@ modules, one per concern.
 
 from ._cross_entropy import cross_entropy as cross_entropy
 from ._linear import linear_cross_entropy as linear_cross_entropy
+from ._log_probs import linear_log_probs as linear_log_probs
+from ._log_probs import log_probs as log_probs
 from ._reduce import LossAux as LossAux
 from ._sharded import sharded_cross_entropy as sharded_cross_entropy
 from ._sharded import sharded_linear_cross_entropy as sharded_linear_cross_entropy
@@ -19,6 +21,8 @@ __all__ = [
     "LossAux",
     "cross_entropy",
     "linear_cross_entropy",
+    "linear_log_probs",
+    "log_probs",
     "log_softmax",
     "logsumexp",
     "sharded_cross_entropy",

@@ -154,6 +154,45 @@ class CrossEntropyRows(_stream.RowLoss):
 CROSS_ENTROPY = CrossEntropyRows()
 
 
+def check_head(hidden, weight, bias, layout: str, prefix: str = "", linear: str = "linear_") -> tuple[Head, int]:
+    """Checks one linear head; returns it with the tokens flattened, and its (local) vocabulary size.
+
+    ``prefix`` and ``linear`` build the argument names in messages:
+    ``hidden``/``linear_weight``/``linear_bias``, or ``student_hidden``/...
+    """
+    names = (f"{prefix}hidden", f"{prefix}{linear}weight", f"{prefix}{linear}bias")
+    hidden = _validate.check_floating(hidden, names[0])
+    weight = _validate.check_floating(weight, names[1])
+    if hidden.ndim < 1:
+        raise ValueError(f"{names[0]} must have shape [..., d], got shape {hidden.shape}.")
+    if weight.ndim != 2:
+        raise ValueError(f"{names[1]} must be 2-D ([d, V] or [V, d]), got shape {weight.shape}.")
+    d = hidden.shape[-1]
+    wd, v_local = (weight.shape[0], weight.shape[1]) if layout == "dv" else (weight.shape[1], weight.shape[0])
+    if wd != d:
+        raise ValueError(
+            f"{names[0]} has feature size {d} (shape {hidden.shape}) but {names[1]} of shape "
+            f"{weight.shape} with weight_layout={layout!r} has input size {wd}."
+        )
+    if v_local == 0:
+        raise ValueError(f"{names[1]} of shape {weight.shape} (weight_layout={layout!r}) has no classes.")
+    if bias is not None:
+        bias = _validate.check_floating(bias, names[2])
+        if bias.shape != (v_local,):
+            raise ValueError(f"{names[2]} has shape {bias.shape} but must have shape ({v_local},).")
+    return Head(hidden.reshape(math.prod(hidden.shape[:-1]), d), weight, bias), v_local
+
+
+def check_class_ids(labels, batch_shape, hidden_shape):
+    """Integer class ids of the tokens' shape."""
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype} with shape {labels.shape}.")
+    if labels.shape != batch_shape:
+        raise ValueError(f"labels have shape {labels.shape} but hidden of shape {hidden_shape} needs {batch_shape}.")
+    return labels
+
+
 def linear_cross_entropy(
     hidden: jax.Array,
     linear_weight: jax.Array,
@@ -332,36 +371,14 @@ def _linear_cross_entropy(
     derivative,
 ):
     layout = weight_layout
-    hidden = _validate.check_floating(hidden, "hidden")
-    weight = _validate.check_floating(weight, "linear_weight")
-    if hidden.ndim < 1:
-        raise ValueError(f"hidden must have shape [..., d], got shape {hidden.shape}.")
-    if weight.ndim != 2:
-        raise ValueError(f"linear_weight must be 2-D ([d, V] or [V, d]), got shape {weight.shape}.")
-    d = hidden.shape[-1]
-    wd, v_local = (weight.shape[0], weight.shape[1]) if layout == "dv" else (weight.shape[1], weight.shape[0])
-    if wd != d:
-        raise ValueError(
-            f"hidden has feature size {d} (shape {hidden.shape}) but linear_weight of shape "
-            f"{weight.shape} with weight_layout={layout!r} has input size {wd}."
-        )
-    if v_local == 0:
-        raise ValueError(f"linear_weight of shape {weight.shape} (weight_layout={layout!r}) has no classes.")
-    if bias is not None:
-        bias = _validate.check_floating(bias, "linear_bias")
-        if bias.shape != (v_local,):
-            raise ValueError(f"linear_bias has shape {bias.shape} but must have shape ({v_local},).")
-    labels = jnp.asarray(labels)
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype} with shape {labels.shape}.")
+    head, v_local = check_head(hidden, weight, bias, layout)
     batch_shape = hidden.shape[:-1]
-    if labels.shape != batch_shape:
-        raise ValueError(f"labels have shape {labels.shape} but hidden of shape {hidden.shape} needs {batch_shape}.")
+    labels = check_class_ids(labels, batch_shape, hidden.shape)
     _spmd.check_split_axes("linear_weight", weight, labels, "labels", axis_name, batch_axis_name)
 
     n = math.prod(batch_shape)
     num_classes = v_local * _spmd.axis_size(axis_name)
-    h2 = hidden.reshape(n, d)
+    h2, weight, bias = head
     valid = jnp.ones(n, bool)
     if where is not None:
         valid = _validate.check_mask(where, batch_shape, "where", "hidden.shape[:-1]").reshape(n)

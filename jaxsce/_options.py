@@ -123,6 +123,7 @@ _RANGES = {
     "label_smoothing": (0.0, 1.0, False),
     "z_loss": (0.0, None, False),
     "logit_softcap": (0.0, None, True),
+    "temperature": (0.0, None, True),
 }
 
 
@@ -166,7 +167,7 @@ def floats(*, label_smoothing: Any = 0.0, z_loss: Any = 0.0, logit_softcap: Any 
     )
 
 
-def in_dtype(fl: Floats, dtype) -> Floats:
+def in_dtype(fl, dtype):
     """The float options in the compute dtype, NaN where a traced value is out of range.
 
     They are constants for differentiation (like class weights): a schedule
@@ -183,7 +184,7 @@ def in_dtype(fl: Floats, dtype) -> Floats:
             ok = ok & (x <= high)
         return jnp.where(ok, x, jnp.nan)
 
-    return Floats(*(conv(name, x) for name, x in zip(Floats._fields, fl)))
+    return type(fl)(*(conv(name, x) for name, x in zip(fl._fields, fl)))
 
 
 def make_options(
@@ -231,3 +232,13 @@ def sample_weights(sample_weight, batch_shape, what: str, dtype):
         return None
     sw = _validate.check_sample_weight(sample_weight, batch_shape, what)
     return jax.lax.stop_gradient(sw.reshape(-1).astype(dtype))
+
+
+def temperature(value: Any) -> jax.Array | None:
+    """``temperature > 0`` as a 0-d array; None for a concrete 1 (no division)."""
+    out = float_option(value, "temperature", off_when_zero=False)
+    if out is None:
+        raise TypeError("temperature must be a positive real number, got None.")
+    if not _validate.is_tracer(value) and float(out) == 1.0:
+        return None
+    return out

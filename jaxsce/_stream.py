@@ -320,11 +320,12 @@ class Shards(NamedTuple):
 
 
 class GradBlock(NamedTuple):
-    """What a loss sees of one block in the backward pass: per head ``s`` and
-    ``p = softmax(s)`` entries, and as in :class:`Block`."""
+    """What a loss sees of one block in the backward pass: per head ``s``,
+    ``p = softmax(s)`` entries and the rows' ``lse``; the rest as in :class:`Block`."""
 
     s: tuple
     p: tuple
+    lse: tuple
     col0: Any
     rows: Any
     cols: Any
@@ -588,7 +589,7 @@ def _rows_bwd(st: Static, saved, cts):
             p = tuple(jnp.exp(x - lv[:, None]) for x, lv in zip(s, sl(lse)))
             ok = sl(valid) & fresh_row
             blk_cts = tuple(None if g is None else jnp.where(fresh_row, sl(g), 0) for g in cts)
-            gblk = GradBlock(s, p, v0 + shard0, sl(rows_data), cols_blk)
+            gblk = GradBlock(s, p, sl(lse), v0 + shard0, sl(rows_data), cols_blk)
             ds = k.transform_grad(s[0], k.grad(gblk, sl(res), blk_cts, consts), 0, consts)
             # Rows not counted (masked, ignored, or repeated by a clamped
             # block) contribute exactly 0, even if their hidden state is NaN.
@@ -705,7 +706,7 @@ def _whole_bwd(k: RowLoss, saved, cts):
     s = tuple(k.transform(z.astype(ct), n, consts) for n, z in enumerate(z_heads))
     p = tuple(jnp.exp(x - lv[:, None]) for x, lv in zip(s, lse))
     col0 = shard_col0(z_heads[0].shape[1], k.vocab_axis(consts))
-    ds = k.grad(GradBlock(s, p, col0, rows_data, cols), res, cts, consts)
+    ds = k.grad(GradBlock(s, p, lse, col0, rows_data, cols), res, cts, consts)
     dz = jnp.where(valid[:, None], k.transform_grad(s[0], ds, 0, consts), 0).astype(z_heads[0].dtype)
     return (dz,) + tuple(None for _ in z_heads[1:]), None, None, None, None
 
@@ -750,7 +751,8 @@ def _total_forward(heads: tuple[Head, ...], valid, rows_data, cols, consts, st: 
         denom = denom + jnp.sum(jnp.where(ok, norm, 0).astype(ct))
         cts = tuple(None if g is None else jnp.where(ok, g, 0).astype(ct) for g in cts)
         p = tuple(jnp.exp(x - lv[:, None]) for x, lv in zip(s, stats.lse))
-        ds = k.transform_grad(s[0], k.grad(GradBlock(tuple(s), p, 0, rows_blk, cols), res, cts, consts), 0, consts)
+        gblk = GradBlock(tuple(s), p, stats.lse, 0, rows_blk, cols)
+        ds = k.transform_grad(s[0], k.grad(gblk, res, cts, consts), 0, consts)
         ds = jnp.where(ok[:, None], ds, 0)
         w_contract = 1 if layout == "dv" else 0
         w = h0.weight

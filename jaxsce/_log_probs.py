@@ -1,0 +1,411 @@
+r"""``log_probs`` and ``linear_log_probs``: per-token log-probabilities and entropy.
+
+With ``s = softcap(z) / T`` (``T`` the temperature), ``p = softmax(s)`` and
+``lse = log sum_c exp(s_c)``, per token:
+
+.. math::
+    \log p_y = s_y - \mathrm{lse}, \qquad
+    H = -\sum_c p_c \log p_c = \mathrm{lse} - \sum_c p_c s_c .
+
+Gradients with respect to ``s`` for cotangents ``g`` (of ``log p_y``) and
+``g_H`` (of ``H``):
+
+.. math::
+    \frac{\partial \log p_y}{\partial s} = e_y - p, \qquad
+    \frac{\partial H}{\partial s_c} = -p_c (\log p_c + H),
+
+since ``d lse / d s = p`` and ``d (sum_c p_c s_c) / d s_c = p_c (1 + s_c - sum_k p_k s_k)``.
+Then ``ds/dz = (1 - tanh^2(z / cap)) / T``.
+
+Both are an instance of the streaming engine (``_stream``): the sums per
+row are the label's ``s_y`` and, for the entropy, ``A = sum_c exp(s_c - m)
+(s_c - m)`` relative to the running max ``m``. When ``m`` moves to ``m'``,
+``A' = exp(m - m') (A + (m - m') se)`` with ``se`` the sum of exponentials;
+then ``H = log se - A / se``. Both terms are of order ``log V`` whatever the
+logits' scale, so a confident row's small entropy is not the difference of
+two large numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from . import _labels, _options, _spmd, _stream, _validate
+from ._linear import check_class_ids, check_head
+from ._stream import DEFAULT_MEMORY_BUDGET
+from ._targets import block_hits, label_entry
+
+AxisName = str | tuple[str, ...] | None
+
+
+class Tempered(NamedTuple):
+    """The traced transform parameters: soft cap and temperature (None: off)."""
+
+    logit_softcap: jax.Array | None = None
+    temperature: jax.Array | None = None
+
+
+def tempered(z, c: Tempered):
+    """``softcap(z) / T``."""
+    if c.logit_softcap is not None:
+        z = c.logit_softcap * jnp.tanh(z / c.logit_softcap)
+    return z if c.temperature is None else z / c.temperature
+
+
+def tempered_grad(s, ds, c: Tempered):
+    """``ds * d s / d z`` written with ``s``: ``(1 - (s T / cap)^2) / T``."""
+    if c.temperature is not None:
+        ds = ds / c.temperature
+    if c.logit_softcap is not None:
+        capped = s if c.temperature is None else s * c.temperature
+        ds = ds * (1 - jnp.square(capped / c.logit_softcap))
+    return ds
+
+
+def entropy_sum(a, blk: _stream.Block, head: int = 0):
+    """One block's update of ``A = sum_c exp(s_c - m)(s_c - m)`` (``0 log 0 = 0``)."""
+    e, s, m = blk.e[head], blk.s[head], blk.m[head]
+    here = jnp.sum(jnp.where(e > 0, e * (s - m[:, None]), 0), axis=-1)
+    before = blk.rescale[head] * (a + blk.shift[head] * blk.se_before[head])
+    return jnp.where(blk.se_before[head] > 0, before, 0) + here
+
+
+def entropy_to_global(a, sh: _stream.Shards, head: int = 0):
+    """A shard's ``A`` relative to the global max: ``scale (A + (m_local - m) se_local)``."""
+    return sh.scale[head] * (a + (sh.m_local[head] - sh.m_global[head]) * sh.se_local[head])
+
+
+def in_block(y, blk):
+    """The class id lies in the block's columns not counted by an earlier block."""
+    return (y >= blk.fresh_col0) & (y < blk.col0 + blk.s[0].shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class LogProbRows(_stream.RowLoss):
+    """``(log p_y,)`` or ``(log p_y, H)`` per row; see the module docstring."""
+
+    num_classes: int
+    entropy: bool
+    axis: AxisName = None
+    is_unchecked: bool = False
+
+    @property
+    def differentiable(self):  # type: ignore[override]
+        return (0, 1) if self.entropy else (0,)
+
+    def vocab_axis(self, c):
+        return self.axis
+
+    def unchecked(self, c) -> bool:
+        return self.is_unchecked
+
+    def transform(self, z, head, c: Tempered):
+        return tempered(z, c)
+
+    def transform_grad(self, s, ds, head, c: Tempered):
+        return tempered_grad(s, ds, c)
+
+    def init(self, tb, ct, c, forward_mode: bool):
+        zeros = jnp.zeros((tb,), ct)
+        return ((zeros, zeros) if self.entropy else (zeros,)), ()
+
+    def accumulate(self, acc, blk: _stream.Block, c):
+        sums, _ = acc
+        y = blk.rows
+        s_y = sums[0] + jnp.where(in_block(y, blk), label_entry(blk.s[0], y, blk.col0), 0)
+        if not self.entropy:
+            return (s_y,), ()
+        return (s_y, entropy_sum(sums[1], blk)), ()
+
+    def to_global(self, acc, sh: _stream.Shards, c):
+        sums, _ = acc
+        if not self.entropy:
+            return sums, ()
+        return (sums[0], entropy_to_global(sums[1], sh)), ()
+
+    def finish(self, stats: _stream.Stats, acc, rows, cols, c):
+        sums, _ = acc
+        y = rows
+        bad = (y < 0) | (y >= self.num_classes) | (stats.m[0] == jnp.inf)
+        log_p = jnp.where(bad, jnp.nan, sums[0] - stats.lse[0])
+        if not self.entropy:
+            return (log_p,), (), None
+        se = stats.se[0]
+        h = jnp.log(se) - sums[1] / se
+        h = jnp.where(stats.m[0] == jnp.inf, jnp.nan, h)
+        return (log_p, h), (h,), None
+
+    def grad(self, blk: _stream.GradBlock, res, cts, c):
+        p, s, y = blk.p[0], blk.s[0], blk.rows
+        g = cts[0]
+        # A counted row with a label outside [0, C) gets a NaN gradient.
+        g = jnp.where((y < 0) | (y >= self.num_classes), jnp.nan, g)
+        hit = block_hits(y, blk.col0, p.shape[-1])
+        coef = g[:, None]
+        if self.entropy:
+            (h,), g_h = res, cts[1]
+            log_p = jnp.where(p > 0, s - blk.lse[0][:, None], 0)  # 0 log 0 = 0
+            coef = coef + g_h[:, None] * (log_p + h[:, None])
+        return jnp.where(hit, g[:, None], 0) - p * coef
+
+
+def log_probs(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    axis: int | Sequence[int] = -1,
+    temperature: float | jax.Array = 1.0,
+    logit_softcap: float | jax.Array | None = None,
+    where: jax.Array | None = None,
+    return_entropy: bool = False,
+    axis_name: AxisName = None,
+    check_labels: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    r"""Log-probability of each label, and optionally the entropy, with analytic gradients.
+
+    With :math:`s = \mathrm{softcap}(z) / T` and :math:`p = \mathrm{softmax}(s)`:
+
+    .. math::
+        \log p_y = s_y - \log \textstyle\sum_c e^{s_c}, \qquad
+        H = -\textstyle\sum_c p_c \log p_c,
+
+    with :math:`0 \log 0 = 0`. The gradients come from a ``jax.custom_vjp``
+    for any cotangents of both outputs:
+    :math:`\partial \log p_y / \partial s = e_y - p` and
+    :math:`\partial H / \partial s_c = -p_c (\log p_c + H)`, then
+    :math:`\partial s / \partial z = (1 - \tanh^2(z / \mathrm{cap})) / T`.
+    The backward recomputes :math:`p` from the logits and one number per
+    example: nothing of the logits' size is saved. These are the policy
+    terms of RL fine-tuning (REINFORCE, PPO, GRPO): ``log_probs`` of the
+    sampled tokens and the entropy bonus.
+
+    Args:
+      logits: floating array ``[..., C, ...]``.
+      labels: integer class ids of ``logits.shape`` without ``axis``.
+      axis: class axis, or tuple of axes (as in :func:`jaxsce.cross_entropy`).
+      temperature: :math:`T > 0` (may be traced, e.g. a schedule; it gets no
+        gradient).
+      logit_softcap: :math:`\mathrm{cap} > 0` or None (may be traced).
+      where: boolean mask of the batch shape: examples where it is False
+        give exactly 0 (value and gradient), even if their logits are NaN.
+      return_entropy: also return :math:`H` per example.
+      axis_name: mesh axis splitting the classes inside ``jax.shard_map``
+        (``logits`` is then the local shard); the result is the same on
+        every shard, from one ``pmax`` and one ``psum`` of one or two
+        numbers per example.
+      check_labels: raise at run time on a counted label outside ``[0, C)``
+        (as in :func:`jaxsce.cross_entropy`); without it such an example
+        gives NaN.
+
+    Returns:
+      ``log_probs`` with the batch shape, float32 for 16- and 32-bit logits
+      (float64 for float64); with ``return_entropy``, ``(log_probs, entropy)``.
+
+    Raises:
+      TypeError: non-floating logits, non-integer labels, a traced static option.
+      ValueError: shapes that do not fit (named), no classes, an option out of range.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxsce
+      >>> z = jnp.log(jnp.array([[0.5, 0.25, 0.25]]))
+      >>> lp, h = jaxsce.log_probs(z, jnp.array([0]), return_entropy=True)
+      >>> print(f"{lp[0]:.4f} {h[0]:.4f}")  # log 0.5, 1.5 log 2
+      -0.6931 1.0397
+    """
+    _labels.check_host_labels(labels)
+    static = dict(
+        axis=_options.hashable_axes(axis, "axis"),
+        return_entropy=_options.flag(return_entropy, "return_entropy"),
+        axis_name=_options.hashable_axes(axis_name, "axis_name"),
+        check_labels=_options.flag(check_labels, "check_labels"),
+    )
+    tp = transform_options(logit_softcap, temperature)
+    return _options.run(_log_probs, (logits, labels, where, tp), static)
+
+
+def transform_options(logit_softcap, temperature) -> Tempered:
+    return Tempered(
+        logit_softcap=_options.float_option(logit_softcap, "logit_softcap", off_when_zero=False),
+        temperature=_options.temperature(temperature),
+    )
+
+
+def _outputs(outputs, batch_shape, return_entropy: bool):
+    out = tuple(o.reshape(batch_shape) for o in outputs)
+    return out if return_entropy else out[0]
+
+
+@functools.partial(jax.jit, static_argnames=("axis", "return_entropy", "axis_name", "check_labels"))
+def _log_probs(logits, labels, where, tp: Tempered, *, axis, return_entropy, axis_name, check_labels):
+    logits = _validate.check_floating(logits, "logits")
+    axes = _validate.canonical_axes(axis, logits.ndim)
+    batch_shape = tuple(d for i, d in enumerate(logits.shape) if i not in axes)
+    local_classes = math.prod(logits.shape[a] for a in axes)
+    if local_classes == 0:
+        raise ValueError(f"logits of shape {logits.shape} have no classes along axis={axis!r} (the class axis).")
+    labels = jnp.asarray(labels)
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype} with shape {labels.shape}.")
+    if labels.shape != batch_shape:
+        raise ValueError(
+            f"labels have shape {labels.shape}, but logits of shape {logits.shape} with class axis "
+            f"{axis} need shape {batch_shape}."
+        )
+    _spmd.check_split_axes("logits", logits, labels, "labels", axis_name, None)
+    n = math.prod(batch_shape)
+    num_classes = local_classes * _spmd.axis_size(axis_name)
+    perm = [i for i in range(logits.ndim) if i not in axes] + list(axes)
+    z = jnp.transpose(logits, perm).reshape(n, local_classes)
+    valid = jnp.ones(n, bool)
+    if where is not None:
+        valid = _validate.check_mask(where, batch_shape, "where", "the batch shape: logits.shape without axis")
+        valid = valid.reshape(n)
+    y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, None, check_labels)
+    tp = _options.in_dtype(tp, _validate.compute_dtype(z.dtype))
+    k = LogProbRows(num_classes, return_entropy, axis_name, _spmd.unchecked(axis_name))
+    outputs = _stream.whole_rows((z,), valid, y, None, tp, k)
+    return _outputs(outputs, batch_shape, return_entropy)
+
+
+def linear_log_probs(
+    hidden: jax.Array,
+    linear_weight: jax.Array,
+    labels: jax.Array,
+    *,
+    linear_bias: jax.Array | None = None,
+    weight_layout: str = "dv",
+    temperature: float | jax.Array = 1.0,
+    logit_softcap: float | jax.Array | None = None,
+    where: jax.Array | None = None,
+    return_entropy: bool = False,
+    token_block: int | None = None,
+    vocab_block: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    axis_name: AxisName = None,
+    check_labels: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    r"""Fused :func:`jaxsce.log_probs` of ``hidden @ linear_weight + linear_bias`` that never builds the logits.
+
+    The same outputs and gradients as :func:`jaxsce.log_probs` of the logits
+    :math:`z = h W + b`, computed from ``[token_block, vocab_block]`` blocks
+    of :math:`z` only: a streaming forward (one matmul pass, an online
+    log-sum-exp and entropy sum per token), and a backward that recomputes
+    the blocks (three matmul passes) for any cotangents of the log-probs and
+    the entropy, e.g. a policy-gradient objective
+    ``-mean(advantage * logp) - beta * mean(entropy)``. Gradients for
+    ``hidden``, ``linear_weight`` and ``linear_bias``:
+    :math:`\partial h = \partial z\,W^\top`, :math:`\partial W = h^\top \partial z`,
+    :math:`\partial b = \sum_n \partial z_n`.
+
+    Args:
+      hidden: ``[..., d]`` floating (float32, bfloat16, float16).
+      linear_weight: ``[d, V]`` (``weight_layout="dv"``) or ``[V, d]``
+        (``"vd"``), as in :func:`jaxsce.linear_cross_entropy`.
+      labels: integer class ids (the sampled tokens) of ``hidden.shape[:-1]``.
+      linear_bias: optional ``[V]``.
+      weight_layout: ``"dv"`` or ``"vd"``.
+      temperature, logit_softcap, where, return_entropy, check_labels: as in
+        :func:`jaxsce.log_probs`.
+      token_block, vocab_block, memory_budget: as in
+        :func:`jaxsce.linear_cross_entropy`.
+      axis_name: mesh axis splitting the vocabulary inside ``jax.shard_map``:
+        the vocabulary axis of ``linear_weight`` (and ``linear_bias``) is the
+        local shard. Communication is one ``pmax`` and one ``psum`` of two or
+        three numbers per token.
+
+    Returns:
+      As :func:`jaxsce.log_probs`: float32 (float64 for float64 inputs) of
+      ``hidden.shape[:-1]``. Gradients are in the inputs' dtypes; matmuls
+      accumulate in float32.
+
+    Raises:
+      TypeError: non-floating ``hidden``/``linear_weight``/``linear_bias``,
+        non-integer labels, a traced static option.
+      ValueError: shapes that do not fit (named), no classes, an option out of range.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxsce
+      >>> h = jnp.ones((2, 8), jnp.float32)
+      >>> w = jnp.zeros((8, 1000), jnp.float32)
+      >>> lp, ent = jaxsce.linear_log_probs(h, w, jnp.array([3, 7]), return_entropy=True)
+      >>> print(f"{lp[0]:.4f} {ent[0]:.4f}")  # uniform: -log 1000, log 1000
+      -6.9078 6.9078
+    """
+    _labels.check_host_labels(labels)
+    static = dict(
+        weight_layout=_options.choice(weight_layout, "weight_layout", ("dv", "vd")),
+        return_entropy=_options.flag(return_entropy, "return_entropy"),
+        token_block=_options.size(token_block, "token_block"),
+        vocab_block=_options.size(vocab_block, "vocab_block"),
+        memory_budget=_options.size(memory_budget, "memory_budget", allow_none=False),
+        axis_name=_options.hashable_axes(axis_name, "axis_name"),
+        check_labels=_options.flag(check_labels, "check_labels"),
+    )
+    tp = transform_options(logit_softcap, temperature)
+    args = (hidden, linear_weight, labels, linear_bias, where, tp)
+    return _options.run(_linear_log_probs, args, static)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "weight_layout",
+        "return_entropy",
+        "token_block",
+        "vocab_block",
+        "memory_budget",
+        "axis_name",
+        "check_labels",
+    ),
+)
+def _linear_log_probs(
+    hidden,
+    weight,
+    labels,
+    bias,
+    where,
+    tp: Tempered,
+    *,
+    weight_layout,
+    return_entropy,
+    token_block,
+    vocab_block,
+    memory_budget,
+    axis_name,
+    check_labels,
+):
+    head, v_local = check_head(hidden, weight, bias, weight_layout)
+    batch_shape = hidden.shape[:-1]
+    labels = check_class_ids(labels, batch_shape, hidden.shape)
+    _spmd.check_split_axes("linear_weight", weight, labels, "labels", axis_name, None)
+    n = head.hidden.shape[0]
+    num_classes = v_local * _spmd.axis_size(axis_name)
+    valid = jnp.ones(n, bool)
+    if where is not None:
+        valid = _validate.check_mask(where, batch_shape, "where", "hidden.shape[:-1]").reshape(n)
+    y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, None, check_labels)
+    ct = _stream.acc_dtype(*head)
+    tp = _options.in_dtype(tp, ct)
+    k = LogProbRows(num_classes, return_entropy, axis_name, _spmd.unchecked(axis_name))
+    if isinstance(n, int) and n == 0:
+        return _outputs((jnp.zeros((0,), ct),) * (2 if return_entropy else 1), batch_shape, return_entropy)
+    outputs = _stream.stream(
+        k,
+        (head,),
+        valid,
+        y,
+        None,
+        tp,
+        (weight_layout,),
+        token_block=token_block,
+        vocab_block=vocab_block,
+        memory_budget=memory_budget,
+    )
+    return _outputs(outputs, batch_shape, return_entropy)
