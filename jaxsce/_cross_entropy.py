@@ -23,6 +23,7 @@ def cross_entropy(
     reduction: str = "mean",
     ignore_index: int | None = None,
     weight: jax.Array | None = None,
+    sample_weight: jax.Array | None = None,
     label_smoothing: float | jax.Array = 0.0,
     z_loss: float | jax.Array = 0.0,
     logit_softcap: float | jax.Array | None = None,
@@ -58,7 +59,10 @@ def cross_entropy(
     ``"sum"`` their sum; ``"mean"`` their sum divided by the number of counted
     examples, or, for class ids with ``weight``, by :math:`\sum_n w_{y_n}` over
     counted examples (PyTorch). Probability targets with ``weight`` divide by
-    the count (PyTorch).
+    the count (PyTorch). With per-example weights :math:`s_n`
+    (``sample_weight``): ``"none"`` gives :math:`s_n \ell_n`, ``"sum"``
+    :math:`\sum_n s_n \ell_n`, ``"mean"`` :math:`\sum_n s_n \ell_n / \sum_n s_n w_{y_n}`
+    over counted examples (:math:`w_{y_n} = 1` without class weights).
 
     Args:
       logits: floating array ``[..., C, ...]``; any number of batch axes.
@@ -73,6 +77,11 @@ def cross_entropy(
       reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
       ignore_index: class id marking examples to skip (PyTorch uses -100).
         Class-id labels only.
+      sample_weight: per-example weights of the batch shape, floating;
+        constants like ``weight`` (no gradient). They multiply each example's
+        loss (z-loss included) and its share of the ``"mean"`` denominator;
+        the aux outputs are not weighted. Combine with ``where`` and
+        ``ignore_index``, which still decide what is counted.
       weight: per-class weights ``[C]``, floating; treated as constants (no
         gradient flows to them, as in PyTorch).
       label_smoothing: :math:`\varepsilon \in [0, 1]`.
@@ -169,7 +178,7 @@ def cross_entropy(
         ),
     )
     fl = _options.floats(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap)
-    args = (logits, labels, where, weight, fl)
+    args = (logits, labels, where, weight, sample_weight, fl)
     return _options.run(_cross_entropy, args, static)
 
 
@@ -191,6 +200,7 @@ def _cross_entropy(
     labels,
     where,
     weight,
+    sample_weight,
     fl: _options.Floats,
     *,
     axis,
@@ -249,7 +259,9 @@ def _cross_entropy(
         target, valid = _labels.label_validity(target, num_classes, valid, ignore_index, check_labels)
     class_weight = None if weight is None else _options.check_class_weight(weight, local_classes)
 
-    fl = _options.in_dtype(fl, _validate.compute_dtype(z.dtype))
+    ct = _validate.compute_dtype(z.dtype)
+    sw = _options.sample_weights(sample_weight, batch_shape, "the batch shape: logits.shape without axis", ct)
+    fl = _options.in_dtype(fl, ct)
     opts = _options.make_options(
         fl,
         num_classes=num_classes,
@@ -266,6 +278,7 @@ def _cross_entropy(
         valid,
         fl.z_loss,
         reduction,
+        sample_weight=sw,
         return_aux=return_aux,
         batch_axis_name=batch_axis_name,
         batch_shape=batch_shape,

@@ -239,6 +239,6 @@ def temperature(value: Any) -> jax.Array | None:
     out = float_option(value, "temperature", off_when_zero=False)
     if out is None:
         raise TypeError("temperature must be a positive real number, got None.")
-    if not _validate.is_tracer(value) and float(out) == 1.0:
+    if not _validate.is_tracer(value) and float(value) == 1.0:
         return None
     return out

@@ -85,6 +85,7 @@ def sharded_cross_entropy(
     batch_axes: AxisNames = None,
     where: jax.Array | None = None,
     weight: jax.Array | None = None,
+    sample_weight: jax.Array | None = None,
     reduction: str = "mean",
     return_aux: bool = False,
     check_vma: bool = True,
@@ -95,7 +96,7 @@ def sharded_cross_entropy(
     ``logits [B, ..., C]`` have their class axis last; their leading axis is
     split over ``batch_axes`` and the class axis over ``vocab_axis`` (either
     may be None). ``labels`` (class ids ``[B, ...]`` or probabilities like
-    ``logits``), ``where`` and ``weight [C]`` are split to match. Results equal
+    ``logits``), ``where``, ``sample_weight`` and ``weight [C]`` are split to match. Results equal
     the unsharded call; ``"mean"`` counts examples over all batch shards.
 
     Example (a 2-D mesh, data x model)::
@@ -117,14 +118,15 @@ def sharded_cross_entropy(
     logit_spec = PartitionSpec(batch, *rest, vocab)
     soft = jax.numpy.issubdtype(jax.numpy.asarray(labels).dtype, jax.numpy.floating)
     batch_spec = PartitionSpec(batch, *rest)
-    specs = (logit_spec, logit_spec if soft else batch_spec, batch_spec, PartitionSpec(vocab))
+    specs = (logit_spec, logit_spec if soft else batch_spec, batch_spec, PartitionSpec(vocab), batch_spec)
 
-    def local(z, y, mask, w):
+    def local(z, y, mask, w, sw):
         return cross_entropy(
             z,
             y,
             where=mask,
             weight=w,
+            sample_weight=sw,
             reduction=reduction,
             return_aux=return_aux,
             axis_name=vocab,
@@ -132,7 +134,7 @@ def sharded_cross_entropy(
             **options,
         )
 
-    args = (logits, labels, where, weight)
+    args = (logits, labels, where, weight, sample_weight)
     return _run(local, mesh, specs, _out_specs(reduction, return_aux, batch_spec), args, check_vma)
 
 
@@ -146,6 +148,7 @@ def sharded_linear_cross_entropy(
     batch_axes: AxisNames = None,
     linear_bias: jax.Array | None = None,
     weight: jax.Array | None = None,
+    sample_weight: jax.Array | None = None,
     where: jax.Array | None = None,
     weight_layout: str = "dv",
     reduction: str = "mean",
@@ -158,7 +161,7 @@ def sharded_linear_cross_entropy(
     ``hidden [B, ..., d]`` is split over ``batch_axes`` on its leading axis;
     ``linear_weight`` (``[d, V]``, or ``[V, d]`` with ``weight_layout="vd"``),
     ``linear_bias`` and the class weights ``weight`` are split over ``vocab_axis`` on their
-    vocabulary axis; ``labels``/``where`` follow ``hidden``. No logits, and no
+    vocabulary axis; ``labels``/``where``/``sample_weight`` follow ``hidden``. No logits, and no
     all-gather of the weight: each device streams over its own vocabulary
     shard, and the shards combine a few floats per token. ``check_vma`` is
     passed to ``jax.shard_map`` (results and gradients are the same either way).
@@ -177,16 +180,18 @@ def sharded_linear_cross_entropy(
         batch_spec,
         PartitionSpec(vocab),
         PartitionSpec(vocab),
+        batch_spec,
     )
-    args = (hidden, linear_weight, labels, where, linear_bias, weight)
+    args = (hidden, linear_weight, labels, where, linear_bias, weight, sample_weight)
 
-    def local(h, w, y, mask, b, cw):
+    def local(h, w, y, mask, b, cw, sw):
         return linear_cross_entropy(
             h,
             w,
             y,
             linear_bias=b,
             weight=cw,
+            sample_weight=sw,
             where=mask,
             weight_layout=weight_layout,
             reduction=reduction,

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -149,3 +150,50 @@ def naive_cross_entropy(
         return per.sum()
     denom = jnp.sum(jnp.where(counted, denom_terms, 0.0))
     return per.sum() / jnp.where(denom == 0, 1.0, denom)
+
+
+def _np_tempered(logits, temperature, logit_softcap):
+    z = np.asarray(logits, np.float64)
+    if logit_softcap is not None:
+        z = logit_softcap * np.tanh(z / logit_softcap)
+    return z / temperature
+
+
+def np_log_probs(logits, labels, *, temperature=1.0, logit_softcap=None):
+    """``(log p_y, H)`` for ``p = softmax(softcap(z) / T)``, ``H = -sum_c p_c log p_c``
+    (``0 log 0 = 0``), float64, ``[N, C]`` logits."""
+    ls = np_log_softmax(_np_tempered(logits, temperature, logit_softcap))
+    p = np.exp(ls)
+    lp = ls[np.arange(ls.shape[0]), np.asarray(labels)]
+    with np.errstate(invalid="ignore"):
+        h = -np.sum(np.where(p > 0, p * ls, 0.0), axis=-1)
+    return lp, h
+
+
+def np_log_probs_grad(logits, labels, g, g_h, *, temperature=1.0, logit_softcap=None):
+    """``d(sum_n g_n log p_{n,y_n} + g_h,n H_n) / dz`` from the textbook derivatives:
+    ``d log p_y / ds = e_y - p``, ``dH / ds_c = -p_c (log p_c + H)``,
+    ``ds / dz = (1 - tanh^2(z / cap)) / T``."""
+    z = np.asarray(logits, np.float64)
+    ls = np_log_softmax(_np_tempered(z, temperature, logit_softcap))
+    p = np.exp(ls)
+    n, c = z.shape
+    onehot = np.eye(c)[np.asarray(labels)]
+    _, h = np_log_probs(z, labels, temperature=temperature, logit_softcap=logit_softcap)
+    g, g_h = np.asarray(g, np.float64)[:, None], np.asarray(g_h, np.float64)[:, None]
+    ds = g * (onehot - p) - g_h * np.where(p > 0, p * (ls + h[:, None]), 0.0)
+    dz = ds / temperature
+    if logit_softcap is not None:
+        dz = dz * (1 - np.tanh(z / logit_softcap) ** 2)
+    return dz
+
+
+def naive_log_probs(logits, labels, *, temperature=1.0, logit_softcap=None):
+    """The naive JAX formula (``jax.nn.log_softmax`` of the tempered, capped
+    logits), the ``jax.grad`` oracle: ``(log p_y, H)``."""
+    z = logits
+    if logit_softcap is not None:
+        z = logit_softcap * jnp.tanh(z / logit_softcap)
+    ls = jax.nn.log_softmax(z / temperature, axis=-1)
+    lp = jnp.take_along_axis(ls, labels[:, None], axis=-1)[:, 0]
+    return lp, -jnp.sum(jnp.exp(ls) * ls, axis=-1)
