@@ -359,3 +359,84 @@ def test_data_parallel_shard_map_without_axis_name(check_vma):
     y = d["labels"] % V
     _close(jax.jit(f)(d["logits"], y), f0(d["logits"], y))
     _close(jax.jit(jax.grad(f))(d["logits"], y), jax.grad(f0)(d["logits"], y))
+
+
+# --- log_probs, linear_log_probs, sample_weight ----------------------------------------
+
+
+@pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize("fn", ["logits", "linear"])
+def test_log_probs_equal_unsharded(fn, check_vma):
+    d = _data(3)
+    mesh = _mesh((2, 4))
+    y = jnp.where(d["labels"] < 0, 0, d["labels"])
+    kw = dict(temperature=0.8, logit_softcap=4.0, return_entropy=True)
+    rng = np.random.default_rng(4)
+    g, g_h = jnp.asarray(rng.normal(size=N)), jnp.asarray(rng.normal(size=N))
+    if fn == "logits":
+        args = (d["logits"], y, d["where"])
+        specs = (P("data", "model"), P("data"), P("data"))
+        call = lambda x, y, m, **names: jaxsce.log_probs(x, y, where=m, **kw, **names)  # noqa: E731
+    else:
+        args = (d["hidden"], d["proj"], d["bias"], y, d["where"])
+        specs = (P("data"), P(None, "model"), P("model"), P("data"), P("data"))
+        call = lambda h, w, b, y, m, **names: jaxsce.linear_log_probs(  # noqa: E731
+            h, w, y, linear_bias=b, where=m, vocab_block=4, token_block=3, **kw, **names
+        )
+    sharded = jax.shard_map(
+        functools.partial(call, axis_name="model"),
+        mesh=mesh,
+        in_specs=specs,
+        out_specs=(P("data"), P("data")),
+        check_vma=check_vma,
+    )
+    _close(jax.jit(sharded)(*args), call(*args))
+    n_diff = 1 if fn == "logits" else 3
+    obj = lambda f: lambda *a: jnp.sum(g * f(*a)[0]) + jnp.sum(g_h * f(*a)[1])  # noqa: E731
+    grads = jax.jit(jax.grad(obj(sharded), tuple(range(n_diff))))(*args)
+    _close(grads, jax.grad(obj(call), tuple(range(n_diff)))(*args))
+
+
+def test_linear_log_probs_communicate_per_token_only():
+    mesh = _mesh((2, 4))
+    tokens, vocab, d = 256, 1024, 8
+    limit = (tokens // 2) * (vocab // 4)
+
+    def objective(h, w, y, adv):
+        lp, ent = jaxsce.linear_log_probs(h, w, y, return_entropy=True, axis_name="model")
+        return -adv * lp - 0.01 * ent
+
+    f = jax.shard_map(
+        objective,
+        mesh=mesh,
+        in_specs=(P("data"), P(None, "model"), P("data"), P("data")),
+        out_specs=P("data"),
+        check_vma=False,
+    )
+    shapes = (
+        jax.ShapeDtypeStruct((tokens, d), jnp.float32),
+        jax.ShapeDtypeStruct((d, vocab), jnp.float32),
+        jax.ShapeDtypeStruct((tokens,), jnp.int32),
+        jax.ShapeDtypeStruct((tokens,), jnp.float32),
+    )
+    g = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a)), (0, 1)))
+    sizes = _collective_sizes(g.lower(*shapes).compile().as_text())
+    assert sizes and max(sizes) < limit, (sizes, limit)
+
+
+@pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
+def test_sample_weight_equals_unsharded(check_vma):
+    d = _data(5)
+    mesh = _mesh((2, 4))
+    s = jnp.asarray(np.random.default_rng(6).random(N))
+    kw = dict(ignore_index=-100, weight=d["weight"], sample_weight=s, label_smoothing=0.1)
+    names = dict(mesh=mesh, vocab_axis="model", batch_axes="data", check_vma=check_vma)
+    f = lambda x: jaxsce.sharded_cross_entropy(x, d["labels"], **names, **kw)  # noqa: E731
+    f0 = lambda x: jaxsce.cross_entropy(x, d["labels"], **kw)  # noqa: E731
+    _close(jax.jit(f)(d["logits"]), f0(d["logits"]))
+    _close(jax.jit(jax.grad(f))(d["logits"]), jax.grad(f0)(d["logits"]))
+    h_args = (d["hidden"], d["proj"])
+    fl = lambda h, w: jaxsce.sharded_linear_cross_entropy(h, w, d["labels"], vocab_block=4, **names, **kw)  # noqa: E731
+    fl0 = lambda h, w: jaxsce.linear_cross_entropy(h, w, d["labels"], **kw)  # noqa: E731
+    _close(jax.jit(fl)(*h_args), fl0(*h_args))
+    _close(jax.jit(jax.grad(fl, (0, 1)))(*h_args), jax.grad(fl0, (0, 1))(*h_args))
