@@ -51,6 +51,7 @@ docs: $(STAMP)  ## HTML documentation in build/docs/html, warnings as errors
 examples: $(STAMP)
 	$(PY) examples/digits_cnn.py
 	$(PY) examples/next_token.py
+	$(PY) examples/policy_gradient.py
 
 clean:
 	rm -rf $(VENV) $(OLD_VENV) build .pytest_cache .hypothesis

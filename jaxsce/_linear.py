@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +94,8 @@ class CrossEntropyRows(_stream.RowLoss):
             ws = s if cw is None else s * cw[None, :]
             smooth = smooth + jnp.sum(jnp.where(blk.fresh, ws, 0), axis=-1)
         if cw is not None:
-            w_y = w_y + jnp.where(in_block, _targets.target_weight(y, cw, blk.col0, c.opts), 0)
+            w_blk = cast(jax.Array, _targets.target_weight(y, cw, blk.col0, c.opts))
+            w_y = w_y + jnp.where(in_block, w_blk, 0)
         if blk.ds is not None:
             d_se, d_sy, d_smooth = tan
             d_se = d_se * blk.rescale[0] + jnp.sum(blk.e[0] * blk.ds, axis=-1)
@@ -418,7 +419,8 @@ def _linear_cross_entropy(
     if reduction != "none" and not (return_aux or forward_mode) and axis_name is None and vocab_block is None:
         sums = _stream.single_pass(CROSS_ENTROPY, heads, valid, rows, cw, consts, (layout,), token_block, memory_budget)
         if sums is not None:
-            return _reduce.reduce_loss(sums[0][None], sums[1][None], reduction, batch_axis_name)
+            total, denom = cast(tuple[jax.Array, jax.Array], sums)
+            return _reduce.reduce_loss(total[None], denom[None], reduction, batch_axis_name)
     outputs = _stream.stream(
         CROSS_ENTROPY,
         heads,

@@ -47,7 +47,7 @@ every sum.
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -632,7 +632,7 @@ def _rows_bwd(st: Static, saved, cts):
         # itself sums the input cotangents over the axes hidden is replicated on.)
         dh = lax.psum(dh, axis_name)
     dh = jnp.where(valid[:, None], dh, 0).astype(h0.hidden.dtype)
-    d_head0 = Head(*(_spmd.sum_to_type(g, x) for g, x in ((dh, h0.hidden), (dw, h0.weight), (db, h0.bias))))
+    d_head0 = Head(*(_spmd.sum_to_type(g, x) for g, x in ((dh, h0.hidden), (dw, h0.weight), (db, h0.bias))))  # type: ignore[arg-type]
     d_heads = (d_head0,) + tuple(None for _ in heads[1:])
     return d_heads, None, None, None, None
 
@@ -797,7 +797,7 @@ def _total_bwd(st, saved, cts):
     grads, h0 = saved
     g, _ = cts
     scale = lambda x: None if x is None else (x * g.astype(x.dtype)).astype(x.dtype)  # noqa: E731
-    d_head0 = Head(*(_spmd.sum_to_type(scale(gr), x) for gr, x in zip(grads, h0)))
+    d_head0 = Head(*(_spmd.sum_to_type(scale(gr), x) for gr, x in zip(grads, h0)))  # type: ignore[arg-type]
     return (d_head0,) + tuple(None for _ in range(st.loss.heads - 1)), None, None, None, None
 
 
@@ -850,7 +850,7 @@ def stream(
         heads=len(heads),
     )
     driver = rows_jvp if forward_mode else rows
-    outputs = driver(heads, valid, rows_data, cols, consts, Static(k, blocks, layouts))
+    outputs = cast(tuple[jax.Array, ...], driver(heads, valid, rows_data, cols, consts, Static(k, blocks, layouts)))
     if symbolic:
         outputs = tuple(o[:n] for o in outputs)
     return outputs

@@ -38,6 +38,8 @@ def test_benchmark_runs_and_every_gradient_matches(tmp_path):
         "jaxsce fused",
         "plain h@W + jaxsce",
     } <= impls
+    policy = {r["impl"] for r in rows if r["section"] == "policy"}
+    assert {"jaxsce linear_log_probs", "plain h@W + log_softmax (autodiff)"} <= policy
     forward = {r["impl"] for r in rows if r["section"] == "forward"}
     assert {"jaxsce fused", "plain h@W + jaxsce", "plain h@W + optax"} <= forward
     for r in rows:

@@ -43,3 +43,14 @@ def test_next_token_smoke():
     assert "fused" in mem and "plain" in mem
     losses = [float(line.split("train loss ")[1]) for line in lines if "train loss" in line]
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_policy_gradient_smoke():
+    lines = _run("policy_gradient")
+    rewards = [
+        float(line.split("reward (rate of 'self') ")[1].split()[0]) for line in lines if line.startswith("rl step")
+    ]
+    assert rewards and all(0.0 <= r <= 1.0 for r in rewards)
+    first, last = (float(x) for x in lines[-1].split("reward ")[1].split(" in ")[0].split(" -> "))
+    assert 0.0 <= first <= 1.0 and 0.0 <= last <= 1.0

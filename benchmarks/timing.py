@@ -1,0 +1,97 @@
+"""Timing and checking: interleaved calls in a shuffled order, compiled memory, gradient gaps."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclass
+class Row:
+    section: str
+    impl: str
+    shape: str
+    dtype: str
+    median_ms: float
+    min_ms: float
+    max_ms: float
+    tokens_per_s: float
+    ratio_to_peer: float | None = None
+    ratio_to_roofline: float | None = None
+    temp_mib: float | None = None
+    max_abs_grad_diff: float | None = None
+    grad_ok: bool | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def temp_mib(fn, *args) -> float:
+    stats = fn.lower(*args).compile().memory_analysis()
+    return None if stats is None else stats.temp_size_in_bytes / 2**20
+
+
+def interleaved(calls: dict[str, Callable[[], object]], repeats: int, block, progress=None) -> dict[str, np.ndarray]:
+    for call in calls.values():  # warm-up and compile
+        block(call())
+    times = {k: [] for k in calls}
+    # The order is shuffled every round: on CPU a call that follows one which
+    # freed a large buffer reuses its pages and skips page faults, so a fixed
+    # order would favour whoever comes second.
+    order = np.random.default_rng(0)
+    names = list(calls)
+    for _ in range(repeats):
+        for name in order.permutation(names):
+            t0 = time.perf_counter()
+            block(calls[name]())
+            times[name].append(time.perf_counter() - t0)
+        if progress is not None:
+            progress.update(1)
+    return {k: np.asarray(v) * 1e3 for k, v in times.items()}
+
+
+def _block(out):
+    jax.block_until_ready(out)
+    return out
+
+
+def max_diff(a, b) -> float:
+    la = [np.asarray(x, np.float64) for x in jax.tree.leaves(a)]
+    lb = [np.asarray(x, np.float64) for x in jax.tree.leaves(b)]
+    return float(max(np.max(np.abs(x - y)) for x, y in zip(la, lb)))
+
+
+def grad_tolerance(grad) -> float:
+    """Allowed gap to the naive autodiff gradient: float32 rounding of p - y."""
+    scale = max(float(np.max(np.abs(np.asarray(g, np.float64)))) for g in jax.tree.leaves(grad))
+    return 1e-4 * max(scale, 1e-30) + 1e-7
+
+
+def _measured_row(section, name, shape, dtype, t, tokens, *, peer_ms, roofline, temp, diff, tol, extra) -> Row:
+    median = float(np.median(t))
+    return Row(
+        section=section,
+        impl=name,
+        shape=shape,
+        dtype=jnp.dtype(dtype).name,
+        median_ms=median,
+        min_ms=float(t.min()),
+        max_ms=float(t.max()),
+        tokens_per_s=tokens / (median / 1e3),
+        ratio_to_peer=None if peer_ms is None else float(median / peer_ms),
+        ratio_to_roofline=float(roofline),
+        temp_mib=temp,
+        max_abs_grad_diff=diff,
+        grad_ok=bool(diff <= tol),
+        extra=extra,
+    )
+
+
+def _gradient(call, is_torch):
+    grad = call()[1]
+    if is_torch:
+        return tuple(g.detach().numpy() for g in grad) if isinstance(grad, tuple) else grad.detach().numpy()
+    return grad
