@@ -279,8 +279,9 @@ def linear_cross_entropy(
         least the logits' total size (compiled temporaries at 4096 x 64 x
         32768: 735 MiB for ``jax.grad``, 1.4 GiB for the HVP, against 512 MiB
         of logits): use ``"vjp"`` for training. Reverse mode in this mode
-        needs jax >= 0.10: on jax 0.6.2 JAX's own transpose of the block
-        loops fails (an ``AssertionError`` inside JAX).
+        needs jax >= 0.10: on older releases JAX's own transpose of the
+        block loops fails, and ``jax.grad``/``jax.vjp`` of this function
+        raise ``NotImplementedError`` saying so.
 
     Returns:
       As :func:`jaxsce.cross_entropy`: float32 loss (scalar or per token),
@@ -328,6 +329,8 @@ def linear_cross_entropy(
             check_labels=check_labels,
         ),
     )
+    if static["derivative"] == "jvp":
+        _stream.check_linearizable(hidden, linear_weight, linear_bias)
     fl = _options.floats(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap)
     args = (hidden, linear_weight, labels, linear_bias, where, weight, sample_weight, fl)
     return _options.run(_linear_cross_entropy, args, static)

@@ -668,6 +668,33 @@ def _rows_jvp_rule(st: Static, primals, tangents):
 
 rows_jvp.defjvp(_rows_jvp_rule, symbolic_zeros=True)
 
+REVERSE_THROUGH_JVP = (0, 10)
+
+
+def check_linearizable(*inputs):
+    """Reverse mode through :func:`rows_jvp` needs jax >= 0.10: say so rather than fail inside JAX.
+
+    Called by the public function on its inputs: under ``jax.grad``,
+    ``jax.vjp`` or ``jax.linearize`` they are JVP tracers whose tangents are
+    partial-evaluation tracers (``jax.interpreters.partial_eval.JaxprTracer``),
+    and JAX 0.6.2 would fail
+    with an ``AssertionError`` in its own transpose of the block loops.
+    (Inside the jitted implementation every tracer looks alike, so the check
+    is made before it; reverse mode applied outside another transformation,
+    e.g. ``jax.grad(jax.vmap(f))``, is not seen and still fails in JAX.)
+    """
+    if _spmd.jax_version() >= REVERSE_THROUGH_JVP:
+        return
+    from jax.interpreters import partial_eval
+
+    if any(isinstance(getattr(x, "tangent", None), partial_eval.JaxprTracer) for x in inputs):
+        raise NotImplementedError(
+            "Reverse mode (jax.grad, jax.vjp, jax.linearize) through linear_cross_entropy(derivative='jvp') "
+            f"needs jax >= 0.10, found jax {jax.__version__}: JAX's transpose of the streaming loops fails on "
+            "older releases. Use derivative='vjp' (the default) for gradients; forward mode (jax.jvp, "
+            "jax.jacfwd) works on this release."
+        )
+
 
 # --- whole rows of given logits (the logit-level functions) ---------------------------
 
