@@ -5,6 +5,8 @@ modules, one per concern.
 """
 
 from ._cross_entropy import cross_entropy as cross_entropy
+from ._distill import distillation_loss as distillation_loss
+from ._distill import linear_distillation_loss as linear_distillation_loss
 from ._linear import linear_cross_entropy as linear_cross_entropy
 from ._log_probs import linear_log_probs as linear_log_probs
 from ._log_probs import log_probs as log_probs
@@ -20,7 +22,9 @@ __version__ = "0.1.0"
 __all__ = [
     "LossAux",
     "cross_entropy",
+    "distillation_loss",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "linear_log_probs",
     "log_probs",
     "log_softmax",

@@ -124,6 +124,7 @@ _RANGES = {
     "z_loss": (0.0, None, False),
     "logit_softcap": (0.0, None, True),
     "temperature": (0.0, None, True),
+    "beta": (0.0, 1.0, True),
 }
 
 

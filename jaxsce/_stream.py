@@ -342,6 +342,10 @@ class RowLoss:
     heads: int = 1
     #: Indices of the outputs that carry cotangents.
     differentiable: tuple[int, ...] = (0,)
+    #: Whether the loss needs a second pass over the blocks, once every
+    #: head's log-sum-exp is known (``init2``/``accumulate2``); ``finish``
+    #: then receives ``(sums, second-pass sums)`` as ``acc``.
+    second_pass: bool = False
 
     def argmax(self, consts) -> bool:
         """Whether the engine should find head 0's argmax (static)."""
@@ -373,6 +377,14 @@ class RowLoss:
     def to_global(self, acc: tuple[tuple, tuple], sh: Shards, consts) -> tuple[tuple, tuple]:
         """The shard's sums as shares of the global ones (summed by the engine)."""
         return acc
+
+    def init2(self, tb, ct, consts) -> tuple:
+        """Initial second-pass sums, a tuple of ``[tb]`` arrays (summed over blocks and shards)."""
+        raise NotImplementedError
+
+    def accumulate2(self, acc2: tuple, blk: GradBlock, fresh, consts) -> tuple:
+        """Adds one block's terms; ``blk.p`` are normalized probabilities, ``fresh`` masks columns."""
+        raise NotImplementedError
 
     def finish(self, stats: Stats, acc: tuple[tuple, tuple], rows, cols, consts):
         """``(outputs, residuals, output tangents or None)``: tuples of ``[T]`` arrays."""
@@ -469,6 +481,26 @@ def _stats(k: RowLoss, m, se, am, acc, consts):
     return Stats(m, se, lse, am), acc
 
 
+def _probabilities(s, lse):
+    return tuple(jnp.exp(x - lv[:, None]) for x, lv in zip(s, lse))
+
+
+def _sum_shards(k: RowLoss, acc2, consts):
+    axis = k.vocab_axis(consts)
+    return acc2 if axis is None else tuple(_spmd.psum_rows(*acc2, axis_name=axis))
+
+
+def _whole_second_pass(k: RowLoss, s, stats: Stats, acc, col0, rows_data, cols, consts):
+    """``acc`` as ``finish`` takes it, for a block holding whole (local) rows."""
+    if not k.second_pass:
+        return acc
+    ct = s[0].dtype
+    gblk = GradBlock(tuple(s), _probabilities(s, stats.lse), stats.lse, col0, rows_data, cols)
+    fresh = jnp.ones((1, s[0].shape[1]), bool)
+    acc2 = k.accumulate2(k.init2(s[0].shape[0], ct, consts), gblk, fresh, consts)
+    return acc, _sum_shards(k, acc2, consts)
+
+
 class Static(NamedTuple):
     """The drivers' static configuration: the loss, the blocks and each head's weight layout."""
 
@@ -528,11 +560,47 @@ def _forward(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, tan
     outs = _spmd.vary_like(_initial(k, t_total, ct, consts, tangents is not None), *like)
     m, se, am, acc = lax.fori_loop(0, num_blocks(t_total, tb), token_block, outs)
     stats, acc = _stats(k, m, se, am, acc, consts)
+    if k.second_pass:
+        acc = acc, _second_pass(heads, valid, rows, cols, consts, st, stats.lse)
     outputs, res, d_out = k.finish(stats, acc, rows, cols, consts)
     outputs = tuple(jnp.where(valid, o, 0) for o in outputs)
     if d_out is not None:
         d_out = tuple(jnp.where(valid, o, 0) for o in d_out)
     return outputs, (stats.lse, res), d_out
+
+
+def _second_pass(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, lse):
+    """The loss's second-pass sums over all blocks, every head's ``lse`` known (one more matmul pass)."""
+    k, (tb, vb), layouts = st
+    t_total = heads[0].hidden.shape[0]
+    v_local = _vocab_size(heads[0], layouts[0])
+    shard0 = shard_col0(v_local, k.vocab_axis(consts))
+    ct = acc_dtype(*(x for hd in heads for x in hd))
+    like = (heads, valid, rows, cols, lse)
+
+    def token_block(i, outs):
+        t0, _ = _clamped(i, tb, t_total)
+        h_blks = [_token_rows(hd.hidden, valid, t0, tb) for hd in heads]
+        rows_blk, lse_blk = _slice_tree(rows, t0, tb), _slice_tree(lse, t0, tb)
+
+        def vocab_block(j, acc2):
+            v0, fresh0 = _clamped(j, vb, v_local)
+            fresh = lax.broadcasted_iota(jnp.int32, (1, vb), 1) + v0 >= fresh0
+            s = []
+            for n, (hd, h_blk, layout) in enumerate(zip(heads, h_blks, layouts)):
+                w_blk = _slice_vocab(hd.weight, v0, vb, layout)
+                b_blk = None if hd.bias is None else lax.dynamic_slice_in_dim(hd.bias, v0, vb)
+                s.append(k.transform(_logits_block(h_blk, w_blk, b_blk, layout, ct), n, consts))
+            p = _probabilities(s, lse_blk)
+            gblk = GradBlock(tuple(s), p, lse_blk, v0 + shard0, rows_blk, _slice_tree(cols, v0, vb))
+            return k.accumulate2(acc2, gblk, fresh, consts)
+
+        init = _spmd.vary_like(k.init2(tb, ct, consts), *like)
+        block_rows = lax.fori_loop(0, num_blocks(v_local, vb), vocab_block, init)
+        return jax.tree.map(lambda o, x: lax.dynamic_update_slice_in_dim(o, x, t0, 0), outs, block_rows)
+
+    outs = _spmd.vary_like(k.init2(t_total, ct, consts), *like)
+    return _sum_shards(k, lax.fori_loop(0, num_blocks(t_total, tb), token_block, outs), consts)
 
 
 # --- reverse mode: custom_vjp ----------------------------------------------------------
@@ -708,6 +776,7 @@ def _whole_forward(z_heads, valid, rows_data, cols, consts, k: RowLoss):
     col0 = shard_col0(width, k.vocab_axis(consts))
     m, se, am, acc = _online_step(k, s, m, se, am, acc, fresh, col0, col0, rows_data, cols, consts, None)
     stats, acc = _stats(k, m, se, am, acc, consts)
+    acc = _whole_second_pass(k, s, stats, acc, col0, rows_data, cols, consts)
     outputs, res, _ = k.finish(stats, acc, rows_data, cols, consts)
     outputs = tuple(jnp.where(valid, o, 0) for o in outputs)
     return outputs, s, (stats.lse, res)
@@ -772,6 +841,7 @@ def _total_forward(heads: tuple[Head, ...], valid, rows_data, cols, consts, st: 
         rows_blk = sl(rows_data)
         m, se, am, acc = _online_step(k, s, m, se, am, acc, fresh, 0, 0, rows_blk, cols, consts, None)
         stats, acc = _stats(k, m, se, am, acc, consts)
+        acc = _whole_second_pass(k, s, stats, acc, 0, rows_blk, cols, consts)
         outputs, res, _ = k.finish(stats, acc, rows_blk, cols, consts)
         value, norm, cts = k.scalar(outputs, rows_blk, consts)
         total = total + jnp.sum(jnp.where(ok, value, 0))

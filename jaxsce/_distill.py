@@ -1,0 +1,429 @@
+r"""``distillation_loss`` and ``linear_distillation_loss``: KL, reverse KL and JSD.
+
+With ``s = student / T``, ``t = teacher / T``, ``P_s = softmax(s)``,
+``P_t = softmax(t)`` and ``r = log P_s - log P_t``, per example:
+
+* ``"kl"``: ``KL(P_t || P_s) = sum_c P_t (t_c - s_c) + lse(s) - lse(t)``;
+  ``d/ds = P_s - P_t``.
+* ``"reverse_kl"``: ``KL(P_s || P_t) = sum_c P_s (s_c - t_c) + lse(t) - lse(s)``;
+  ``d/ds_c = P_s,c (r_c - KL(P_s || P_t))`` (the derivative of
+  ``sum_k P_k f_k`` with ``f = log P_s - log P_t``: ``sum_k P_k df_k/ds_c``
+  vanishes, and ``dP_k/ds_c = P_k (delta_kc - P_c)``).
+* ``"jsd"``: ``beta KL(P_t || M) + (1 - beta) KL(P_s || M)``, ``M = beta P_t
+  + (1 - beta) P_s``. Writing it as ``beta sum P_t log P_t + (1 - beta) sum
+  P_s log P_s - sum M log M`` and differentiating, ``d/ds_c = (1 - beta)
+  P_s,c (log P_s,c - log M_c - KL(P_s || M))``.
+
+Then ``d/d student = (d/ds) / T``; the teacher gets no gradient. ``0 log 0 =
+0`` throughout: entries where the weighting probability is 0 contribute
+nothing, so the loss is infinite only where the mathematics says so (forward
+KL with ``P_s = 0`` where ``P_t > 0``).
+
+All three are instances of the streaming engine (``_stream``) with two heads
+(student = head 0, teacher = head 1). The KLs are one pass: the sum weighted
+by the teacher's (or the student's) exponentials is kept relative to its
+running max. JSD needs both normalizers before ``log M``: a second pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _options, _reduce, _spmd, _stream, _validate
+from ._linear import check_head
+from ._stream import DEFAULT_MEMORY_BUDGET
+
+AxisName = str | tuple[str, ...] | None
+DIVERGENCES = ("kl", "reverse_kl", "jsd")
+
+
+class DistillConsts(NamedTuple):
+    temperature: jax.Array | None = None
+    beta: jax.Array | None = None
+
+
+def _xlogy_terms(weight, diff):
+    """``weight * diff`` with ``0 * anything = 0`` (``0 log 0 = 0``)."""
+    return jnp.where(weight > 0, weight * diff, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillRows(_stream.RowLoss):
+    """One output per row, the divergence; see the module docstring."""
+
+    divergence: str
+    axis: AxisName = None
+    is_unchecked: bool = False
+    heads = 2  # type: ignore[assignment]
+
+    @property
+    def second_pass(self):  # type: ignore[override]
+        return self.divergence == "jsd"
+
+    def vocab_axis(self, c):
+        return self.axis
+
+    def unchecked(self, c) -> bool:
+        return self.is_unchecked
+
+    def transform(self, z, head, c: DistillConsts):
+        return z if c.temperature is None else z / c.temperature
+
+    def transform_grad(self, s, ds, head, c: DistillConsts):
+        return ds if c.temperature is None else ds / c.temperature
+
+    def init(self, tb, ct, c, forward_mode: bool):
+        return ((jnp.zeros((tb,), ct),) if self.divergence != "jsd" else ()), ()
+
+    def accumulate(self, acc, blk: _stream.Block, c):
+        if self.divergence == "jsd":
+            return acc
+        (a,), _ = acc
+        s, t = blk.s
+        w = 1 if self.divergence == "kl" else 0  # the weighting head: the teacher for "kl"
+        e = blk.e[w]
+        diff = t - s if w == 1 else s - t
+        return (blk.rescale[w] * a + jnp.sum(_xlogy_terms(e, diff), axis=-1),), ()
+
+    def to_global(self, acc, sh: _stream.Shards, c):
+        if self.divergence == "jsd":
+            return acc
+        (a,), _ = acc
+        w = 1 if self.divergence == "kl" else 0
+        return (sh.scale[w] * a,), ()
+
+    def init2(self, tb, ct, c):
+        zeros = jnp.zeros((tb,), ct)
+        return zeros, zeros
+
+    def accumulate2(self, acc2, blk: _stream.GradBlock, fresh, c: DistillConsts):
+        k_t, k_s = acc2
+        (s, t), (p_s, p_t), (lse_s, lse_t) = blk.s, blk.p, blk.lse
+        log_ps, log_pt = s - lse_s[:, None], t - lse_t[:, None]
+        log_m = _log_mixture(log_pt, log_ps, c.beta)
+        k_t = k_t + jnp.sum(jnp.where(fresh, _xlogy_terms(p_t, log_pt - log_m), 0), axis=-1)
+        k_s = k_s + jnp.sum(jnp.where(fresh, _xlogy_terms(p_s, log_ps - log_m), 0), axis=-1)
+        return k_t, k_s
+
+    def finish(self, stats: _stream.Stats, acc, rows, cols, c: DistillConsts):
+        lse_s, lse_t = stats.lse
+        if self.divergence == "jsd":
+            _, (k_t, k_s) = acc
+            beta = c.beta
+            return (beta * k_t + (1 - beta) * k_s,), (k_s,), None
+        (a,), _ = acc
+        se_s, se_t = stats.se
+        if self.divergence == "kl":
+            return (a / se_t + lse_s - lse_t,), (), None
+        kl = a / se_s + lse_t - lse_s
+        return (kl,), (kl,), None
+
+    def grad(self, blk: _stream.GradBlock, res, cts, c: DistillConsts):
+        g = cts[0][:, None]
+        (s, t), (p_s, p_t), (lse_s, lse_t) = blk.s, blk.p, blk.lse
+        if self.divergence == "kl":
+            return g * (p_s - p_t)
+        log_ps = s - lse_s[:, None]
+        if self.divergence == "reverse_kl":
+            (kl,) = res
+            r = log_ps - (t - lse_t[:, None])
+            return g * _xlogy_terms(p_s, r - kl[:, None])
+        (k_s,) = res
+        log_m = _log_mixture(t - lse_t[:, None], log_ps, c.beta)
+        return g * (1 - c.beta) * _xlogy_terms(p_s, log_ps - log_m - k_s[:, None])
+
+    def scalar(self, outputs, rows, c):
+        (loss,) = outputs
+        return loss, jnp.ones_like(loss), (jnp.ones_like(loss),)
+
+
+def _log_mixture(log_pt, log_ps, beta):
+    """``log(beta P_t + (1 - beta) P_s)``, stable (``logaddexp``)."""
+    return jnp.logaddexp(jnp.log(beta) + log_pt, jnp.log1p(-beta) + log_ps)
+
+
+def _options_of(divergence, beta, temperature):
+    divergence = _options.choice(divergence, "divergence", DIVERGENCES)
+    beta_v = _options.float_option(beta, "beta", off_when_zero=False)
+    if beta_v is None:
+        raise TypeError("beta must be a real number in (0, 1), got None.")
+    if not _validate.is_tracer(beta) and float(beta) == 1.0:
+        raise ValueError("beta must be < 1, got 1.0.")
+    return divergence, DistillConsts(temperature=_options.temperature(temperature), beta=beta_v)
+
+
+def _reduced(outputs, valid, reduction, batch_axis_name, batch_shape):
+    (loss,) = outputs
+    if reduction == "none":
+        return loss.reshape(batch_shape)
+    return _reduce.reduce_loss(loss, valid.astype(loss.dtype), reduction, batch_axis_name)
+
+
+def distillation_loss(
+    student_logits: jax.Array,
+    teacher_logits: jax.Array,
+    *,
+    divergence: str = "kl",
+    beta: float | jax.Array = 0.5,
+    temperature: float | jax.Array = 1.0,
+    axis: int | Sequence[int] = -1,
+    where: jax.Array | None = None,
+    reduction: str = "mean",
+    axis_name: AxisName = None,
+    batch_axis_name: AxisName = None,
+) -> jax.Array:
+    r"""Divergence between the student's and the teacher's softmax, with analytic gradients.
+
+    With :math:`P_s = \mathrm{softmax}(s / T)` and :math:`P_t = \mathrm{softmax}(t / T)`:
+
+    * ``"kl"``: :math:`\mathrm{KL}(P_t \| P_s) = \sum_c P_{t,c} (\log P_{t,c} - \log P_{s,c})`,
+      gradient :math:`(P_s - P_t) / T` with respect to the student's logits;
+    * ``"reverse_kl"``: :math:`\mathrm{KL}(P_s \| P_t)`, gradient
+      :math:`P_s \odot (\log P_s - \log P_t - \mathrm{KL}(P_s \| P_t)) / T`;
+    * ``"jsd"``: :math:`\beta\,\mathrm{KL}(P_t \| M) + (1-\beta)\,\mathrm{KL}(P_s \| M)`
+      with :math:`M = \beta P_t + (1-\beta) P_s`, gradient
+      :math:`(1-\beta)\,P_s \odot (\log P_s - \log M - \mathrm{KL}(P_s \| M)) / T`.
+
+    :math:`0 \log 0 = 0`: the loss is infinite only where the mathematics
+    is (forward KL when the student gives probability 0, e.g. a ``-inf``
+    logit, where the teacher has mass); large logits and ``-inf`` entries
+    elsewhere stay finite. There is no :math:`T^2` factor: for Hinton et
+    al.'s scaling multiply the loss by ``temperature ** 2``. The teacher is a
+    constant (``stop_gradient``): its logits get no gradient.
+
+    Args:
+      student_logits: floating ``[..., C, ...]``.
+      teacher_logits: floating, the student's shape.
+      divergence: ``"kl"``, ``"reverse_kl"`` or ``"jsd"``.
+      beta: :math:`\beta \in (0, 1)` for ``"jsd"`` (may be traced).
+      temperature: :math:`T > 0` (may be traced; no gradient).
+      axis: class axis, or tuple of axes (as in :func:`jaxsce.cross_entropy`).
+      where: boolean mask of the batch shape; masked examples give exactly
+        0 (value and gradient), even with NaN logits.
+      reduction: ``"mean"`` over counted examples (0 if none), ``"sum"``,
+        or ``"none"`` (batch shape).
+      axis_name: mesh axis splitting the classes inside ``jax.shard_map``;
+        O(examples) communication.
+      batch_axis_name: mesh axes splitting the examples (for ``"mean"``/``"sum"``).
+
+    Returns:
+      float32 (float64 for float64 logits), scalar or of the batch shape.
+
+    Raises:
+      TypeError: non-floating logits, a traced static option.
+      ValueError: shapes that differ (named), no classes, an option out of range.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxsce
+      >>> t = jnp.log(jnp.array([[0.5, 0.5]]))
+      >>> s = jnp.log(jnp.array([[0.25, 0.75]]))
+      >>> print(f"{jaxsce.distillation_loss(s, t):.4f}")  # 0.5 log 2 + 0.5 log(2/3)
+      0.1438
+    """
+    static = dict(
+        axis=_options.hashable_axes(axis, "axis"),
+        reduction=_options.choice(reduction, "reduction", _options.REDUCTIONS),
+        axis_name=_options.hashable_axes(axis_name, "axis_name"),
+        batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
+    )
+    divergence, consts = _options_of(divergence, beta, temperature)
+    return _distillation_loss(student_logits, teacher_logits, where, consts, divergence=divergence, **static)
+
+
+@functools.partial(jax.jit, static_argnames=("divergence", "axis", "reduction", "axis_name", "batch_axis_name"))
+def _distillation_loss(student, teacher, where, consts, *, divergence, axis, reduction, axis_name, batch_axis_name):
+    student = _validate.check_floating(student, "student_logits")
+    teacher = _validate.check_floating(teacher, "teacher_logits")
+    if teacher.shape != student.shape:
+        raise ValueError(
+            f"teacher_logits have shape {teacher.shape} but must have student_logits' shape {student.shape}."
+        )
+    axes = _validate.canonical_axes(axis, student.ndim)
+    batch_shape = tuple(d for i, d in enumerate(student.shape) if i not in axes)
+    local_classes = math.prod(student.shape[a] for a in axes)
+    if local_classes == 0:
+        raise ValueError(f"student_logits of shape {student.shape} have no classes along axis={axis!r}.")
+    n = math.prod(batch_shape)
+    perm = [i for i in range(student.ndim) if i not in axes] + list(axes)
+    flat = lambda x: jnp.transpose(x, perm).reshape(n, local_classes)  # noqa: E731
+    valid = jnp.ones(n, bool)
+    if where is not None:
+        valid = _validate.check_mask(where, batch_shape, "where", "the batch shape: logits.shape without axis")
+        valid = valid.reshape(n)
+    ct = _validate.compute_dtype(jnp.promote_types(student.dtype, teacher.dtype))
+    consts = _consts_in(consts, ct, divergence)
+    k = DistillRows(divergence, axis_name, _spmd.unchecked(axis_name))
+    z = (flat(student), lax.stop_gradient(flat(teacher)))
+    outputs = _stream.whole_rows(z, valid, None, None, consts, k)
+    return _reduced(outputs, valid, reduction, batch_axis_name, batch_shape)
+
+
+def _consts_in(consts: DistillConsts, ct, divergence: str) -> DistillConsts:
+    """The traced options in the compute dtype; NaN where out of range (``0 < beta < 1`` for JSD)."""
+    temperature = _options.in_dtype(_TemperatureOnly(consts.temperature), ct).temperature
+    beta = lax.stop_gradient(jnp.asarray(consts.beta).astype(ct))
+    beta = jnp.where((beta > 0) & (beta < 1) | (divergence != "jsd"), beta, jnp.nan)
+    return DistillConsts(temperature, beta)
+
+
+class _TemperatureOnly(NamedTuple):
+    temperature: jax.Array | None = None
+
+
+def linear_distillation_loss(
+    student_hidden: jax.Array,
+    student_weight: jax.Array,
+    teacher_hidden: jax.Array,
+    teacher_weight: jax.Array,
+    *,
+    student_bias: jax.Array | None = None,
+    teacher_bias: jax.Array | None = None,
+    weight_layout: str = "dv",
+    divergence: str = "kl",
+    beta: float | jax.Array = 0.5,
+    temperature: float | jax.Array = 1.0,
+    where: jax.Array | None = None,
+    reduction: str = "mean",
+    token_block: int | None = None,
+    vocab_block: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    axis_name: AxisName = None,
+) -> jax.Array:
+    r"""Fused :func:`jaxsce.distillation_loss` of two linear heads that never builds either's logits.
+
+    Equals ``distillation_loss(student_hidden @ student_weight + student_bias,
+    teacher_hidden @ teacher_weight + teacher_bias)`` with the same options,
+    streaming vocabulary blocks of both heads together. The student and the
+    teacher may have different hidden sizes; their vocabularies are the
+    same. Gradients flow to the student's hidden states, weight and bias
+    only (the teacher is a constant).
+
+    Paths: a scalar loss (``"mean"``/``"sum"``, no ``axis_name``, no
+    ``vocab_block``) whose float32 ``d_W`` fits ``memory_budget`` forms its
+    gradient in the forward pass over token blocks of whole rows (4 matmul
+    passes: both heads' logits, ``d_hidden``, ``d_W``); otherwise the
+    vocabulary is streamed in blocks and the backward recomputes both heads'
+    blocks (6 matmul passes; ``"jsd"`` adds 2 for its second forward pass).
+
+    Args:
+      student_hidden: ``[..., d_s]`` floating.
+      student_weight: ``[d_s, V]`` (``weight_layout="dv"``) or ``[V, d_s]`` (``"vd"``).
+      teacher_hidden: ``[..., d_t]``, the student's batch shape.
+      teacher_weight: ``[d_t, V]`` or ``[V, d_t]``, the same layout.
+      student_bias, teacher_bias: optional ``[V]``.
+      weight_layout: ``"dv"`` or ``"vd"``, for both weights.
+      divergence, beta, temperature, where, reduction: as in
+        :func:`jaxsce.distillation_loss`.
+      token_block, vocab_block, memory_budget: as in
+        :func:`jaxsce.linear_cross_entropy` (the budget counts both heads' blocks).
+      axis_name: mesh axis splitting the vocabulary of both heads inside
+        ``jax.shard_map``.
+
+    Returns:
+      As :func:`jaxsce.distillation_loss`.
+
+    Raises:
+      TypeError, ValueError: as :func:`jaxsce.linear_cross_entropy`, naming
+      the student's or the teacher's argument.
+
+    Examples:
+      >>> import jax.numpy as jnp, jaxsce
+      >>> h = jnp.ones((4, 8)) / 8
+      >>> ws, wt = jnp.zeros((8, 100)), jnp.zeros((16, 100))
+      >>> print(f"{jaxsce.linear_distillation_loss(h, ws, jnp.ones((4, 16)), wt):.4f}")  # both uniform
+      0.0000
+    """
+    static = dict(
+        weight_layout=_options.choice(weight_layout, "weight_layout", ("dv", "vd")),
+        reduction=_options.choice(reduction, "reduction", _options.REDUCTIONS),
+        token_block=_options.size(token_block, "token_block"),
+        vocab_block=_options.size(vocab_block, "vocab_block"),
+        memory_budget=_options.size(memory_budget, "memory_budget", allow_none=False),
+        axis_name=_options.hashable_axes(axis_name, "axis_name"),
+    )
+    divergence, consts = _options_of(divergence, beta, temperature)
+    args = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, where, consts)
+    return _linear_distillation_loss(*args, divergence=divergence, **static)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "divergence",
+        "weight_layout",
+        "reduction",
+        "token_block",
+        "vocab_block",
+        "memory_budget",
+        "axis_name",
+    ),
+)
+def _linear_distillation_loss(
+    hs,
+    ws,
+    bs,
+    ht,
+    wt,
+    bt,
+    where,
+    consts,
+    *,
+    divergence,
+    weight_layout,
+    reduction,
+    token_block,
+    vocab_block,
+    memory_budget,
+    axis_name,
+):
+    student, v_s = check_head(hs, ws, bs, weight_layout, prefix="student_", linear="")
+    teacher, v_t = check_head(ht, wt, bt, weight_layout, prefix="teacher_", linear="")
+    batch_shape = hs.shape[:-1]
+    if ht.shape[:-1] != batch_shape:
+        raise ValueError(
+            f"teacher_hidden has shape {ht.shape} but must have student_hidden's batch shape {batch_shape} "
+            f"(student_hidden has shape {hs.shape})."
+        )
+    if v_t != v_s:
+        raise ValueError(
+            f"teacher_weight of shape {wt.shape} has {v_t} classes but student_weight of shape {ws.shape} "
+            f"has {v_s} (weight_layout={weight_layout!r})."
+        )
+    n = student.hidden.shape[0]
+    valid = jnp.ones(n, bool)
+    if where is not None:
+        valid = _validate.check_mask(where, batch_shape, "where", "student_hidden.shape[:-1]").reshape(n)
+    teacher = _stream.Head(*(None if x is None else lax.stop_gradient(x) for x in teacher))  # type: ignore[arg-type]
+    heads = (student, teacher)
+    ct = _stream.acc_dtype(*student, *teacher)
+    consts = _consts_in(consts, ct, divergence)
+    k = DistillRows(divergence, axis_name, _spmd.unchecked(axis_name))
+    if isinstance(n, int) and n == 0:
+        return _reduced((jnp.zeros((0,), ct),), valid, reduction, None, batch_shape)
+    layouts = (weight_layout, weight_layout)
+    if reduction != "none" and axis_name is None and vocab_block is None:
+        sums = _stream.single_pass(k, heads, valid, None, None, consts, layouts, token_block, memory_budget)
+        if sums is not None:
+            total, count = sums  # type: ignore[misc]
+            return _reduce.reduce_loss(total[None], count[None], reduction, None)
+    outputs = _stream.stream(
+        k,
+        heads,
+        valid,
+        None,
+        None,
+        consts,
+        layouts,
+        token_block=token_block,
+        vocab_block=vocab_block,
+        memory_budget=memory_budget,
+    )
+    return _reduced(outputs, valid, reduction, None, batch_shape)
