@@ -129,7 +129,13 @@ def row_cotangents(*cts, axis_name: AxisName, is_unchecked: bool):
     """
     if not is_unchecked:
         return cts
-    return psum_rows(*cts, axis_name=axis_name)
+    return psum_tuple(*cts, axis_name=axis_name)
+
+
+def psum_tuple(*rows: jax.Array, axis_name: AxisName) -> tuple:
+    """As :func:`psum_rows`, always returning a tuple (also of one array)."""
+    out = psum_rows(*rows, axis_name=axis_name)
+    return (out,) if len(rows) == 1 else tuple(out)
 
 
 def check_split_axes(name: str, x, reference, reference_name: str, axis_name: AxisName, batch_axis_name: AxisName):

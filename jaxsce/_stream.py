@@ -465,13 +465,13 @@ def _combine(k: RowLoss, m, se, am, acc, consts):
     scale = tuple(jnp.exp(a - b) for a, b in zip(m, m_gs))
     m_ls = tuple(jnp.where(jnp.isfinite(x), x, 0) for x in m)
     primal, tangent = k.to_global(acc, Shards(m_ls, m_gs, se, scale), consts)
-    summed = _spmd.psum_rows(*(a * b for a, b in zip(se, scale)), *primal, axis_name=axis)
+    summed = _spmd.psum_tuple(*(a * b for a, b in zip(se, scale)), *primal, axis_name=axis)
     se, primal = summed[: k.heads], summed[k.heads :]
     if tangent:
         # A separate psum: when JAX linearizes a forward-mode rule (reverse
         # mode through derivative="jvp") the primal sums must not wait on
         # tangent values.
-        tangent = _spmd.psum_rows(*tangent, axis_name=axis)
+        tangent = _spmd.psum_tuple(*tangent, axis_name=axis)
     return m_g, tuple(se), am, (tuple(primal), tuple(tangent))
 
 
@@ -487,7 +487,7 @@ def _probabilities(s, lse):
 
 def _sum_shards(k: RowLoss, acc2, consts):
     axis = k.vocab_axis(consts)
-    return acc2 if axis is None else tuple(_spmd.psum_rows(*acc2, axis_name=axis))
+    return acc2 if axis is None else _spmd.psum_tuple(*acc2, axis_name=axis)
 
 
 def _whole_second_pass(k: RowLoss, s, stats: Stats, acc, col0, rows_data, cols, consts):

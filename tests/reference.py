@@ -197,3 +197,36 @@ def naive_log_probs(logits, labels, *, temperature=1.0, logit_softcap=None):
     ls = jax.nn.log_softmax(z / temperature, axis=-1)
     lp = jnp.take_along_axis(ls, labels[:, None], axis=-1)[:, 0]
     return lp, -jnp.sum(jnp.exp(ls) * ls, axis=-1)
+
+
+def np_distillation(student, teacher, divergence, *, beta=0.5, temperature=1.0):
+    """KL(P_t||P_s), KL(P_s||P_t) or beta KL(P_t||M) + (1-beta) KL(P_s||M), M = beta P_t + (1-beta) P_s,
+    for P = softmax(logits / T), float64, ``[N, C]``, with 0 log 0 = 0."""
+    ls = np_log_softmax(np.asarray(student, np.float64) / temperature)
+    lt = np_log_softmax(np.asarray(teacher, np.float64) / temperature)
+    ps, pt = np.exp(ls), np.exp(lt)
+
+    def kl(p, lp, lq):
+        with np.errstate(invalid="ignore"):
+            return np.sum(np.where(p > 0, p * (lp - lq), 0.0), axis=-1)
+
+    if divergence == "kl":
+        return kl(pt, lt, ls)
+    if divergence == "reverse_kl":
+        return kl(ps, ls, lt)
+    with np.errstate(divide="ignore"):
+        lm = np.log(beta * pt + (1 - beta) * ps)
+    return beta * kl(pt, lt, lm) + (1 - beta) * kl(ps, ls, lm)
+
+
+def naive_distillation(student, teacher, divergence, *, beta=0.5, temperature=1.0):
+    """The naive JAX formula on ``jax.nn.log_softmax``, the ``jax.grad`` oracle (finite logits)."""
+    ls = jax.nn.log_softmax(student / temperature, axis=-1)
+    lt = jax.nn.log_softmax(teacher / temperature, axis=-1)
+    ps, pt = jnp.exp(ls), jnp.exp(lt)
+    if divergence == "kl":
+        return jnp.sum(pt * (lt - ls), axis=-1)
+    if divergence == "reverse_kl":
+        return jnp.sum(ps * (ls - lt), axis=-1)
+    lm = jnp.log(beta * pt + (1 - beta) * ps)
+    return beta * jnp.sum(pt * (lt - lm), axis=-1) + (1 - beta) * jnp.sum(ps * (ls - lm), axis=-1)

@@ -366,11 +366,14 @@ def test_data_parallel_shard_map_without_axis_name(check_vma):
 
 @pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
 @pytest.mark.parametrize("fn", ["logits", "linear"])
-def test_log_probs_equal_unsharded(fn, check_vma):
+@pytest.mark.parametrize("entropy", [True, False], ids=["logp+entropy", "logp"])
+def test_log_probs_equal_unsharded(fn, check_vma, entropy):
+    """With one output (no entropy) under check_vma=False, the row cotangents'
+    psum returned an array, not a tuple, and the gradient was wrong."""
     d = _data(3)
     mesh = _mesh((2, 4))
     y = jnp.where(d["labels"] < 0, 0, d["labels"])
-    kw = dict(temperature=0.8, logit_softcap=4.0, return_entropy=True)
+    kw = dict(temperature=0.8, logit_softcap=4.0, return_entropy=entropy)
     rng = np.random.default_rng(4)
     g, g_h = jnp.asarray(rng.normal(size=N)), jnp.asarray(rng.normal(size=N))
     if fn == "logits":
@@ -387,12 +390,15 @@ def test_log_probs_equal_unsharded(fn, check_vma):
         functools.partial(call, axis_name="model"),
         mesh=mesh,
         in_specs=specs,
-        out_specs=(P("data"), P("data")),
+        out_specs=(P("data"), P("data")) if entropy else P("data"),
         check_vma=check_vma,
     )
     _close(jax.jit(sharded)(*args), call(*args))
     n_diff = 1 if fn == "logits" else 3
-    obj = lambda f: lambda *a: jnp.sum(g * f(*a)[0]) + jnp.sum(g_h * f(*a)[1])  # noqa: E731
+    if entropy:
+        obj = lambda f: lambda *a: jnp.sum(g * f(*a)[0]) + jnp.sum(g_h * f(*a)[1])  # noqa: E731
+    else:
+        obj = lambda f: lambda *a: jnp.sum(g * f(*a))  # noqa: E731
     grads = jax.jit(jax.grad(obj(sharded), tuple(range(n_diff))))(*args)
     _close(grads, jax.grad(obj(call), tuple(range(n_diff)))(*args))
 
@@ -440,3 +446,38 @@ def test_sample_weight_equals_unsharded(check_vma):
     fl0 = lambda h, w: jaxsce.linear_cross_entropy(h, w, d["labels"], **kw)  # noqa: E731
     _close(jax.jit(fl)(*h_args), fl0(*h_args))
     _close(jax.jit(jax.grad(fl, (0, 1)))(*h_args), jax.grad(fl0, (0, 1))(*h_args))
+
+
+@pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+def test_distillation_equals_unsharded(divergence, check_vma):
+    d = _data(8)
+    mesh = _mesh((2, 4))
+    rng = np.random.default_rng(9)
+    teacher = jnp.asarray(rng.normal(size=(N, V)) * 2)
+    t_hidden, t_proj = jnp.asarray(rng.normal(size=(N, 5))), jnp.asarray(rng.normal(size=(5, V)) * 0.4)
+    kw = dict(divergence=divergence, beta=0.3, temperature=0.8, reduction="none")
+    g = jnp.asarray(rng.normal(size=N))
+    spec = dict(mesh=mesh, out_specs=P("data"), check_vma=check_vma)
+    f = lambda s, t, m, **names: jaxsce.distillation_loss(s, t, where=m, **kw, **names)  # noqa: E731
+    sharded = jax.shard_map(
+        functools.partial(f, axis_name="model"), in_specs=(P("data", "model"), P("data", "model"), P("data")), **spec
+    )
+    args = (d["logits"], teacher, d["where"])
+    _close(jax.jit(sharded)(*args), f(*args))
+    _close(
+        jax.jit(jax.grad(lambda *a: jnp.sum(g * sharded(*a))))(*args),
+        jax.grad(lambda *a: jnp.sum(g * f(*a)))(*args),
+    )
+    fl = lambda h, w, b, th, tw, m, **names: jaxsce.linear_distillation_loss(  # noqa: E731
+        h, w, th, tw, student_bias=b, where=m, vocab_block=4, token_block=3, **kw, **names
+    )
+    sharded_l = jax.shard_map(
+        functools.partial(fl, axis_name="model"),
+        in_specs=(P("data"), P(None, "model"), P("model"), P("data"), P(None, "model"), P("data")),
+        **spec,
+    )
+    args = (d["hidden"], d["proj"], d["bias"], t_hidden, t_proj, d["where"])
+    _close(jax.jit(sharded_l)(*args), fl(*args))
+    obj = lambda f: lambda *a: jnp.sum(g * f(*a))  # noqa: E731
+    _close(jax.jit(jax.grad(obj(sharded_l), (0, 1, 2)))(*args), jax.grad(obj(fl), (0, 1, 2))(*args))
