@@ -52,6 +52,7 @@ examples: $(STAMP)
 	$(PY) examples/digits_cnn.py
 	$(PY) examples/next_token.py
 	$(PY) examples/policy_gradient.py
+	$(PY) examples/distill.py
 
 clean:
 	rm -rf $(VENV) $(OLD_VENV) build .pytest_cache .hypothesis

@@ -276,3 +276,62 @@ def bench_policy(shapes, dtype, repeats, progress) -> list[Row]:
                 )
             )
     return rows
+
+
+# --- distillation: KL between a student's and a teacher's head ----------------------
+
+
+def distill_impls() -> dict[str, Callable]:
+    """value_and_grad wrt the student's (h, W) of the mean KL(P_t || P_s) of two heads."""
+
+    def autodiff(hs, ws, ht, wt):
+        ls = jax.nn.log_softmax(hs @ ws, axis=-1)
+        lt = jax.nn.log_softmax(jax.lax.stop_gradient(ht @ wt), axis=-1)
+        return jnp.mean(jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1))
+
+    impls = {
+        "jaxsce linear_distillation_loss": lambda hs, ws, ht, wt: jaxsce.linear_distillation_loss(hs, ws, ht, wt),
+        "plain matmuls + jaxsce.distillation_loss": lambda hs, ws, ht, wt: jaxsce.distillation_loss(hs @ ws, ht @ wt),
+        "plain matmuls + log_softmax (autodiff)": autodiff,
+    }
+    return {k: jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for k, f in impls.items()}
+
+
+def bench_distill(shapes, dtype, repeats, progress) -> list[Row]:
+    rows = []
+    impls = distill_impls()
+    peer_name = "plain matmuls + log_softmax (autodiff)"
+    for t_, d, v in shapes:
+        rng = np.random.default_rng(0)
+        args = (
+            jnp.asarray(rng.normal(size=(t_, d)), dtype),
+            jnp.asarray(rng.normal(size=(d, v)) / math.sqrt(d), dtype),
+            jnp.asarray(rng.normal(size=(t_, d)), dtype),
+            jnp.asarray(rng.normal(size=(d, v)) / math.sqrt(d), dtype),
+        )
+        matmul = jax.jit(lambda h, w: h @ w)
+        calls = {k: (lambda f=f, args=args: f(*args)) for k, f in impls.items()}
+        calls["roofline: h@W matmul"] = lambda h=args[0], w=args[1], matmul=matmul: matmul(h, w)
+        times = interleaved(calls, repeats, _block, progress)
+        matmul_ms = np.median(times.pop("roofline: h@W matmul"))
+        ref = impls[peer_name](*args)[1]
+        peer = np.median(times[peer_name])
+        for name, t in times.items():
+            rows.append(
+                _measured_row(
+                    "distill",
+                    name,
+                    f"{t_}x{d}x{v}",
+                    dtype,
+                    t,
+                    t_,
+                    peer_ms=peer,
+                    # 4 matmul passes at least: both heads' logits, d_hidden, d_W.
+                    roofline=np.median(t) / (4 * matmul_ms),
+                    temp=temp_mib(impls[name], *args),
+                    diff=max_diff(calls[name]()[1], ref),
+                    tol=10 * grad_tolerance(ref),
+                    extra={"matmul_ms": float(matmul_ms)},
+                )
+            )
+    return rows

@@ -47,12 +47,14 @@ def markdown(env: dict, rows: list[Row], memory: list[dict]) -> str:
         "fused": "Fused linear + cross-entropy: value_and_grad wrt (h, W)",
         "forward": 'Fused linear + cross-entropy, forward mode: jax.jvp wrt (h, W) (derivative="jvp")',
         "policy": "Post-training: value_and_grad wrt (h, W) of -mean(A log p) - 0.01 mean(H)",
+        "distill": "Distillation: value_and_grad wrt the student's (h, W) of the mean KL(teacher || student)",
     }
     for section, peer, roof in (
         ("logits", "÷ optax", "÷ exp pass"),
         ("fused", "÷ plain jaxsce", "FLOP rate ÷ matmul's"),
         ("forward", "÷ plain jaxsce", "FLOP rate ÷ matmul's"),
         ("policy", "÷ plain autodiff", "FLOP rate ÷ matmul's"),
+        ("distill", "÷ plain autodiff", "time ÷ 4 matmuls"),
     ):
         part = [r for r in rows if r.section == section]
         if not part:

@@ -19,7 +19,7 @@ from dataclasses import asdict
 
 import jax.numpy as jnp
 
-from .cases import bench_fused, bench_logits, bench_policy, memory_table
+from .cases import bench_distill, bench_fused, bench_logits, bench_policy, memory_table
 from .plot import plot
 from .report import environment, markdown
 from .timing import Row
@@ -83,12 +83,13 @@ def main(argv=None) -> dict:
     try:
         from tqdm import tqdm
 
-        progress = tqdm(total=repeats * (len(logits) + 3 * len(fused)), desc="timing rounds", file=sys.stderr)
+        progress = tqdm(total=repeats * (len(logits) + 4 * len(fused)), desc="timing rounds", file=sys.stderr)
     except ImportError:
         progress = None
     rows = bench_logits(logits, dtype, repeats, progress) + bench_fused(fused, dtype, repeats, progress)
     rows += bench_fused(fused, dtype, repeats, progress, mode="jvp")
     rows += bench_policy(fused, dtype, repeats, progress)
+    rows += bench_distill(fused, dtype, repeats, progress)
     if progress is not None:
         progress.close()
     memory = [] if args.no_memory else memory_table(**mem)

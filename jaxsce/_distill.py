@@ -31,7 +31,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -117,7 +117,7 @@ class DistillRows(_stream.RowLoss):
         lse_s, lse_t = stats.lse
         if self.divergence == "jsd":
             _, (k_t, k_s) = acc
-            beta = c.beta
+            beta = cast(jax.Array, c.beta)
             return (beta * k_t + (1 - beta) * k_s,), (k_s,), None
         (a,), _ = acc
         se_s, se_t = stats.se
@@ -137,8 +137,9 @@ class DistillRows(_stream.RowLoss):
             r = log_ps - (t - lse_t[:, None])
             return g * _xlogy_terms(p_s, r - kl[:, None])
         (k_s,) = res
-        log_m = _log_mixture(t - lse_t[:, None], log_ps, c.beta)
-        return g * (1 - c.beta) * _xlogy_terms(p_s, log_ps - log_m - k_s[:, None])
+        beta = cast(jax.Array, c.beta)
+        log_m = _log_mixture(t - lse_t[:, None], log_ps, beta)
+        return g * (1 - beta) * _xlogy_terms(p_s, log_ps - log_m - k_s[:, None])
 
     def scalar(self, outputs, rows, c):
         (loss,) = outputs

@@ -40,6 +40,8 @@ def test_benchmark_runs_and_every_gradient_matches(tmp_path):
     } <= impls
     policy = {r["impl"] for r in rows if r["section"] == "policy"}
     assert {"jaxsce linear_log_probs", "plain h@W + log_softmax (autodiff)"} <= policy
+    distill = {r["impl"] for r in rows if r["section"] == "distill"}
+    assert {"jaxsce linear_distillation_loss", "plain matmuls + log_softmax (autodiff)"} <= distill
     forward = {r["impl"] for r in rows if r["section"] == "forward"}
     assert {"jaxsce fused", "plain h@W + jaxsce", "plain h@W + optax"} <= forward
     for r in rows:

@@ -54,3 +54,10 @@ def test_policy_gradient_smoke():
     assert rewards and all(0.0 <= r <= 1.0 for r in rewards)
     first, last = (float(x) for x in lines[-1].split("reward ")[1].split(" in ")[0].split(" -> "))
     assert 0.0 <= first <= 1.0 and 0.0 <= last <= 1.0
+
+
+@pytest.mark.slow
+def test_distill_smoke():
+    lines = _run("distill")
+    losses = [float(line.split("validation cross-entropy ")[1]) for line in lines if "validation cross-entropy" in line]
+    assert len(losses) == 3 and all(0.0 < x < 20.0 for x in losses)
