@@ -54,6 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _spmd, _validate
+from ._targets import max_and_argmax
 
 # --- blocks ----------------------------------------------------------------------
 
@@ -406,7 +407,7 @@ def _online_step(k: RowLoss, s_heads, m, se, am, acc, fresh, col0, fresh_col0, r
     """One block's update of the running max, sums of exponentials, argmax and the loss's sums."""
     s_new = [jnp.where(fresh, s, -jnp.inf) for s in s_heads]
     if am is not None:
-        bm0, bi = _max_and_argmax(s_new[0], col0)
+        bm0, bi = max_and_argmax(s_new[0], col0)
         am = jnp.where(bm0 > m[0], bi, am)
         block_max = [bm0] + [jnp.max(s, axis=-1) for s in s_new[1:]]
     else:
@@ -420,25 +421,6 @@ def _online_step(k: RowLoss, s_heads, m, se, am, acc, fresh, col0, fresh_col0, r
     acc = k.accumulate(acc, blk, consts)
     se = tuple(a * r + jnp.sum(x, axis=-1) for a, r, x in zip(se, rescale, e))
     return m_new, se, am, acc
-
-
-def _max_and_argmax(s: jax.Array, col0):
-    """Row max and (global) index of its first occurrence, in one reduction.
-
-    A variadic reduce reads ``s`` once for both, so the accuracy costs no
-    second pass; comparing the label's logit with the max instead would
-    depend on two fusions rounding ``tanh`` (soft cap) identically.
-    """
-
-    def pick(a, b):
-        (va, ia), (vb, ib) = a, b
-        take_b = (vb > va) | ((vb == va) & (ib < ia)) | jnp.isnan(vb)
-        return jnp.where(take_b, vb, va), jnp.where(take_b, ib, ia)
-
-    idx = lax.broadcasted_iota(jnp.int32, s.shape, s.ndim - 1)
-    init = (jnp.array(-jnp.inf, s.dtype), jnp.array(jnp.iinfo(jnp.int32).max, jnp.int32))
-    m, i = lax.reduce((s, idx), init, lambda a, b: pick(a, b), (s.ndim - 1,))
-    return m, i + col0
 
 
 def _initial(k: RowLoss, tb, ct, consts, forward_mode: bool):
