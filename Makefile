@@ -22,7 +22,7 @@ $(OLD_STAMP): pyproject.toml
 	$(OLD_VENV)/bin/python -m pip install -q -e '.[test,bench,examples]' 'jax==$(OLD_JAX)' 'jaxlib==$(OLD_JAX)'
 	touch $@
 
-bench: $(STAMP)  ## the main job, small default (~1 min); writes build/bench/
+bench: $(STAMP)  ## the main job, small default (~2 min); writes build/bench/
 	$(PY) -m benchmarks.run $(ARGS)
 
 bench-full: $(STAMP)  ## the large shapes
