@@ -329,7 +329,7 @@ def linear_cross_entropy(
             check_labels=check_labels,
         ),
     )
-    if static["derivative"] == "jvp":
+    if static["derivative"] == "jvp" and getattr(hidden, "size", 1) != 0:  # no tokens: no loops to transpose
         _stream.check_linearizable(hidden, linear_weight, linear_bias)
     fl = _options.floats(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap)
     args = (hidden, linear_weight, labels, linear_bias, where, weight, sample_weight, fl)
