@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Sequence
 
 import jax
@@ -213,11 +212,8 @@ def _cross_entropy(
     check_labels,
 ):
     logits = _validate.check_floating(logits, "logits")
-    axes = _validate.canonical_axes(axis, logits.ndim)
-    batch_shape = tuple(d for i, d in enumerate(logits.shape) if i not in axes)
-    local_classes = math.prod(logits.shape[a] for a in axes)
-    if local_classes == 0:
-        raise ValueError(f"logits of shape {logits.shape} have no classes along axis={axis!r} (the class axis).")
+    z, batch_shape, flatten = _validate.class_rows(logits, axis, "logits")
+    n, local_classes = z.shape
     num_classes = local_classes * _spmd.axis_size(axis_name)
 
     labels = jnp.asarray(labels)
@@ -244,11 +240,8 @@ def _cross_entropy(
             f"dtype {labels.dtype} with shape {labels.shape}."
         )
 
-    n = math.prod(batch_shape)
-    perm = [i for i in range(logits.ndim) if i not in axes] + list(axes)
-    z = jnp.transpose(logits, perm).reshape(n, local_classes)
     if soft:
-        target = jnp.transpose(labels, perm).reshape(n, local_classes)
+        target = flatten(labels)
     else:
         target = labels.reshape(n)
     valid = jnp.ones(n, bool)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from typing import NamedTuple, cast
 
@@ -247,14 +246,8 @@ def _distillation_loss(student, teacher, where, consts, *, divergence, axis, red
         raise ValueError(
             f"teacher_logits have shape {teacher.shape} but must have student_logits' shape {student.shape}."
         )
-    axes = _validate.canonical_axes(axis, student.ndim)
-    batch_shape = tuple(d for i, d in enumerate(student.shape) if i not in axes)
-    local_classes = math.prod(student.shape[a] for a in axes)
-    if local_classes == 0:
-        raise ValueError(f"student_logits of shape {student.shape} have no classes along axis={axis!r}.")
-    n = math.prod(batch_shape)
-    perm = [i for i in range(student.ndim) if i not in axes] + list(axes)
-    flat = lambda x: jnp.transpose(x, perm).reshape(n, local_classes)  # noqa: E731
+    s_rows, batch_shape, flat = _validate.class_rows(student, axis, "student_logits")
+    n = s_rows.shape[0]
     valid = jnp.ones(n, bool)
     if where is not None:
         valid = _validate.check_mask(where, batch_shape, "where", "the batch shape: logits.shape without axis")
@@ -262,7 +255,7 @@ def _distillation_loss(student, teacher, where, consts, *, divergence, axis, red
     ct = _validate.compute_dtype(jnp.promote_types(student.dtype, teacher.dtype))
     consts = _consts_in(consts, ct, divergence)
     k = DistillRows(divergence, axis_name, _spmd.unchecked(axis_name))
-    z = (flat(student), lax.stop_gradient(flat(teacher)))
+    z = (s_rows, lax.stop_gradient(flat(teacher)))
     outputs = _stream.whole_rows(z, valid, None, None, consts, k)
     return _reduced(outputs, valid, reduction, batch_axis_name, batch_shape)
 

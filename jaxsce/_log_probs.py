@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -245,11 +244,7 @@ def _outputs(outputs, batch_shape, return_entropy: bool):
 @functools.partial(jax.jit, static_argnames=("axis", "return_entropy", "axis_name", "check_labels"))
 def _log_probs(logits, labels, where, tp: Tempered, *, axis, return_entropy, axis_name, check_labels):
     logits = _validate.check_floating(logits, "logits")
-    axes = _validate.canonical_axes(axis, logits.ndim)
-    batch_shape = tuple(d for i, d in enumerate(logits.shape) if i not in axes)
-    local_classes = math.prod(logits.shape[a] for a in axes)
-    if local_classes == 0:
-        raise ValueError(f"logits of shape {logits.shape} have no classes along axis={axis!r} (the class axis).")
+    z, batch_shape, _ = _validate.class_rows(logits, axis, "logits")
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype} with shape {labels.shape}.")
@@ -259,10 +254,8 @@ def _log_probs(logits, labels, where, tp: Tempered, *, axis, return_entropy, axi
             f"{axis} need shape {batch_shape}."
         )
     _spmd.check_split_axes("logits", logits, labels, "labels", axis_name, None)
-    n = math.prod(batch_shape)
+    n, local_classes = z.shape
     num_classes = local_classes * _spmd.axis_size(axis_name)
-    perm = [i for i in range(logits.ndim) if i not in axes] + list(axes)
-    z = jnp.transpose(logits, perm).reshape(n, local_classes)
     valid = jnp.ones(n, bool)
     if where is not None:
         valid = _validate.check_mask(where, batch_shape, "where", "the batch shape: logits.shape without axis")

@@ -7,6 +7,7 @@ None of them looks at array *values*: they run once, while JAX traces.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -98,3 +99,24 @@ def check_sample_weight(sample_weight: Any, shape: tuple[int, ...], what: str) -
             f"sample_weight has shape {tuple(sample_weight.shape)} but must have shape {tuple(shape)} ({what})."
         )
     return sample_weight
+
+
+def class_rows(x: jax.Array, axis, name: str):
+    """The class axis (or axes) of ``x`` as rows: ``(rows, batch_shape, flatten)``.
+
+    ``flatten(y)`` moves ``axis`` of an array shaped like ``x`` to the end and
+    makes it ``[prod(batch_shape), classes]``; ``rows = flatten(x)``. No
+    classes is a ``ValueError`` naming the argument and the axis.
+    """
+    axes = canonical_axes(axis, x.ndim)
+    batch_shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
+    classes = math.prod(x.shape[a] for a in axes)
+    if classes == 0:
+        raise ValueError(f"{name} of shape {x.shape} have no classes along axis={axis!r} (the class axis).")
+    perm = [i for i in range(x.ndim) if i not in axes] + list(axes)
+    n = math.prod(batch_shape)
+
+    def flatten(y):
+        return jnp.transpose(y, perm).reshape(n, classes)
+
+    return flatten(x), batch_shape, flatten
