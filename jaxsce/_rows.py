@@ -46,9 +46,7 @@ def _pmax(x, opts: Options):
 
 def shard_col0(width: int, opts: Options):
     """Global class index of this shard's first column (0 when unsharded)."""
-    if opts.vocab_axis is None:
-        return 0
-    return lax.axis_index(opts.vocab_axis) * width
+    return _spmd.shard_col0(width, opts.vocab_axis)
 
 
 def total_weight(class_weight, opts: Options):

@@ -111,6 +111,11 @@ def sum_to_type(ct, primal):
     return lax.psum(ct, extra) if extra else ct
 
 
+def shard_col0(width: int, axis_name: AxisName):
+    """Global class index of this shard's first column of ``width`` (0 when unsharded)."""
+    return 0 if axis_name is None else lax.axis_index(axis_name) * width
+
+
 def psum_rows(*rows: jax.Array, axis_name: AxisName):
     """Sums per-row partials over the vocabulary shards in one collective."""
     if len(rows) == 1:

@@ -430,11 +430,6 @@ def _initial(k: RowLoss, tb, ct, consts, forward_mode: bool):
     return m, se, am, k.init(tb, ct, consts, forward_mode)
 
 
-def shard_col0(width: int, axis):
-    """Global class index of this shard's first column (0 when unsharded)."""
-    return 0 if axis is None else lax.axis_index(axis) * width
-
-
 def _combine(k: RowLoss, m, se, am, acc, consts):
     """Per-row statistics over all vocabulary shards: one pmax, one psum of a few floats per row."""
     axis = k.vocab_axis(consts)
@@ -501,7 +496,7 @@ def _forward(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, tan
     k, (tb, vb), layouts = st
     t_total = heads[0].hidden.shape[0]
     v_local = _vocab_size(heads[0], layouts[0])
-    shard0 = shard_col0(v_local, k.vocab_axis(consts))
+    shard0 = _spmd.shard_col0(v_local, k.vocab_axis(consts))
     ct = acc_dtype(*(x for hd in heads for x in hd))
     dh_all, dw_all, db_all = tangents if tangents is not None else (None, None, None)
     like = (heads, valid, rows, cols, tangents)
@@ -556,7 +551,7 @@ def _second_pass(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static,
     k, (tb, vb), layouts = st
     t_total = heads[0].hidden.shape[0]
     v_local = _vocab_size(heads[0], layouts[0])
-    shard0 = shard_col0(v_local, k.vocab_axis(consts))
+    shard0 = _spmd.shard_col0(v_local, k.vocab_axis(consts))
     ct = acc_dtype(*(x for hd in heads for x in hd))
     like = (heads, valid, rows, cols, lse)
 
@@ -612,7 +607,7 @@ def _rows_bwd(st: Static, saved, cts):
     h0 = heads[0]
     t_total, d = h0.hidden.shape
     v_local = _vocab_size(h0, layouts[0])
-    shard0 = shard_col0(v_local, k.vocab_axis(consts))
+    shard0 = _spmd.shard_col0(v_local, k.vocab_axis(consts))
     ct = acc_dtype(*(x for hd in heads for x in hd))
     cts = _row_cotangents(k, cts, valid, consts, ct)
     like = (heads, valid, rows_data, cols, lse, res, cts)
@@ -755,7 +750,7 @@ def _whole_forward(z_heads, valid, rows_data, cols, consts, k: RowLoss):
     n_rows, width = z_heads[0].shape
     m, se, am, acc = _initial(k, n_rows, ct, consts, False)
     fresh = jnp.ones((1, width), bool)
-    col0 = shard_col0(width, k.vocab_axis(consts))
+    col0 = _spmd.shard_col0(width, k.vocab_axis(consts))
     m, se, am, acc = _online_step(k, s, m, se, am, acc, fresh, col0, col0, rows_data, cols, consts, None)
     stats, acc = _stats(k, m, se, am, acc, consts)
     acc = _whole_second_pass(k, s, stats, acc, col0, rows_data, cols, consts)
@@ -783,7 +778,7 @@ def _whole_bwd(k: RowLoss, saved, cts):
     cts = _row_cotangents(k, cts, valid, consts, ct)
     s = tuple(k.transform(z.astype(ct), n, consts) for n, z in enumerate(z_heads))
     p = tuple(jnp.exp(x - lv[:, None]) for x, lv in zip(s, lse))
-    col0 = shard_col0(z_heads[0].shape[1], k.vocab_axis(consts))
+    col0 = _spmd.shard_col0(z_heads[0].shape[1], k.vocab_axis(consts))
     ds = k.grad(GradBlock(s, p, lse, col0, rows_data, cols), res, cts, consts)
     dz = jnp.where(valid[:, None], k.transform_grad(s[0], ds, 0, consts), 0).astype(z_heads[0].dtype)
     return (dz,) + tuple(None for _ in z_heads[1:]), None, None, None, None
