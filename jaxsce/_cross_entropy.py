@@ -92,9 +92,13 @@ def cross_entropy(
         ``jit`` compiles once); they are constants for differentiation.
       return_aux: also return a :class:`LossAux` (per-example ``lse`` and
         z-loss, accuracy, count), computed in the same pass.
-      derivative: ``"vjp"`` (default): a ``jax.custom_vjp`` that saves only the
-        logits and one float per example; fastest and leanest for
-        ``jax.grad``. Everything but forward mode through the loss itself
+      derivative: ``"vjp"`` (default): a ``jax.custom_vjp`` that saves one
+        logits-sized array and one float per example; fastest and leanest
+        for ``jax.grad``. The array is the logits on GPU and TPU and, on CPU,
+        where an ``exp`` costs more than a pass over memory, ``exp(z - max)``
+        for logits in their compute dtype of up to 8192 classes without soft
+        cap or label smoothing (the backward then needs no ``exp``); either
+        way the gradient can be written in its place. Everything but forward mode through the loss itself
         works with it, including ``jax.hessian`` and Hessian-vector products
         ``jax.jvp(jax.grad(f), ...)`` (they differentiate the backward rule,
         which is ordinary JAX). ``"jvp"``: the same analytic derivative as a

@@ -15,9 +15,11 @@ arrays by ordinary JAX code; only this kernel touches ``[N, V]`` data, and its
 derivative is analytic (``_targets``): ``dz = (Q p - q) g_ce + p g_lse``,
 times the soft cap's chain rule. Two rules are attached to the same forward:
 
-* ``custom_vjp`` (``derivative="vjp"``): saves only the logits, the ``lse``
-  per row and, when weights make ``Q`` vary, ``Q`` per row. It is the least
-  memory; it cannot be used in forward mode.
+* ``custom_vjp`` (``derivative="vjp"``): saves one logits-sized array, the
+  ``lse`` per row and, when weights make ``Q`` vary, ``Q`` per row. It is the
+  least memory; it cannot be used in forward mode. Which logits-sized array
+  depends on the platform (:func:`keeps_exp`): the logits themselves, or on
+  CPU ``exp(s - max)``, so that the backward needs no second ``exp``.
 * ``custom_jvp`` (``derivative="jvp"``): the JVP ``sum_c (Q p_c - q_c) dz_c``
   is linear in the tangents, so JAX transposes it for reverse mode and
   differentiates it again for ``jax.hessian``. Reverse mode saves ``p``-sized
@@ -55,25 +57,33 @@ def total_weight(class_weight, opts: Options):
     return psum_rows(jnp.sum(class_weight), opts=opts)
 
 
-def _forward(z, target, valid, class_weight, opts: Options):
-    """Returns ``(outputs, internals)``; internals feed the derivative rules."""
+def _forward(z, target, valid, class_weight, opts: Options, keep_exp: bool = False):
+    """Returns ``(outputs, internals)``; internals feed the derivative rules.
+
+    ``internals`` is ``(s, lse, mass, kept)``. With ``keep_exp`` the rows are
+    shifted by their max and ``kept = (exp(s - m), m)``: the exponentials the
+    sum was taken of, which the backward turns into ``p`` with one multiply.
+    """
     ct = compute_dtype(z.dtype)
     s = _targets.softcap(z.astype(ct), opts)
     col0 = shard_col0(z.shape[-1], opts)
-    if opts.argmax:
-        m_local, i_local = _targets.max_and_argmax(s, col0)
-        m_raw = _pmax(m_local, opts)
-        # First global index attaining the global max.
-        candidate = jnp.where(m_local == m_raw, i_local, jnp.iinfo(jnp.int32).max)
-        argmax = candidate if opts.vocab_axis is None else lax.pmin(candidate, opts.vocab_axis)
-        m, sumexp, pos_inf = max_shift(s, m_raw)
-    elif opts.soft or opts.vocab_axis is not None:
-        argmax = None
-        m, sumexp, pos_inf = max_shift(s, _pmax(jnp.max(s, axis=-1), opts))
+    cw = None if class_weight is None else class_weight.astype(ct)
+    kept = partials = None
+    if opts.argmax or opts.soft or opts.vocab_axis is not None or keep_exp:
+        m_raw, argmax = _row_max(s, col0, opts)
+        if keep_exp:
+            m = lax.stop_gradient(jnp.where(jnp.isfinite(m_raw), m_raw, 0))
+            # Every other read of s happens first, so that writing exp(s - m)
+            # is the logits' last use and XLA may write it in their place.
+            partials = _targets.class_id_partials(s, target, col0, cw, opts, shift=m)
+            e = jnp.exp(s - _after(m, partials[0])[:, None])
+            sumexp, pos_inf = jnp.sum(e, axis=-1), m_raw == jnp.inf
+            kept = (e, m)
+        else:
+            m, sumexp, pos_inf = max_shift(s, m_raw)
     else:
         argmax = None
         m, sumexp, pos_inf = _label_shift(s, target, valid)
-    cw = None if class_weight is None else class_weight.astype(ct)
 
     if opts.soft:
         q = _targets.soft_target(target.astype(ct), cw, opts)
@@ -84,7 +94,7 @@ def _forward(z, target, valid, class_weight, opts: Options):
         correct = _soft_hit(target, argmax, col0, opts)
         w_y = jnp.ones_like(ce)
     else:
-        t_y, smooth = _targets.class_id_partials(s, target, col0, cw, opts, shift=m)
+        t_y, smooth = partials or _targets.class_id_partials(s, target, col0, cw, opts, shift=m)
         w_y = _targets.target_weight(target, cw, col0, opts)
         if w_y is None:
             sumexp, t_y, smooth = psum_rows(sumexp, t_y, smooth, opts=opts)
@@ -107,7 +117,30 @@ def _forward(z, target, valid, class_weight, opts: Options):
         jnp.where(valid & correct, 1, 0).astype(ce.dtype),
         jnp.where(valid, w_y, 0),
     )
-    return outputs, (s, lse, mass)
+    return outputs, (s, lse, mass, kept)
+
+
+def _after(x, dep):
+    """``x``, computed after ``dep`` (an exact ``+ 0``).
+
+    Makes a cheap ``[N]`` result an input of the pass that consumes it, so
+    XLA computes it once, before that pass, instead of recomputing it (and
+    re-reading the logits) after.
+    """
+    zero = jnp.where(jnp.isnan(dep), 0, jnp.clip(dep, -1, 1)) * 0
+    return x + zero.astype(x.dtype)
+
+
+def _row_max(s, col0, opts: Options):
+    """The row max over all shards and, with ``opts.argmax``, the first global
+    index attaining it (else None)."""
+    if not opts.argmax:
+        return _pmax(jnp.max(s, axis=-1), opts), None
+    m_local, i_local = _targets.max_and_argmax(s, col0)
+    m_raw = _pmax(m_local, opts)
+    candidate = jnp.where(m_local == m_raw, i_local, jnp.iinfo(jnp.int32).max)
+    argmax = candidate if opts.vocab_axis is None else lax.pmin(candidate, opts.vocab_axis)
+    return m_raw, argmax
 
 
 def max_shift(s, m_raw):
@@ -175,14 +208,13 @@ def in_range(labels, opts: Options):
     return (labels >= 0) & (labels < opts.num_classes)
 
 
-def _logit_grad(s, lse, g_ce, g_lse, target, valid, class_weight, mass, opts: Options):
-    """``d(g_ce * ce + g_lse * lse) / ds`` for counted rows (``[N, V]``)."""
-    p = jnp.exp(s - lse[:, None])
-    cw = None if class_weight is None else class_weight.astype(s.dtype)
+def _logit_grad(p, g_ce, g_lse, target, valid, class_weight, mass, opts: Options):
+    """``d(g_ce * ce + g_lse * lse) / ds`` for counted rows (``[N, V]``), from ``p = softmax(s)``."""
+    cw = None if class_weight is None else class_weight.astype(p.dtype)
     if opts.soft:
-        q = _targets.soft_target(target.astype(s.dtype), cw, opts)
+        q = _targets.soft_target(target.astype(p.dtype), cw, opts)
         return p * (g_ce * mass + g_lse)[:, None] - g_ce[:, None] * q
-    col0 = shard_col0(s.shape[-1], opts)
+    col0 = shard_col0(p.shape[-1], opts)
     w_y = _targets.target_weight(target, cw, col0, opts)
     # A counted row with a label outside [0, C) gets a NaN gradient: set
     # through its [N] coefficients (p * NaN is NaN even where p is 0) rather
@@ -194,6 +226,51 @@ def _logit_grad(s, lse, g_ce, g_lse, target, valid, class_weight, mass, opts: Op
 
 # --- reverse mode: custom_vjp --------------------------------------------------
 
+#: Widest row (classes per shard) whose exponentials the CPU branch keeps.
+KEEP_EXP_MAX_CLASSES = 8192
+
+#: The CPU branch of :func:`platform_branch`. Tests set it to False to run the
+#: accelerator branch on CPU through the same ``lax.platform_dependent`` switch.
+CPU_KEEPS_EXP = True
+
+
+def keeps_exp(z, opts: Options) -> bool:
+    """Whether, on CPU, the reverse rule keeps ``exp(s - m)`` rather than the logits.
+
+    On CPU an ``exp`` costs more than a pass over memory (jax 0.10.2, 2 cores,
+    4096 x 1024 float32: a jitted ``exp`` into a fresh buffer 2.5-3 ms, a row
+    max 0.8-1.0 ms). Keeping the exponentials the forward summed costs one
+    ``exp`` per logit instead of two; the backward forms ``p`` from them with a
+    multiply and writes the gradient in their place, as it otherwise writes it
+    in place of the logits, so a training step's temporaries do not grow.
+
+    It applies where the gradient is a function of ``p`` alone and the kept
+    array replaces the logits one for one: class ids without a soft cap (whose
+    chain rule needs ``s``) or label smoothing (whose sum reads ``s`` again),
+    logits already in the compute dtype (a float32 copy of bf16 logits would
+    be twice their size), and rows of at most :data:`KEEP_EXP_MAX_CLASSES`
+    classes: for longer rows XLA:CPU no longer fuses the exponentials'
+    sum with their write, and a training step kept both the logits and the
+    exponentials (2048 x 32768: 512 MiB of temporaries instead of 256).
+
+    On GPU and TPU, bandwidth-bound, recomputing ``exp`` is free and the
+    logits are kept (:func:`platform_branch`).
+    """
+    return (
+        CPU_KEEPS_EXP
+        and not opts.soft
+        and opts.logit_softcap is None
+        and opts.label_smoothing is None
+        and compute_dtype(z.dtype) == z.dtype
+        and z.shape[-1] <= KEEP_EXP_MAX_CLASSES
+    )
+
+
+def platform_branch(*args, cpu, default):
+    """``lax.platform_dependent(*args, cpu=cpu, default=default)``: only the
+    branch of the platform being compiled for is lowered."""
+    return lax.platform_dependent(*args, cpu=cpu, default=default)
+
 
 @jax.custom_vjp
 def rows_vjp(z, target, valid, class_weight, opts: Options):
@@ -201,25 +278,52 @@ def rows_vjp(z, target, valid, class_weight, opts: Options):
 
 
 def _rows_vjp_fwd(z, target, valid, class_weight, opts):
-    outputs, (_, lse, mass) = _forward(z, target, valid, class_weight, opts)
-    # Residuals: the inputs (already live) and [N]-sized lse / mass. Neither
-    # softmax(z) nor the soft-capped logits are kept: the backward recomputes
-    # them in one fused elementwise pass.
-    return outputs, (z, target, valid, class_weight, opts, lse, mass)
+    def keep_logits(z):
+        outputs, (_, lse, mass, _) = _forward(z, target, valid, class_weight, opts)
+        # Neither softmax(z) nor the soft-capped logits are kept: the backward
+        # recomputes them in one fused elementwise pass.
+        return outputs, z, jnp.zeros_like(lse), lse, mass
+
+    def keep_exp(z):
+        outputs, (_, lse, mass, kept) = _forward(z, target, valid, class_weight, opts, keep_exp=True)
+        assert kept is not None
+        e, m = kept
+        return outputs, e, m, lse, mass
+
+    if keeps_exp(z, opts):
+        outputs, kept, m, lse, mass = platform_branch(z, cpu=keep_exp, default=keep_logits)
+    else:
+        outputs, kept, m, lse, mass = keep_logits(z)
+    # Residuals: one logits-sized array (the logits, or exp(s - m)), [N]-sized
+    # shift / lse / mass, and the inputs that are already live.
+    return outputs, (kept, target, valid, class_weight, opts, m, lse, mass)
 
 
 def _rows_vjp_bwd(residuals, cotangents):
-    z, target, valid, class_weight, opts, lse, mass = residuals
+    kept, target, valid, class_weight, opts, m, lse, mass = residuals
     g_ce, g_lse, _, _ = cotangents
     g_ce, g_lse = _spmd.row_cotangents(g_ce, g_lse, axis_name=opts.vocab_axis, is_unchecked=opts.vocab_unchecked)
-    ct = compute_dtype(z.dtype)
+    ct = compute_dtype(kept.dtype)
     g_ce = jnp.where(valid, g_ce, 0).astype(ct)
     g_lse = jnp.where(valid, g_lse, 0).astype(ct)
-    s = _targets.softcap(z.astype(ct), opts)
-    ds = _logit_grad(s, lse, g_ce, g_lse, target, valid, class_weight, mass, opts)
-    dz = jnp.where(valid[:, None], _targets.softcap_scale(s, ds, opts), 0).astype(z.dtype)
+
+    def from_logits(z):
+        s = _targets.softcap(z.astype(ct), opts)
+        ds = _logit_grad(jnp.exp(s - lse[:, None]), g_ce, g_lse, target, valid, class_weight, mass, opts)
+        return _targets.softcap_scale(s, ds, opts)
+
+    def from_exp(e):
+        # p = exp(s - lse) = exp(s - m) * exp(m - lse): a multiply, no exp.
+        return _logit_grad(e * jnp.exp(m - lse)[:, None], g_ce, g_lse, target, valid, class_weight, mass, opts)
+
+    if keeps_exp(kept, opts):
+        ds = platform_branch(kept, cpu=from_exp, default=from_logits)
+    else:
+        ds = from_logits(kept)
+    dz = jnp.where(valid[:, None], ds, 0).astype(kept.dtype)
     d_target = None
     if opts.soft:
+        s = _targets.softcap(kept.astype(ct), opts)
         cw = None if class_weight is None else class_weight.astype(ct)
         d_target = _targets.soft_target_cotangent(g_ce, lse, s, target.astype(ct), cw, opts)
         d_target = jnp.where(valid[:, None], d_target, 0).astype(target.dtype)
@@ -243,13 +347,14 @@ def rows_jvp(z, target, valid, class_weight, opts: Options):
 def _rows_jvp_rule(primals, tangents):
     z, target, valid, class_weight, opts = primals
     dz, d_target, _, _, _ = tangents
-    outputs, (s, lse, mass) = _forward(z, target, valid, class_weight, opts)
+    outputs, (s, lse, mass, _) = _forward(z, target, valid, class_weight, opts)
     ct = s.dtype
     ones = jnp.ones(lse.shape, ct)
     zeros = jnp.zeros(lse.shape, ct)
     dzf = jnp.where(valid[:, None], dz.astype(ct), 0)
-    g = _targets.softcap_scale(s, _logit_grad(s, lse, ones, zeros, target, valid, class_weight, mass, opts), opts)
-    p = _targets.softcap_scale(s, jnp.exp(s - lse[:, None]), opts)
+    p = jnp.exp(s - lse[:, None])
+    g = _targets.softcap_scale(s, _logit_grad(p, ones, zeros, target, valid, class_weight, mass, opts), opts)
+    p = _targets.softcap_scale(s, p, opts)
     d_ce = jnp.sum(g * dzf, axis=-1)
     d_lse = jnp.sum(jnp.where(p == 0, 0, p * dzf), axis=-1)
     if opts.soft and not _is_symbolic_zero(d_target):

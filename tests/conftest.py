@@ -51,6 +51,10 @@ def _slow_case(name: str, params: dict) -> bool:
     if name == "test_gradient_equals_autodiff_of_the_naive_formula":
         # log_probs: the untempered case; distillation: one setting in the fast set.
         return params.get("transform") == (1.0, None) or params.get("setting", (0.7, 0.2)) != (0.7, 0.2)
+    if name == "test_value_and_gradient_match_float64_references":
+        # cross_entropy's residual branches: four option sets with "mean"
+        # in the fast set; every option and reduction in the slow one.
+        return params["reduction"] != "mean" or params["name"] not in ("plain", "weight", "aux", "where")
     if name == "test_values_match_float64_numpy":
         return params["setting"] != (0.7, 0.2) and params["dtype"] != jnp.float64
     return False
@@ -73,3 +77,16 @@ def pytest_collection_modifyitems(items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if name in _SLOW_TESTS or (params and _slow_case(name, params)):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(params=["cpu", "accelerator"])
+def residual_branch(request, monkeypatch):
+    """Runs a test under each branch of ``cross_entropy``'s platform-dependent
+    residuals: ``"cpu"`` keeps ``exp(s - m)``, ``"accelerator"`` (the GPU/TPU
+    branch, forced on CPU through the same switch) keeps the logits."""
+    from jaxsce import _rows
+
+    monkeypatch.setattr(_rows, "CPU_KEEPS_EXP", request.param == "cpu")
+    jax.clear_caches()  # the switch is read when tracing
+    yield request.param
+    jax.clear_caches()
