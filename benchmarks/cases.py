@@ -17,7 +17,17 @@ import numpy as np
 
 import jaxsce
 
-from .timing import Row, _block, _gradient, _measured_row, grad_tolerance, interleaved, max_diff, temp_mib
+from .timing import (
+    Row,
+    _block,
+    _gradient,
+    _measured_row,
+    compiled_temp_mib,
+    grad_tolerance,
+    interleaved,
+    max_diff,
+    temp_mib,
+)
 
 try:
     import optax
@@ -90,18 +100,134 @@ def torch_logit(x_np, y_np):
     return step
 
 
-def torch_fused(h_np, w_np, y_np):
+def torch_fused(h_np, w_np, y_np, native: bool):
+    """torch's loss head: ``h @ W`` then ``F.cross_entropy``, or (``native``) its
+    chunked ``F.linear_cross_entropy`` (torch >= 2.13), which takes the weight
+    as ``[V, d]``."""
     h = torch.tensor(h_np, requires_grad=True)
-    w = torch.tensor(w_np, requires_grad=True)
+    w = torch.tensor(np.ascontiguousarray(w_np.T) if native else w_np, requires_grad=True)
     y = torch.tensor(y_np, dtype=torch.long)
+    options = torch.nn.LinearCrossEntropyOptions() if native else None
 
     def step():
         h.grad = w.grad = None
-        loss = torch.nn.functional.cross_entropy(h @ w, y)
+        if native:
+            loss = torch.nn.functional.linear_cross_entropy(h, w, y, options=options)
+        else:
+            loss = torch.nn.functional.cross_entropy(h @ w, y)
         loss.backward()
-        return loss, (h.grad, w.grad)
+        return loss, (h.grad, w.grad.T if native else w.grad)
 
     return step
+
+
+def has_torch_linear_cross_entropy() -> bool:
+    return torch is not None and hasattr(torch.nn.functional, "linear_cross_entropy")
+
+
+def block_matmuls(tokens: int, d: int, vocab: int, dtype) -> Callable:
+    """The fused single-pass path's matmuls alone, in its own blocks.
+
+    ``linear_cross_entropy`` (mean) walks token blocks of the size
+    ``sum_path_token_block`` picks and does three matmuls per block: the
+    logits ``h_b @ W``, ``d_h_b = ds @ W^T`` and ``d_W += h_b^T @ ds``. This
+    does the same three with ``ds`` = the logits block and nothing between:
+    the time the fused path cannot go below on this machine.
+    """
+    from jaxsce import _stream
+
+    narrow = _stream.is_narrow_float(jnp.dtype(dtype))
+    tb = _stream.sum_path_token_block(tokens, d, vocab, _stream.DEFAULT_MEMORY_BUDGET, None, narrow)
+    tb = tb or tokens
+    blocks = -(-tokens // tb)
+
+    def run(h, w):
+        h_t = h.T
+
+        def body(i, carry):
+            dh, dw = carry
+            t0 = jnp.minimum(i * tb, tokens - tb)
+            hb = jax.lax.dynamic_slice_in_dim(h, t0, tb)
+            z = jnp.dot(hb, w, preferred_element_type=jnp.float32)
+            dh = jax.lax.dynamic_update_slice_in_dim(dh, jnp.dot(z, w.T.astype(jnp.float32)), t0, 0)
+            dw = dw + jnp.dot(jax.lax.dynamic_slice_in_dim(h_t, t0, tb, axis=1).astype(jnp.float32), z)
+            return dh, dw
+
+        init = (jnp.zeros((tokens, d), jnp.float32), jnp.zeros((d, vocab), jnp.float32))
+        return jax.lax.fori_loop(0, blocks, body, init)
+
+    return jax.jit(run)
+
+
+def _section(section, shape, impls, args, repeats, progress, *, peer, ref, tol, tokens, extra_calls=None, rates=None):
+    """Times every implementation of one case side by side and returns its rows.
+
+    ``impls`` are jitted JAX functions of ``args`` returning ``(value, grad)``;
+    ``extra_calls`` are further timed calls (torch peers, returning tensors,
+    and roofline calls whose names start with ``"roofline"``). ``ref`` names
+    the implementation whose derivative the others are compared with, and
+    ``peer`` the one the time ratio is taken to. ``rates(times, median_ms)``
+    returns ``(ratio to the roofline, extra fields)`` for a row.
+    """
+    # Compiled once, ahead of time: the same executable is timed and its
+    # memory read (compiling each case twice dominated the small default run).
+    compiled = {k: f.lower(*args).compile() for k, f in impls.items()}
+    calls = {k: (lambda c=c: c(*args)) for k, c in compiled.items()}
+    calls.update(extra_calls or {})
+    times = interleaved(calls, repeats, _block, progress)
+    roofs = {k: float(np.median(times.pop(k))) for k in list(times) if k.startswith("roofline")}
+    expected = calls[ref]()[1]
+    peer_ms = np.median(times[peer]) if peer in times else None
+    rows = []
+    for name, t in times.items():
+        is_torch = name.startswith("torch")
+        roof, extra = rates(roofs, float(np.median(t))) if rates else (None, {})
+        rows.append(
+            _measured_row(
+                section,
+                name,
+                shape,
+                args[0].dtype,
+                t,
+                tokens,
+                peer_ms=peer_ms,
+                roofline=roof,
+                temp=None if is_torch else compiled_temp_mib(compiled[name]),
+                diff=max_diff(_gradient(calls[name], is_torch), expected),
+                tol=tol(expected),
+                extra=extra,
+            )
+        )
+    return rows
+
+
+def _matmul_rates(t_, d, v):
+    """``rates`` for the fused-family sections: the FLOP rate (6 T d V: the
+    logits, ``d_hidden`` and ``d_W``, or in forward mode the logits and the two
+    tangent products) over one ``h @ W``'s, and the ratio to the fused path's
+    own block matmuls where they were timed."""
+    flops = 6 * t_ * d * v
+
+    def rates(roofs, ms):
+        matmul_rate = 2 * t_ * d * v / (roofs["roofline: h@W matmul"] / 1e3)
+        extra = {"gflops_6TdV": flops / (ms / 1e3) / 1e9, "matmul_gflops": matmul_rate / 1e9}
+        blocks = roofs.get("roofline: fused path's block matmuls")
+        if blocks is not None:
+            extra["block_matmuls_ms"] = blocks
+            extra["ratio_to_block_matmuls"] = ms / blocks
+        return flops / (ms / 1e3) / matmul_rate, extra
+
+    return rates
+
+
+def _matmul_call(h, w) -> dict:
+    """The ``h @ W`` roofline call of a case."""
+    matmul = jax.jit(lambda h, w: h @ w)
+    return {"roofline: h@W matmul": lambda: matmul(h, w)}
+
+
+def _normal(rng, shape, dtype, scale=1.0):
+    return jnp.asarray(rng.normal(size=shape) * scale, dtype)
 
 
 def bench_logits(shapes, dtype, repeats, progress) -> list[Row]:
@@ -109,36 +235,54 @@ def bench_logits(shapes, dtype, repeats, progress) -> list[Row]:
     impls = logit_impls()
     for n, v in shapes:
         rng = np.random.default_rng(0)
-        x = jnp.asarray(rng.normal(size=(n, v)), dtype)
+        x = _normal(rng, (n, v), dtype)
         y = jnp.asarray(rng.integers(0, v, size=n), jnp.int32)
         roof = jax.jit(jnp.exp)
-        calls = {k: (lambda f=f, x=x, y=y: f(x, y)) for k, f in impls.items()}
-        calls["roofline: exp over logits"] = lambda x=x, roof=roof: roof(x)
+        extra = {"roofline: exp over logits": lambda x=x, roof=roof: roof(x)}
         if torch is not None and dtype == jnp.float32:
-            calls["torch F.cross_entropy"] = torch_logit(np.asarray(x), np.asarray(y))
-        times = interleaved(calls, repeats, _block, progress)
-        ref_grad = impls["autodiff naive"](x, y)[1]
-        peer = np.median(times["optax"]) if "optax" in times else None
-        roof_ms = np.median(times.pop("roofline: exp over logits"))
-        for name, t in times.items():
-            is_torch = name.startswith("torch")
-            diff = max_diff(_gradient(calls[name], is_torch), ref_grad)
-            rows.append(
-                _measured_row(
-                    "logits",
-                    name,
-                    f"{n}x{v}",
-                    dtype,
-                    t,
-                    n,
-                    peer_ms=peer,
-                    roofline=np.median(t) / roof_ms,
-                    temp=None if is_torch else temp_mib(impls[name], x, y),
-                    diff=diff,
-                    tol=grad_tolerance(ref_grad),
-                    extra={"roofline_ms": float(roof_ms)},
-                )
-            )
+            extra["torch F.cross_entropy"] = torch_logit(np.asarray(x), np.asarray(y))
+
+        def rates(roofs, ms):
+            exp_ms = roofs["roofline: exp over logits"]
+            return ms / exp_ms, {"roofline_ms": exp_ms}
+
+        rows += _section(
+            "logits", f"{n}x{v}", impls, (x, y), repeats, progress, peer="optax", ref="autodiff naive",
+            tol=grad_tolerance, tokens=n, extra_calls=extra, rates=rates,
+        )  # fmt: skip
+    return rows
+
+
+def step_impls() -> dict[str, Callable]:
+    """A training step's loss head: value_and_grad wrt (h, W) of ``loss(h @ W, y)``."""
+    impls = {
+        "jaxsce": lambda h, w, y: jaxsce.cross_entropy(h @ w, y),
+        "autodiff naive": lambda h, w, y: naive_loss(h @ w, y),
+    }
+    if optax is not None:
+        impls["optax"] = lambda h, w, y: optax.softmax_cross_entropy_with_integer_labels(h @ w, y).mean()
+    return {k: jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for k, f in impls.items()}
+
+
+def bench_step(shapes, d, dtype, repeats, progress) -> list[Row]:
+    """The logit-level loss inside a training step (the logits are an intermediate)."""
+    rows = []
+    impls = step_impls()
+    for n, v in shapes:
+        rng = np.random.default_rng(0)
+        args = (
+            _normal(rng, (n, d), dtype),
+            _normal(rng, (d, v), dtype, 1 / math.sqrt(d)),
+            jnp.asarray(rng.integers(0, v, size=n), jnp.int32),
+        )
+        part = _section(
+            "step", f"{n}x{d}x{v}", impls, args, repeats, progress, peer="optax", ref="autodiff naive",
+            tol=lambda g: 10 * grad_tolerance(g), tokens=n,
+        )  # fmt: skip
+        peer_temp = next((r.temp_mib for r in part if r.impl == "optax"), None)
+        for r in part:
+            r.extra["temp_ratio_to_optax"] = None if not peer_temp else r.temp_mib / peer_temp
+        rows += part
     return rows
 
 
@@ -148,44 +292,31 @@ def bench_fused(shapes, dtype, repeats, progress, mode: str = "grad") -> list[Ro
     impls = fused_impls(mode)
     for t_, d, v in shapes:
         rng = np.random.default_rng(0)
-        h = jnp.asarray(rng.normal(size=(t_, d)), dtype)
-        w = jnp.asarray(rng.normal(size=(d, v)) / math.sqrt(d), dtype)
+        h = _normal(rng, (t_, d), dtype)
+        w = _normal(rng, (d, v), dtype, 1 / math.sqrt(d))
         y = jnp.asarray(rng.integers(0, v, size=t_), jnp.int32)
         args = (h, w, y)
         if mode == "jvp":
-            args += (jnp.asarray(rng.normal(size=(t_, d)), dtype), jnp.asarray(rng.normal(size=(d, v)) / d, dtype))
-        matmul = jax.jit(lambda h, w: h @ w)
-        calls = {k: (lambda f=f, args=args: f(*args)) for k, f in impls.items()}
-        calls["roofline: h@W matmul"] = lambda h=h, w=w, matmul=matmul: matmul(h, w)
-        if torch is not None and dtype == jnp.float32 and mode == "grad":
-            calls["torch h@W + F.cross_entropy"] = torch_fused(np.asarray(h), np.asarray(w), np.asarray(y))
-        times = interleaved(calls, repeats, _block, progress)
-        matmul_ms = np.median(times.pop("roofline: h@W matmul"))
-        matmul_rate = 2 * t_ * d * v / (matmul_ms / 1e3)
-        # The derivative (gradient, or tangent in forward mode) of the naive formula.
-        ref = impls["plain h@W + autodiff naive"](*args)[1]
-        peer = np.median(times["plain h@W + jaxsce"])
-        flops = 6 * t_ * d * v  # grad: logits, d_hidden, d_weight; jvp: logits, dh W, h dW
-        for name, t in times.items():
-            is_torch = name.startswith("torch")
-            diff = max_diff(_gradient(calls[name], is_torch), ref)
-            rate = flops / (np.median(t) / 1e3)
-            rows.append(
-                _measured_row(
-                    "fused" if mode == "grad" else "forward",
-                    name,
-                    f"{t_}x{d}x{v}",
-                    dtype,
-                    t,
-                    t_,
-                    peer_ms=peer,
-                    roofline=rate / matmul_rate,
-                    temp=None if is_torch else temp_mib(impls[name], *args),
-                    diff=diff,
-                    tol=10 * grad_tolerance(ref),
-                    extra={"gflops_6TdV": rate / 1e9, "matmul_gflops": matmul_rate / 1e9},
-                )
-            )
+            args += (_normal(rng, (t_, d), dtype), _normal(rng, (d, v), dtype, 1 / d))
+        extra = _matmul_call(h, w)
+        if mode == "grad":
+            blocks = block_matmuls(t_, d, v, dtype)
+            extra["roofline: fused path's block matmuls"] = lambda h=h, w=w, blocks=blocks: blocks(h, w)
+            if torch is not None and dtype == jnp.float32:
+                hn, wn, yn = np.asarray(h), np.asarray(w), np.asarray(y)
+                extra["torch h@W + F.cross_entropy"] = torch_fused(hn, wn, yn, native=False)
+                if has_torch_linear_cross_entropy():
+                    extra["torch F.linear_cross_entropy (chunked)"] = torch_fused(hn, wn, yn, native=True)
+
+        part = _section(
+            "fused" if mode == "grad" else "forward", f"{t_}x{d}x{v}", impls, args, repeats, progress,
+            peer="plain h@W + jaxsce", ref="plain h@W + autodiff naive", tol=lambda g: 10 * grad_tolerance(g),
+            tokens=t_, extra_calls=extra, rates=_matmul_rates(t_, d, v),
+        )  # fmt: skip
+        native = next((r.median_ms for r in part if r.impl.startswith("torch F.linear_cross_entropy")), None)
+        for r in part:
+            r.extra["ratio_to_torch_linear_cross_entropy"] = None if native is None else r.median_ms / native
+        rows += part
     return rows
 
 
@@ -215,6 +346,10 @@ def memory_table(d, vocab, tokens, dtype) -> list[dict]:
 # --- post-training: policy-gradient objective through the LM head ------------------
 
 
+POLICY_PEER = "plain h@W + log_softmax (autodiff)"
+DISTILL_PEER = "plain matmuls + log_softmax (autodiff)"
+
+
 def policy_impls() -> dict[str, Callable]:
     """value_and_grad wrt (h, W) of ``-mean(A log p_y) - 0.01 mean(H)``."""
 
@@ -233,48 +368,32 @@ def policy_impls() -> dict[str, Callable]:
         "plain h@W + jaxsce.log_probs": lambda h, w, y, a: objective(
             *jaxsce.log_probs(h @ w, y, return_entropy=True), a
         ),
-        "plain h@W + log_softmax (autodiff)": autodiff,
+        POLICY_PEER: autodiff,
     }
     return {k: jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for k, f in impls.items()}
+
+
+def _head_case(t_, d, v, dtype, heads: int):
+    """``heads`` pairs (hidden ``[T, d]``, weight ``[d, V]``), as a flat tuple."""
+    rng = np.random.default_rng(0)
+    out = ()
+    for _ in range(heads):
+        out += (_normal(rng, (t_, d), dtype), _normal(rng, (d, v), dtype, 1 / math.sqrt(d)))
+    return out, rng
 
 
 def bench_policy(shapes, dtype, repeats, progress) -> list[Row]:
     rows = []
     impls = policy_impls()
-    peer_name = "plain h@W + log_softmax (autodiff)"
     for t_, d, v in shapes:
-        rng = np.random.default_rng(0)
-        h = jnp.asarray(rng.normal(size=(t_, d)), dtype)
-        w = jnp.asarray(rng.normal(size=(d, v)) / math.sqrt(d), dtype)
+        (h, w), rng = _head_case(t_, d, v, dtype, 1)
         y = jnp.asarray(rng.integers(0, v, size=t_), jnp.int32)
         a = jnp.asarray(rng.normal(size=t_), jnp.float32)
-        args = (h, w, y, a)
-        matmul = jax.jit(lambda h, w: h @ w)
-        calls = {k: (lambda f=f, args=args: f(*args)) for k, f in impls.items()}
-        calls["roofline: h@W matmul"] = lambda h=h, w=w, matmul=matmul: matmul(h, w)
-        times = interleaved(calls, repeats, _block, progress)
-        matmul_ms = np.median(times.pop("roofline: h@W matmul"))
-        matmul_rate = 2 * t_ * d * v / (matmul_ms / 1e3)
-        ref = impls[peer_name](*args)[1]
-        peer = np.median(times[peer_name])
-        for name, t in times.items():
-            rate = 6 * t_ * d * v / (np.median(t) / 1e3)
-            rows.append(
-                _measured_row(
-                    "policy",
-                    name,
-                    f"{t_}x{d}x{v}",
-                    dtype,
-                    t,
-                    t_,
-                    peer_ms=peer,
-                    roofline=rate / matmul_rate,
-                    temp=temp_mib(impls[name], *args),
-                    diff=max_diff(calls[name]()[1], ref),
-                    tol=10 * grad_tolerance(ref),
-                    extra={"gflops_6TdV": rate / 1e9, "matmul_gflops": matmul_rate / 1e9},
-                )
-            )
+        rows += _section(
+            "policy", f"{t_}x{d}x{v}", impls, (h, w, y, a), repeats, progress,
+            peer=POLICY_PEER, ref=POLICY_PEER, tol=lambda g: 10 * grad_tolerance(g), tokens=t_,
+            extra_calls=_matmul_call(h, w), rates=_matmul_rates(t_, d, v),
+        )  # fmt: skip
     return rows
 
 
@@ -292,46 +411,24 @@ def distill_impls() -> dict[str, Callable]:
     impls = {
         "jaxsce linear_distillation_loss": lambda hs, ws, ht, wt: jaxsce.linear_distillation_loss(hs, ws, ht, wt),
         "plain matmuls + jaxsce.distillation_loss": lambda hs, ws, ht, wt: jaxsce.distillation_loss(hs @ ws, ht @ wt),
-        "plain matmuls + log_softmax (autodiff)": autodiff,
+        DISTILL_PEER: autodiff,
     }
     return {k: jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for k, f in impls.items()}
+
+
+def _four_matmuls(roofs, ms):
+    """Distillation's floor: 4 matmul passes (both heads' logits, d_hidden, d_W)."""
+    return ms / (4 * roofs["roofline: h@W matmul"]), {"matmul_ms": roofs["roofline: h@W matmul"]}
 
 
 def bench_distill(shapes, dtype, repeats, progress) -> list[Row]:
     rows = []
     impls = distill_impls()
-    peer_name = "plain matmuls + log_softmax (autodiff)"
     for t_, d, v in shapes:
-        rng = np.random.default_rng(0)
-        args = (
-            jnp.asarray(rng.normal(size=(t_, d)), dtype),
-            jnp.asarray(rng.normal(size=(d, v)) / math.sqrt(d), dtype),
-            jnp.asarray(rng.normal(size=(t_, d)), dtype),
-            jnp.asarray(rng.normal(size=(d, v)) / math.sqrt(d), dtype),
-        )
-        matmul = jax.jit(lambda h, w: h @ w)
-        calls = {k: (lambda f=f, args=args: f(*args)) for k, f in impls.items()}
-        calls["roofline: h@W matmul"] = lambda h=args[0], w=args[1], matmul=matmul: matmul(h, w)
-        times = interleaved(calls, repeats, _block, progress)
-        matmul_ms = np.median(times.pop("roofline: h@W matmul"))
-        ref = impls[peer_name](*args)[1]
-        peer = np.median(times[peer_name])
-        for name, t in times.items():
-            rows.append(
-                _measured_row(
-                    "distill",
-                    name,
-                    f"{t_}x{d}x{v}",
-                    dtype,
-                    t,
-                    t_,
-                    peer_ms=peer,
-                    # 4 matmul passes at least: both heads' logits, d_hidden, d_W.
-                    roofline=np.median(t) / (4 * matmul_ms),
-                    temp=temp_mib(impls[name], *args),
-                    diff=max_diff(calls[name]()[1], ref),
-                    tol=10 * grad_tolerance(ref),
-                    extra={"matmul_ms": float(matmul_ms)},
-                )
-            )
+        args, _ = _head_case(t_, d, v, dtype, 2)
+        rows += _section(
+            "distill", f"{t_}x{d}x{v}", impls, args, repeats, progress,
+            peer=DISTILL_PEER, ref=DISTILL_PEER, tol=lambda g: 10 * grad_tolerance(g), tokens=t_,
+            extra_calls=_matmul_call(args[0], args[1]), rates=_four_matmuls,
+        )  # fmt: skip
     return rows

@@ -32,6 +32,43 @@ def environment() -> dict:
     )
 
 
+#: Each section's title, the peer its time ratio is taken to, its roofline
+#: column and any extra columns (``Row.extra`` key, header).
+SECTIONS = {
+    "logits": dict(title="Logit level: value_and_grad of the mean loss", peer="÷ optax", roof="÷ exp pass"),
+    "step": dict(
+        title="Training step's loss head: value_and_grad wrt (h, W) of loss(h @ W, y)",
+        peer="÷ optax",
+        roof="-",
+        extra=(("temp_ratio_to_optax", "temp ÷ optax's"),),
+    ),
+    "fused": dict(
+        title="Fused linear + cross-entropy: value_and_grad wrt (h, W)",
+        peer="÷ plain jaxsce",
+        roof="FLOP rate ÷ matmul's",
+        extra=(
+            ("ratio_to_block_matmuls", "÷ own block matmuls"),
+            ("ratio_to_torch_linear_cross_entropy", "÷ torch linear_cross_entropy"),
+        ),
+    ),
+    "forward": dict(
+        title='Fused linear + cross-entropy, forward mode: jax.jvp wrt (h, W) (derivative="jvp")',
+        peer="÷ plain jaxsce",
+        roof="FLOP rate ÷ matmul's",
+    ),
+    "policy": dict(
+        title="Post-training: value_and_grad wrt (h, W) of -mean(A log p) - 0.01 mean(H)",
+        peer="÷ plain autodiff",
+        roof="FLOP rate ÷ matmul's",
+    ),
+    "distill": dict(
+        title="Distillation: value_and_grad wrt the student's (h, W) of the mean KL(teacher || student)",
+        peer="÷ plain autodiff",
+        roof="time ÷ 4 matmuls",
+    ),
+}
+
+
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -42,35 +79,24 @@ def markdown(env: dict, rows: list[Row], memory: list[dict]) -> str:
         f"{env['machine']}), python {env['python']}, {env['date']}.",
         "",
     ]
-    titles = {
-        "logits": "Logit level: value_and_grad of the mean loss",
-        "fused": "Fused linear + cross-entropy: value_and_grad wrt (h, W)",
-        "forward": 'Fused linear + cross-entropy, forward mode: jax.jvp wrt (h, W) (derivative="jvp")',
-        "policy": "Post-training: value_and_grad wrt (h, W) of -mean(A log p) - 0.01 mean(H)",
-        "distill": "Distillation: value_and_grad wrt the student's (h, W) of the mean KL(teacher || student)",
-    }
-    for section, peer, roof in (
-        ("logits", "÷ optax", "÷ exp pass"),
-        ("fused", "÷ plain jaxsce", "FLOP rate ÷ matmul's"),
-        ("forward", "÷ plain jaxsce", "FLOP rate ÷ matmul's"),
-        ("policy", "÷ plain autodiff", "FLOP rate ÷ matmul's"),
-        ("distill", "÷ plain autodiff", "time ÷ 4 matmuls"),
-    ):
+    for section, spec in SECTIONS.items():
         part = [r for r in rows if r.section == section]
         if not part:
             continue
+        extra_cols = spec.get("extra", ())
         lines += [
-            f"### {titles[section]}",
+            f"### {spec['title']}",
             "",
-            f"| shape | dtype | implementation | median ms | min–max ms | tokens/s | {peer} | {roof} | temp MiB "
-            "| max abs derivative diff vs naive |",
-            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+            f"| shape | dtype | implementation | median ms | min–max ms | tokens/s | {spec['peer']} | {spec['roof']} "
+            "| temp MiB" + "".join(f" | {label}" for _, label in extra_cols) + " | max abs derivative diff vs naive |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|" + "---:|" * len(extra_cols) + "---:|",
         ]
         for r in part:
+            extras = "".join(f" | {_fmt(r.extra.get(key), '.3f')}" for key, _ in extra_cols)
             lines.append(
                 f"| {r.shape} | {r.dtype} | {r.impl} | {r.median_ms:.2f} | {r.min_ms:.2f}–{r.max_ms:.2f} | "
                 f"{r.tokens_per_s:,.0f} | {_fmt(r.ratio_to_peer, '.3f')} | {_fmt(r.ratio_to_roofline, '.2f')} | "
-                f"{_fmt(r.temp_mib, '.1f')} | {r.max_abs_grad_diff:.1e}{'' if r.grad_ok else ' (!)'} |"
+                f"{_fmt(r.temp_mib, '.1f')}{extras} | {r.max_abs_grad_diff:.1e}{'' if r.grad_ok else ' (!)'} |"
             )
         lines.append("")
     if memory:

@@ -1,6 +1,6 @@
 """The main job: jaxsce's analytic gradient against autodiff, side by side, in one run.
 
-    python -m benchmarks.run            # small default, < 3 minutes on 2 CPU cores
+    python -m benchmarks.run            # small default, about 1.5 minutes on 2 CPU cores
     python -m benchmarks.run --full     # the core and fused issues' large shapes
 
 Every implementation of a case is timed in the same process, interleaved
@@ -19,7 +19,8 @@ from dataclasses import asdict
 
 import jax.numpy as jnp
 
-from .cases import bench_distill, bench_fused, bench_logits, bench_policy, memory_table
+from . import timing
+from .cases import bench_distill, bench_fused, bench_logits, bench_policy, bench_step, memory_table
 from .plot import plot
 from .report import environment, markdown
 from .timing import Row
@@ -28,9 +29,12 @@ __all__ = ["Row", "main"]
 
 DEFAULT_LOGITS = [(2048, 1024), (512, 8192), (128, 32768)]
 FULL_LOGITS = [(4096, 1024), (2048, 32768), (512, 131072)]
+DEFAULT_STEP = [(2048, 1024), (512, 8192), (128, 32768)]
+FULL_STEP = [(4096, 1024), (2048, 32768), (512, 131072)]
+STEP_D = 256
 DEFAULT_FUSED = [(1024, 256, 8192)]
 FULL_FUSED = [(8192, 512, 32768)]
-DEFAULT_MEMORY = dict(d=256, vocab=32768, tokens=(2048, 4096, 8192, 16384), dtype="float32")
+DEFAULT_MEMORY = dict(d=256, vocab=32768, tokens=(2048, 8192, 16384), dtype="float32")
 FULL_MEMORY = dict(d=2304, vocab=256000, tokens=(1024, 2048, 4096, 8192), dtype="bfloat16")
 HEADLINE = (8192, 2304, 256000)
 
@@ -49,9 +53,15 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="the large shapes of the core and fused issues")
     parser.add_argument("--logits", type=lambda s: _shapes(s, 2), help="logit shapes NxV,NxV,...")
+    parser.add_argument("--step", type=lambda s: _shapes(s, 2), help="training-step shapes NxV,... (d = 256)")
     parser.add_argument("--fused", type=lambda s: _shapes(s, 3), help="fused shapes TxDxV,...")
+    parser.add_argument(
+        "--sections",
+        default="logits,step,fused,forward,policy,distill",
+        help="comma-separated sections to run (default: all)",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds (default 40, full 9)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds (default 15, full 9)")
     parser.add_argument(
         "--memory-tokens", type=lambda s: tuple(int(x) for x in s.split(",")), help="token counts for the memory table"
     )
@@ -63,11 +73,20 @@ def main(argv=None) -> dict:
         help="where to write results (default build/bench, not tracked); benchmarks/results holds the reference runs",
     )
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=None,
+        help="seconds of quiet before each timed call (default 0, --full 0.5)",
+    )
     args = parser.parse_args(argv)
 
     logits = args.logits or (FULL_LOGITS if args.full else DEFAULT_LOGITS)
+    step = args.step or (FULL_STEP if args.full else DEFAULT_STEP)
+    sections = set(args.sections.split(","))
     fused = args.fused or (FULL_FUSED if args.full else DEFAULT_FUSED)
-    repeats = args.repeats or (9 if args.full else 40)
+    repeats = args.repeats or (9 if args.full else 15)
+    timing.SETTLE = args.settle if args.settle is not None else (0.5 if args.full else 0.0)
     mem = dict(FULL_MEMORY if args.full else DEFAULT_MEMORY)
     if args.memory_tokens:
         mem["tokens"] = args.memory_tokens
@@ -83,13 +102,23 @@ def main(argv=None) -> dict:
     try:
         from tqdm import tqdm
 
-        progress = tqdm(total=repeats * (len(logits) + 4 * len(fused)), desc="timing rounds", file=sys.stderr)
+        cases = {"logits": len(logits), "step": len(step)}
+        total = sum(cases.get(s, len(fused)) for s in sections)
+        progress = tqdm(total=repeats * total, desc="timing rounds", file=sys.stderr)
     except ImportError:
         progress = None
-    rows = bench_logits(logits, dtype, repeats, progress) + bench_fused(fused, dtype, repeats, progress)
-    rows += bench_fused(fused, dtype, repeats, progress, mode="jvp")
-    rows += bench_policy(fused, dtype, repeats, progress)
-    rows += bench_distill(fused, dtype, repeats, progress)
+    runs = {
+        "logits": lambda: bench_logits(logits, dtype, repeats, progress),
+        "step": lambda: bench_step(step, STEP_D, dtype, repeats, progress),
+        "fused": lambda: bench_fused(fused, dtype, repeats, progress),
+        "forward": lambda: bench_fused(fused, dtype, repeats, progress, mode="jvp"),
+        "policy": lambda: bench_policy(fused, dtype, repeats, progress),
+        "distill": lambda: bench_distill(fused, dtype, repeats, progress),
+    }
+    unknown = sections - set(runs)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {list(runs)}")
+    rows = [row for name, run in runs.items() if name in sections for row in run()]
     if progress is not None:
         progress.close()
     memory = [] if args.no_memory else memory_table(**mem)
@@ -99,16 +128,15 @@ def main(argv=None) -> dict:
         memory += memory_table(HEADLINE[1], HEADLINE[2], (HEADLINE[0],), "float32")
 
     os.makedirs(args.out, exist_ok=True)
-    result = dict(
-        environment=env, args=vars(args) | {"repeats": repeats}, rows=[asdict(r) for r in rows], memory=memory
-    )
+    run_args = vars(args) | {"repeats": repeats, "settle": timing.SETTLE}
+    result = dict(environment=env, args=run_args, rows=[asdict(r) for r in rows], memory=memory)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     table = markdown(env, rows, memory)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")
     if not args.no_plot:
-        plot(rows, os.path.join(args.out, "results.png"), env)
+        plot(rows, os.path.join(args.out, "results.png"), env, memory)
     print(table)
     bad = [f"{r.impl} @ {r.shape}" for r in rows if not r.grad_ok]
     print(

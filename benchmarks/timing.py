@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,9 +30,21 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-def temp_mib(fn, *args) -> float:
-    stats = fn.lower(*args).compile().memory_analysis()
+def temp_mib(fn, *args) -> float | None:
+    return compiled_temp_mib(fn.lower(*args).compile())
+
+
+def compiled_temp_mib(compiled) -> float | None:
+    """Compiled temporary memory (``memory_analysis``) in MiB, None where the backend does not report it."""
+    stats = compiled.memory_analysis()
     return None if stats is None else stats.temp_size_in_bytes / 2**20
+
+
+#: Seconds to wait before each timed call (``--settle``): the previous call's
+#: freed buffers (gigabytes for the plain paths at the large shapes) are
+#: returned to the system in the background, and that work must not be
+#: charged to whichever call comes next.
+SETTLE = 0.0
 
 
 def interleaved(calls: dict[str, Callable[[], object]], repeats: int, block, progress=None) -> dict[str, np.ndarray]:
@@ -45,6 +58,9 @@ def interleaved(calls: dict[str, Callable[[], object]], repeats: int, block, pro
     names = list(calls)
     for _ in range(repeats):
         for name in order.permutation(names):
+            if SETTLE:
+                gc.collect()
+                time.sleep(SETTLE)
             t0 = time.perf_counter()
             block(calls[name]())
             times[name].append(time.perf_counter() - t0)
@@ -82,7 +98,7 @@ def _measured_row(section, name, shape, dtype, t, tokens, *, peer_ms, roofline, 
         max_ms=float(t.max()),
         tokens_per_s=tokens / (median / 1e3),
         ratio_to_peer=None if peer_ms is None else float(median / peer_ms),
-        ratio_to_roofline=float(roofline),
+        ratio_to_roofline=None if roofline is None else float(roofline),
         temp_mib=temp,
         max_abs_grad_diff=diff,
         grad_ok=bool(diff <= tol),

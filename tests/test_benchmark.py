@@ -13,6 +13,8 @@ def test_benchmark_runs_and_every_gradient_matches(tmp_path):
         [
             "--logits",
             "64x128,16x512",
+            "--step",
+            "64x128",
             "--fused",
             "32x16x200",
             "--repeats",
@@ -42,6 +44,11 @@ def test_benchmark_runs_and_every_gradient_matches(tmp_path):
     assert {"jaxsce linear_log_probs", "plain h@W + log_softmax (autodiff)"} <= policy
     distill = {r["impl"] for r in rows if r["section"] == "distill"}
     assert {"jaxsce linear_distillation_loss", "plain matmuls + log_softmax (autodiff)"} <= distill
+    step = [r for r in rows if r["section"] == "step"]
+    assert {r["impl"] for r in step} >= {"jaxsce", "optax"}
+    assert all(r["temp_mib"] is not None and r["extra"]["temp_ratio_to_optax"] is not None for r in step)
+    fused = [r for r in rows if r["section"] == "fused"]
+    assert all(r["extra"]["ratio_to_block_matmuls"] > 0 for r in fused)
     forward = {r["impl"] for r in rows if r["section"] == "forward"}
     assert {"jaxsce fused", "plain h@W + jaxsce", "plain h@W + optax"} <= forward
     for r in rows:
@@ -51,3 +58,6 @@ def test_benchmark_runs_and_every_gradient_matches(tmp_path):
     assert [m["tokens"] for m in result["memory"]] == [64, 128]
     assert (tmp_path / "results.md").read_text().count("|") > 20
     assert (tmp_path / "results.png").stat().st_size > 1000
+    table = (tmp_path / "results.md").read_text()
+    for title in ("Logit level", "Training step", "Fused linear", "forward mode", "Post-training", "Distillation"):
+        assert title in table
