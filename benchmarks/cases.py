@@ -238,13 +238,24 @@ def bench_logits(shapes, dtype, repeats, progress) -> list[Row]:
         x = _normal(rng, (n, v), dtype)
         y = jnp.asarray(rng.integers(0, v, size=n), jnp.int32)
         roof = jax.jit(jnp.exp)
-        extra = {"roofline: exp over logits": lambda x=x, roof=roof: roof(x)}
+        row_max = jax.jit(lambda x: jnp.max(x, axis=-1))
+        extra = {
+            "roofline: exp over logits": lambda x=x, roof=roof: roof(x),
+            "roofline: row max": lambda x=x, row_max=row_max: row_max(x),
+        }
         if torch is not None and dtype == jnp.float32:
             extra["torch F.cross_entropy"] = torch_logit(np.asarray(x), np.asarray(y))
 
         def rates(roofs, ms):
-            exp_ms = roofs["roofline: exp over logits"]
-            return ms / exp_ms, {"roofline_ms": exp_ms}
+            # An overflow-safe loss must know each row's max before its exps
+            # (a read pass) and exponentiate every logit into a fresh buffer
+            # (the gradient's, or a residual's): exp + max is its floor.
+            exp_ms, max_ms = roofs["roofline: exp over logits"], roofs["roofline: row max"]
+            return ms / exp_ms, {
+                "roofline_ms": exp_ms,
+                "row_max_ms": max_ms,
+                "ratio_to_exp_and_max": ms / (exp_ms + max_ms),
+            }
 
         rows += _section(
             "logits", f"{n}x{v}", impls, (x, y), repeats, progress, peer="optax", ref="autodiff naive",

@@ -35,7 +35,12 @@ def environment() -> dict:
 #: Each section's title, the peer its time ratio is taken to, its roofline
 #: column and any extra columns (``Row.extra`` key, header).
 SECTIONS = {
-    "logits": dict(title="Logit level: value_and_grad of the mean loss", peer="÷ optax", roof="÷ exp pass"),
+    "logits": dict(
+        title="Logit level: value_and_grad of the mean loss",
+        peer="÷ optax",
+        roof="÷ exp pass",
+        extra=(("ratio_to_exp_and_max", "÷ (exp + row max)"),),
+    ),
     "step": dict(
         title="Training step's loss head: value_and_grad wrt (h, W) of loss(h @ W, y)",
         peer="÷ optax",
