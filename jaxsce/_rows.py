@@ -94,7 +94,9 @@ def _forward(z, target, valid, class_weight, opts: Options, keep_exp: bool = Fal
         correct = _soft_hit(target, argmax, col0, opts)
         w_y = jnp.ones_like(ce)
     else:
-        t_y, smooth = partials or _targets.class_id_partials(s, target, col0, cw, opts, shift=m)
+        if partials is None:
+            partials = _targets.class_id_partials(s, target, col0, cw, opts, shift=m)
+        t_y, smooth = partials
         w_y = _targets.target_weight(target, cw, col0, opts)
         if w_y is None:
             sumexp, t_y, smooth = psum_rows(sumexp, t_y, smooth, opts=opts)

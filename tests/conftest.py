@@ -52,9 +52,15 @@ def _slow_case(name: str, params: dict) -> bool:
         # log_probs: the untempered case; distillation: one setting in the fast set.
         return params.get("transform") == (1.0, None) or params.get("setting", (0.7, 0.2)) != (0.7, 0.2)
     if name == "test_value_and_gradient_match_float64_references":
-        # cross_entropy's residual branches: four option sets with "mean"
+        # cross_entropy's residual branches: two option sets with "mean"
         # in the fast set; every option and reduction in the slow one.
-        return params["reduction"] != "mean" or params["name"] not in ("plain", "weight", "aux", "where")
+        return params["reduction"] != "mean" or params["name"] not in ("plain", "aux")
+    if name == "test_extreme_rows_agree_between_branches_and_with_float64":
+        return params["case"] not in ("far_label", "pos_inf", "masked_nan")
+    if name == "test_the_one_logits_sized_residual":
+        return params["classes"] != 37
+    if name == "test_training_step_writes_the_gradient_in_place":
+        return params["v"] == 8192
     if name == "test_values_match_float64_numpy":
         return params["setting"] != (0.7, 0.2) and params["dtype"] != jnp.float64
     return False
