@@ -275,6 +275,18 @@ def step_impls() -> dict[str, Callable]:
     return {k: jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for k, f in impls.items()}
 
 
+def _step_matmuls(h, w) -> dict:
+    """The step's three matmuls alone (``z = h @ W`` into a fresh buffer, then
+    ``z @ W^T`` and ``h^T @ z``): what any loss head adds its passes to."""
+    matmuls = jax.jit(lambda h, w: (lambda z: (z @ w.T, h.T @ z))(h @ w))
+    return {"roofline: the step's matmuls": lambda: matmuls(h, w)}
+
+
+def _over_matmuls(roofs, ms):
+    mm = roofs["roofline: the step's matmuls"]
+    return ms / mm, {"matmuls_ms": mm, "loss_ms": ms - mm}
+
+
 def bench_step(shapes, d, dtype, repeats, progress) -> list[Row]:
     """The logit-level loss inside a training step (the logits are an intermediate)."""
     rows = []
@@ -288,7 +300,7 @@ def bench_step(shapes, d, dtype, repeats, progress) -> list[Row]:
         )
         part = _section(
             "step", f"{n}x{d}x{v}", impls, args, repeats, progress, peer="optax", ref="autodiff naive",
-            tol=lambda g: 10 * grad_tolerance(g), tokens=n,
+            tol=lambda g: 10 * grad_tolerance(g), tokens=n, extra_calls=_step_matmuls(*args[:2]), rates=_over_matmuls,
         )  # fmt: skip
         peer_temp = next((r.temp_mib for r in part if r.impl == "optax"), None)
         for r in part:

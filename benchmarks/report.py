@@ -44,8 +44,8 @@ SECTIONS = {
     "step": dict(
         title="Training step's loss head: value_and_grad wrt (h, W) of loss(h @ W, y)",
         peer="÷ optax",
-        roof="-",
-        extra=(("temp_ratio_to_optax", "temp ÷ optax's"),),
+        roof="÷ its 3 matmuls",
+        extra=(("loss_ms", "ms beyond the matmuls"), ("temp_ratio_to_optax", "temp ÷ optax's")),
     ),
     "fused": dict(
         title="Fused linear + cross-entropy: value_and_grad wrt (h, W)",

@@ -34,7 +34,7 @@ FULL_STEP = [(4096, 1024), (2048, 32768), (512, 131072)]
 STEP_D = 256
 DEFAULT_FUSED = [(1024, 256, 8192)]
 FULL_FUSED = [(8192, 512, 32768)]
-DEFAULT_MEMORY = dict(d=256, vocab=32768, tokens=(2048, 8192, 16384), dtype="float32")
+DEFAULT_MEMORY = dict(d=256, vocab=32768, tokens=(4096, 16384), dtype="float32")
 FULL_MEMORY = dict(d=2304, vocab=256000, tokens=(1024, 2048, 4096, 8192), dtype="bfloat16")
 HEADLINE = (8192, 2304, 256000)
 
@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
         help="comma-separated sections to run (default: all)",
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds (default 15, full 9)")
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved timing rounds (default 10, full 9)")
     parser.add_argument(
         "--memory-tokens", type=lambda s: tuple(int(x) for x in s.split(",")), help="token counts for the memory table"
     )
@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
     step = args.step or (FULL_STEP if args.full else DEFAULT_STEP)
     sections = set(args.sections.split(","))
     fused = args.fused or (FULL_FUSED if args.full else DEFAULT_FUSED)
-    repeats = args.repeats or (9 if args.full else 15)
+    repeats = args.repeats or (9 if args.full else 10)
     timing.SETTLE = args.settle if args.settle is not None else (0.5 if args.full else 0.0)
     mem = dict(FULL_MEMORY if args.full else DEFAULT_MEMORY)
     if args.memory_tokens:
