@@ -20,7 +20,6 @@ $(STAMP): pyproject.toml
 
 $(BENCH_STAMP): pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[bench]'
 	touch $@
 
