@@ -231,7 +231,7 @@ def _logit_grad(p, g_ce, g_lse, target, valid, class_weight, mass, opts: Options
 #: Widest row (classes per shard) whose exponentials the CPU branch keeps.
 KEEP_EXP_MAX_CLASSES = 8192
 
-#: The CPU branch of :func:`platform_branch`. Tests set it to False to run the
+#: Whether the CPU branch of the reverse rule keeps exp(s - m). Tests set it to False to run the
 #: accelerator branch on CPU through the same ``lax.platform_dependent`` switch.
 CPU_KEEPS_EXP = True
 
@@ -256,7 +256,8 @@ def keeps_exp(z, opts: Options) -> bool:
     exponentials (2048 x 32768: 512 MiB of temporaries instead of 256).
 
     On GPU and TPU, bandwidth-bound, recomputing ``exp`` is free and the
-    logits are kept (:func:`platform_branch`).
+    logits are kept: the rules choose with ``lax.platform_dependent``, which
+    lowers only the branch of the platform being compiled for.
     """
     return (
         CPU_KEEPS_EXP
@@ -266,12 +267,6 @@ def keeps_exp(z, opts: Options) -> bool:
         and compute_dtype(z.dtype) == z.dtype
         and z.shape[-1] <= KEEP_EXP_MAX_CLASSES
     )
-
-
-def platform_branch(*args, cpu, default):
-    """``lax.platform_dependent(*args, cpu=cpu, default=default)``: only the
-    branch of the platform being compiled for is lowered."""
-    return lax.platform_dependent(*args, cpu=cpu, default=default)
 
 
 @jax.custom_vjp
@@ -293,7 +288,7 @@ def _rows_vjp_fwd(z, target, valid, class_weight, opts):
         return outputs, e, m, lse, mass
 
     if keeps_exp(z, opts):
-        outputs, kept, m, lse, mass = platform_branch(z, cpu=keep_exp, default=keep_logits)
+        outputs, kept, m, lse, mass = lax.platform_dependent(z, cpu=keep_exp, default=keep_logits)
     else:
         outputs, kept, m, lse, mass = keep_logits(z)
     # Residuals: one logits-sized array (the logits, or exp(s - m)), [N]-sized
@@ -319,7 +314,7 @@ def _rows_vjp_bwd(residuals, cotangents):
         return _logit_grad(e * jnp.exp(m - lse)[:, None], g_ce, g_lse, target, valid, class_weight, mass, opts)
 
     if keeps_exp(kept, opts):
-        ds = platform_branch(kept, cpu=from_exp, default=from_logits)
+        ds = lax.platform_dependent(kept, cpu=from_exp, default=from_logits)
     else:
         ds = from_logits(kept)
     dz = jnp.where(valid[:, None], ds, 0).astype(kept.dtype)
