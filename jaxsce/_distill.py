@@ -50,8 +50,30 @@ class DistillConsts(NamedTuple):
 
 
 def _xlogy_terms(weight, diff):
-    """``weight * diff`` with ``0 * anything = 0`` (``0 log 0 = 0``)."""
-    return jnp.where(weight > 0, weight * diff, 0)
+    """``weight * diff`` with ``0 * anything = 0`` (``0 log 0 = 0``).
+
+    Only an exact 0 weight drops its term: a NaN weight (a NaN or +inf
+    logit) keeps it, so the row is NaN, as the NaN policy says.
+    """
+    return jnp.where(weight == 0, 0, weight * diff)
+
+
+def _mixture_gaps(log_ps, log_pt, beta):
+    """``(log P_s - log M, log P_t - log M)`` for ``M = beta P_t + (1 - beta) P_s``.
+
+    Formed from ``delta = log P_t - log P_s`` and ``log1p``/``expm1`` of the
+    smaller side, so both are exactly 0 where the two distributions agree
+    (JSD of identical inputs is exactly 0, with a zero gradient), and
+    neither overflows where one side is 0.
+    """
+    delta = log_pt - log_ps
+    below = delta <= 0
+    # delta <= 0: log M - log P_s = log1p(beta expm1(delta)), in [log(1 - beta), 0].
+    # delta > 0: log M - log P_t = log1p((1 - beta) expm1(-delta)), in [log beta, 0].
+    u = jnp.log1p(jnp.where(below, beta, 1 - beta) * jnp.expm1(jnp.where(below, delta, -delta)))
+    gap_s = jnp.where(below, -u, -delta - u)
+    gap_t = jnp.where(below, delta - u, -u)
+    return gap_s, gap_t
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,49 +127,55 @@ class DistillRows(_stream.RowLoss):
 
     def accumulate2(self, acc2, blk: _stream.GradBlock, fresh, c: DistillConsts):
         k_t, k_s = acc2
-        (s, t), (p_s, p_t), (lse_s, lse_t) = blk.s, blk.p, blk.lse
-        log_ps, log_pt = s - lse_s[:, None], t - lse_t[:, None]
-        log_m = _log_mixture(log_pt, log_ps, c.beta)
-        k_t = k_t + jnp.sum(jnp.where(fresh, _xlogy_terms(p_t, log_pt - log_m), 0), axis=-1)
-        k_s = k_s + jnp.sum(jnp.where(fresh, _xlogy_terms(p_s, log_ps - log_m), 0), axis=-1)
+        (p_s, p_t), (log_ps, log_pt) = blk.p, blk.log_p
+        gap_s, gap_t = _mixture_gaps(log_ps, log_pt, c.beta)
+        k_t = k_t + jnp.sum(jnp.where(fresh, _xlogy_terms(p_t, gap_t), 0), axis=-1)
+        k_s = k_s + jnp.sum(jnp.where(fresh, _xlogy_terms(p_s, gap_s), 0), axis=-1)
         return k_t, k_s
 
     def finish(self, stats: _stream.Stats, acc, rows, cols, c: DistillConsts):
-        lse_s, lse_t = stats.lse
+        # A +inf logit in either head has no defined distribution: NaN.
+        bad = (stats.m[0] == jnp.inf) | (stats.m[1] == jnp.inf)
         if self.divergence == "jsd":
             _, (k_t, k_s) = acc
             beta = cast(jax.Array, c.beta)
-            return (beta * k_t + (1 - beta) * k_s,), (k_s,), None
+            jsd = jnp.maximum(beta * k_t + (1 - beta) * k_s, 0)
+            return (jnp.where(bad, jnp.nan, jsd),), (k_s,), None
         (a,), _ = acc
+        # Row-max-relative: sum_c P_w (x_c - y_c) + (m_y - m_x) + (log se_y - log se_x),
+        # with w the weighting head, x its logits and y the other head's. The
+        # shifts' difference is exact and the log-sums are of order log V, so
+        # near-identical heads at large logits keep their small divergence.
+        (m_s, m_t), (ls_s, ls_t) = stats.shift, stats.log_se
         se_s, se_t = stats.se
         if self.divergence == "kl":
-            return (a / se_t + lse_s - lse_t,), (), None
-        kl = a / se_s + lse_t - lse_s
-        return (kl,), (kl,), None
+            mean_diff = a / se_t
+            kl = mean_diff + ((m_s - m_t) + (ls_s - ls_t))
+        else:
+            mean_diff = a / se_s
+            kl = mean_diff + ((m_t - m_s) + (ls_t - ls_s))
+        # A divergence is never negative; rounding can make it -1e-7.
+        kl = jnp.where(bad, jnp.nan, jnp.maximum(kl, 0))
+        return (kl,), (mean_diff,), None
 
     def grad(self, blk: _stream.GradBlock, res, cts, c: DistillConsts):
         g = cts[0][:, None]
-        (s, t), (p_s, p_t), (lse_s, lse_t) = blk.s, blk.p, blk.lse
+        (s, t), (p_s, p_t) = blk.s, blk.p
         if self.divergence == "kl":
             return g * (p_s - p_t)
-        log_ps = s - lse_s[:, None]
         if self.divergence == "reverse_kl":
-            (kl,) = res
-            r = log_ps - (t - lse_t[:, None])
-            return g * _xlogy_terms(p_s, r - kl[:, None])
+            # r_c - KL = (s_c - t_c) - sum_k P_s,k (s_k - t_k): the shifts and
+            # log-sums cancel exactly, so no two large numbers are subtracted.
+            (mean_diff,) = res
+            return g * _xlogy_terms(p_s, (s - t) - mean_diff[:, None])
         (k_s,) = res
         beta = cast(jax.Array, c.beta)
-        log_m = _log_mixture(t - lse_t[:, None], log_ps, beta)
-        return g * (1 - beta) * _xlogy_terms(p_s, log_ps - log_m - k_s[:, None])
+        gap_s, _ = _mixture_gaps(blk.log_p[0], blk.log_p[1], beta)
+        return g * (1 - beta) * _xlogy_terms(p_s, gap_s - k_s[:, None])
 
     def scalar(self, outputs, rows, c):
         (loss,) = outputs
         return loss, jnp.ones_like(loss), (jnp.ones_like(loss),)
-
-
-def _log_mixture(log_pt, log_ps, beta):
-    """``log(beta P_t + (1 - beta) P_s)``, stable (``logaddexp``)."""
-    return jnp.logaddexp(jnp.log(beta) + log_pt, jnp.log1p(-beta) + log_ps)
 
 
 def _options_of(divergence, beta, temperature):

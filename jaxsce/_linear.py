@@ -58,10 +58,16 @@ class CrossEntropyRows(_stream.RowLoss):
     """Cross-entropy against class ids as per-row sums over vocabulary blocks.
 
     Sums: the label's soft-capped logit ``s_y``, the smoothing sum
-    ``sum_c w_c s_c`` and the label's class weight ``w_y`` (each block adds
-    the entries it owns); in forward mode also the tangents ``sum_c p_c ds_c``
-    (kept relative to the running max), ``ds_y`` and ``sum_c w_c ds_c``.
-    Outputs ``(ce, lse, hit, count)`` as in ``_rows``; residual ``Q``.
+    ``sum_c w_c (s_c - m)`` relative to the running max ``m`` with the class
+    weight it has seen, ``W = sum_c w_c`` (when ``m`` moves by ``delta`` the
+    sum moves by ``delta W``), and the label's class weight ``w_y`` (each
+    block adds the entries it owns); in forward mode also the tangents
+    ``sum_c p_c ds_c`` (kept relative to the running max), ``ds_y`` and
+    ``sum_c w_c ds_c``. Outputs ``(ce, lse, hit, count)`` as in ``_rows``;
+    residual ``Q``. The loss is formed from row-max-relative terms,
+    ``Q log se - (1 - eps) w_y (s_y - m) - (eps / C) sum_c w_c (s_c - m)``
+    (the ``m`` terms cancel exactly since ``Q = (1 - eps) w_y + (eps / C) W``),
+    so large logits do not round it.
     """
 
     differentiable = (0, 1)
@@ -83,16 +89,19 @@ class CrossEntropyRows(_stream.RowLoss):
 
     def init(self, tb, ct, c: CEConsts, forward_mode: bool):
         zeros = jnp.zeros((tb,), ct)
-        return (zeros,) * 3, (zeros,) * 3 if forward_mode else ()
+        return (zeros,) * 4, (zeros,) * 3 if forward_mode else ()
 
     def accumulate(self, acc, blk: _stream.Block, c: CEConsts):
-        (s_y, smooth, w_y), tan = acc
+        (s_y, smooth, w_y, seen), tan = acc
         s, y, cw = blk.s[0], blk.rows.labels, blk.cols
         in_block = (y >= blk.fresh_col0) & (y < blk.col0 + s.shape[1])
         s_y = s_y + jnp.where(in_block, _targets.label_entry(s, y, blk.col0), 0)
         if c.opts.label_smoothing is not None:
-            ws = s if cw is None else s * cw[None, :]
-            smooth = smooth + jnp.sum(jnp.where(blk.fresh, ws, 0), axis=-1)
+            rel = s - blk.m[0][:, None]
+            ws = rel if cw is None else rel * cw[None, :]
+            w_blk = jnp.where(blk.fresh, 1 if cw is None else cw[None, :], 0)
+            smooth = smooth + blk.shift[0] * seen + jnp.sum(jnp.where(blk.fresh, ws, 0), axis=-1)
+            seen = seen + jnp.sum(w_blk, axis=-1).astype(seen.dtype)
         if cw is not None:
             w_blk = cast(jax.Array, _targets.target_weight(y, cw, blk.col0, c.opts))
             w_y = w_y + jnp.where(in_block, w_blk, 0)
@@ -103,22 +112,25 @@ class CrossEntropyRows(_stream.RowLoss):
             if c.opts.label_smoothing is not None:
                 d_smooth = d_smooth + jnp.sum(blk.ds if cw is None else blk.ds * cw[None, :], axis=-1)
             tan = (d_se, d_sy, d_smooth)
-        return (s_y, smooth, w_y), tan
+        return (s_y, smooth, w_y, seen), tan
 
     def to_global(self, acc, sh: _stream.Shards, c: CEConsts):
-        primal, tan = acc
+        (s_y, smooth, w_y, seen), tan = acc
+        if c.opts.label_smoothing is not None:
+            smooth = smooth + (sh.m_local[0] - sh.m_global[0]) * seen
         if tan:
             tan = (tan[0] * sh.scale[0],) + tuple(tan[1:])
-        return primal, tan
+        return (s_y, smooth, w_y, seen), tan
 
     def finish(self, stats: _stream.Stats, acc, rows: CERows, cols, c: CEConsts):
-        (s_y, smooth, w_y), tan = acc
+        (s_y, smooth, w_y, _), tan = acc
         opts, y = c.opts, rows.labels
         wy = None if cols is None else w_y
         mass = _targets.class_id_mass(wy, total_weight(cols, opts), opts)
         lse = stats.lse[0]
         bad = ~in_range(y, opts) | (stats.m[0] == jnp.inf)
-        ce = jnp.where(bad, jnp.nan, _targets.class_id_loss(lse, s_y, smooth, wy, mass, opts))
+        rel = _targets.class_id_loss(stats.log_se[0], s_y - stats.shift[0], smooth, wy, mass, opts)
+        ce = jnp.where(bad, jnp.nan, rel)
         hit = jnp.zeros(y.shape, bool) if stats.argmax is None else stats.argmax == y
         count = jnp.ones_like(ce) if wy is None else wy
         outputs = (ce, lse, jnp.where(hit, 1, 0).astype(ce.dtype), count)
@@ -387,8 +399,10 @@ def _linear_cross_entropy(
     if where is not None:
         valid = _validate.check_mask(where, batch_shape, "where", "hidden.shape[:-1]").reshape(n)
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, ignore_index, check_labels)
-    cw = None if class_weight is None else _options.check_class_weight(class_weight, v_local)
     ct = _stream.acc_dtype(h2, weight)
+    # Class weights in the accumulation dtype: sums of bf16 weights (the
+    # smoothing mass) would round in bf16.
+    cw = None if class_weight is None else _options.check_class_weight(class_weight, v_local).astype(ct)
     sw = _options.sample_weights(sample_weight, batch_shape, "hidden.shape[:-1]", ct)
     fl = _options.in_dtype(fl, ct)
     opts = _options.make_options(

@@ -133,7 +133,8 @@ class LogProbRows(_stream.RowLoss):
         sums, _ = acc
         y = rows
         bad = (y < 0) | (y >= self.num_classes) | (stats.m[0] == jnp.inf)
-        log_p = jnp.where(bad, jnp.nan, sums[0] - stats.lse[0])
+        # Relative to the row max: (s_y - m) is exact, and log se is of order log V.
+        log_p = jnp.where(bad, jnp.nan, (sums[0] - stats.shift[0]) - stats.log_se[0])
         if not self.entropy:
             return (log_p,), (), None
         se = stats.se[0]
@@ -142,7 +143,7 @@ class LogProbRows(_stream.RowLoss):
         return (log_p, h), (h,), None
 
     def grad(self, blk: _stream.GradBlock, res, cts, c):
-        p, s, y = blk.p[0], blk.s[0], blk.rows
+        p, y = blk.p[0], blk.rows
         g = cts[0]
         # A counted row with a label outside [0, C) gets a NaN gradient.
         g = jnp.where((y < 0) | (y >= self.num_classes), jnp.nan, g)
@@ -150,7 +151,7 @@ class LogProbRows(_stream.RowLoss):
         coef = g[:, None]
         if self.entropy:
             (h,), g_h = res, cts[1]
-            log_p = jnp.where(p > 0, s - blk.lse[0][:, None], 0)  # 0 log 0 = 0
+            log_p = jnp.where(p == 0, 0, blk.log_p[0])  # 0 log 0 = 0
             coef = coef + g_h[:, None] * (log_p + h[:, None])
         return jnp.where(hit, g[:, None], 0) - p * coef
 

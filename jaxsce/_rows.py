@@ -60,7 +60,9 @@ def total_weight(class_weight, opts: Options):
 def _forward(z, target, valid, class_weight, opts: Options, keep_exp: bool = False):
     """Returns ``(outputs, internals)``; internals feed the derivative rules.
 
-    ``internals`` is ``(s, lse, mass, kept)``. With ``keep_exp`` the rows are
+    ``internals`` is ``(s, (m, lse_shift), mass, kept)``: the rows' shift
+    ``m`` and ``log sum_c exp(s_c - m)``, from which the rules form
+    ``p = exp((s - m) - lse_shift)`` without the rounding of ``m + lse_shift``. With ``keep_exp`` the rows are
     shifted by their max and ``kept = (exp(s - m), m)``: the exponentials the
     sum was taken of, which the backward turns into ``p`` with one multiply.
     """
@@ -119,7 +121,7 @@ def _forward(z, target, valid, class_weight, opts: Options, keep_exp: bool = Fal
         jnp.where(valid & correct, 1, 0).astype(ce.dtype),
         jnp.where(valid, w_y, 0),
     )
-    return outputs, (s, lse, mass, kept)
+    return outputs, (s, (m, lse_shift), mass, kept)
 
 
 def _after(x, dep):
@@ -276,42 +278,44 @@ def rows_vjp(z, target, valid, class_weight, opts: Options):
 
 def _rows_vjp_fwd(z, target, valid, class_weight, opts):
     def keep_logits(z):
-        outputs, (_, lse, mass, _) = _forward(z, target, valid, class_weight, opts)
+        outputs, (_, (m, lse_shift), mass, _) = _forward(z, target, valid, class_weight, opts)
         # Neither softmax(z) nor the soft-capped logits are kept: the backward
         # recomputes them in one fused elementwise pass.
-        return outputs, z, jnp.zeros_like(lse), lse, mass
+        return outputs, z, m, lse_shift, mass
 
     def keep_exp(z):
-        outputs, (_, lse, mass, kept) = _forward(z, target, valid, class_weight, opts, keep_exp=True)
+        outputs, (_, (m, lse_shift), mass, kept) = _forward(z, target, valid, class_weight, opts, keep_exp=True)
         assert kept is not None
-        e, m = kept
-        return outputs, e, m, lse, mass
+        return outputs, kept[0], m, lse_shift, mass
 
     if keeps_exp(z, opts):
-        outputs, kept, m, lse, mass = lax.platform_dependent(z, cpu=keep_exp, default=keep_logits)
+        outputs, kept, m, lse_shift, mass = lax.platform_dependent(z, cpu=keep_exp, default=keep_logits)
     else:
-        outputs, kept, m, lse, mass = keep_logits(z)
+        outputs, kept, m, lse_shift, mass = keep_logits(z)
     # Residuals: one logits-sized array (the logits, or exp(s - m)), [N]-sized
-    # shift / lse / mass, and the inputs that are already live.
-    return outputs, (kept, target, valid, class_weight, opts, m, lse, mass)
+    # shift / log-sum / mass, and the inputs that are already live.
+    return outputs, (kept, target, valid, class_weight, opts, m, lse_shift, mass)
 
 
 def _rows_vjp_bwd(residuals, cotangents):
-    kept, target, valid, class_weight, opts, m, lse, mass = residuals
+    kept, target, valid, class_weight, opts, m, lse_shift, mass = residuals
     g_ce, g_lse, _, _ = cotangents
     g_ce, g_lse = _spmd.row_cotangents(g_ce, g_lse, axis_name=opts.vocab_axis, is_unchecked=opts.vocab_unchecked)
     ct = compute_dtype(kept.dtype)
     g_ce = jnp.where(valid, g_ce, 0).astype(ct)
     g_lse = jnp.where(valid, g_lse, 0).astype(ct)
 
+    hi, lo = _targets.split_lse(m, lse_shift)
+
     def from_logits(z):
         s = _targets.softcap(z.astype(ct), opts)
-        ds = _logit_grad(jnp.exp(s - lse[:, None]), g_ce, g_lse, target, valid, class_weight, mass, opts)
+        p = jnp.exp((s - hi[:, None]) - lo[:, None])
+        ds = _logit_grad(p, g_ce, g_lse, target, valid, class_weight, mass, opts)
         return _targets.softcap_scale(s, ds, opts)
 
     def from_exp(e):
-        # p = exp(s - lse) = exp(s - m) * exp(m - lse): a multiply, no exp.
-        return _logit_grad(e * jnp.exp(m - lse)[:, None], g_ce, g_lse, target, valid, class_weight, mass, opts)
+        # p = exp(s - m) * exp(-lse_shift): a multiply, no exp.
+        return _logit_grad(e * jnp.exp(-lse_shift)[:, None], g_ce, g_lse, target, valid, class_weight, mass, opts)
 
     if keeps_exp(kept, opts):
         ds = lax.platform_dependent(kept, cpu=from_exp, default=from_logits)
@@ -322,7 +326,7 @@ def _rows_vjp_bwd(residuals, cotangents):
     if opts.soft:
         s = _targets.softcap(kept.astype(ct), opts)
         cw = None if class_weight is None else class_weight.astype(ct)
-        d_target = _targets.soft_target_cotangent(g_ce, lse, s, target.astype(ct), cw, opts)
+        d_target = _targets.soft_target_cotangent(g_ce, lo, s - hi[:, None], target.astype(ct), cw, opts)
         d_target = jnp.where(valid[:, None], d_target, 0).astype(target.dtype)
     # Class weights and masks are constants (as in PyTorch, whose weight has no
     # gradient); the public functions apply stop_gradient to make that visible.
@@ -344,19 +348,20 @@ def rows_jvp(z, target, valid, class_weight, opts: Options):
 def _rows_jvp_rule(primals, tangents):
     z, target, valid, class_weight, opts = primals
     dz, d_target, _, _, _ = tangents
-    outputs, (s, lse, mass, _) = _forward(z, target, valid, class_weight, opts)
+    outputs, (s, (m, lse_shift), mass, _) = _forward(z, target, valid, class_weight, opts)
     ct = s.dtype
-    ones = jnp.ones(lse.shape, ct)
-    zeros = jnp.zeros(lse.shape, ct)
+    ones = jnp.ones(m.shape, ct)
+    zeros = jnp.zeros(m.shape, ct)
     dzf = jnp.where(valid[:, None], dz.astype(ct), 0)
-    p = jnp.exp(s - lse[:, None])
+    hi, lo = _targets.split_lse(m, lse_shift)
+    p = jnp.exp((s - hi[:, None]) - lo[:, None])
     g = _targets.softcap_scale(s, _logit_grad(p, ones, zeros, target, valid, class_weight, mass, opts), opts)
     p = _targets.softcap_scale(s, p, opts)
     d_ce = jnp.sum(g * dzf, axis=-1)
     d_lse = jnp.sum(jnp.where(p == 0, 0, p * dzf), axis=-1)
     if opts.soft and not _is_symbolic_zero(d_target):
         cw = None if class_weight is None else class_weight.astype(ct)
-        gt = _targets.soft_target_cotangent(ones, lse, s, target.astype(ct), cw, opts)
+        gt = _targets.soft_target_cotangent(ones, lo, s - hi[:, None], target.astype(ct), cw, opts)
         d_ce = d_ce + jnp.sum(jnp.where(gt == 0, 0, gt * d_target.astype(ct)), axis=-1)
     d_ce, d_lse = psum_rows(d_ce, d_lse, opts=opts)
     ce, lse_out, correct, w_y = outputs

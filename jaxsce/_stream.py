@@ -54,7 +54,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _spmd, _validate
-from ._targets import max_and_argmax
+from ._targets import max_and_argmax, split_lse
 
 # --- blocks ----------------------------------------------------------------------
 
@@ -162,6 +162,16 @@ def acc_dtype(*arrays):
     """float32 accumulation for 16-bit and float32 inputs; float64 stays float64."""
     dtypes = [x.dtype for x in arrays if x is not None]
     return _validate.compute_dtype(functools.reduce(jnp.promote_types, dtypes))
+
+
+def operand_dtype(head) -> jnp.dtype:
+    """The gradient matmuls' operand dtype: JAX's promotion of the head's hidden states and weight.
+
+    A float32 operand means float32 products: with bf16 hidden states and a
+    float32 weight, ``d_W = h^T ds`` keeps ``ds`` in float32 (as
+    ``cross_entropy(h @ W)`` does) rather than rounding it to bf16.
+    """
+    return jnp.promote_types(head.hidden.dtype, head.weight.dtype)
 
 
 def is_narrow_float(dtype) -> bool:
@@ -301,12 +311,20 @@ class Block(NamedTuple):
 
 
 class Stats(NamedTuple):
-    """The engine's per-row statistics of every head, over all blocks and shards."""
+    """The engine's per-row statistics of every head, over all blocks and shards.
+
+    Losses form their outputs from ``shift`` and ``log_se`` (``log p_c = (s_c
+    - shift) - log_se``), never from the absolute ``lse``: at large logits
+    ``shift + log_se`` rounds to the ulp of the logits, which would put that
+    error into every log-probability.
+    """
 
     m: tuple  # the row max (may be +-inf)
-    se: tuple  # sum of exp(s - m_safe)
-    lse: tuple  # log-sum-exp of s
+    se: tuple  # sum of exp(s - shift)
+    lse: tuple  # log-sum-exp of s (shift + log_se)
     argmax: jax.Array | None  # head 0's first argmax (global class index), if asked for
+    shift: tuple = ()  # the row max where finite, else 0
+    log_se: tuple = ()  # log(se)
 
 
 class Shards(NamedTuple):
@@ -321,12 +339,13 @@ class Shards(NamedTuple):
 
 
 class GradBlock(NamedTuple):
-    """What a loss sees of one block in the backward pass: per head ``s``,
-    ``p = softmax(s)`` entries and the rows' ``lse``; the rest as in :class:`Block`."""
+    """What a loss sees of one block in the backward pass: per head ``s``, and
+    ``log_p = (s - shift) - log_se`` and ``p = exp(log_p)`` formed relative to
+    the row max; the rest as in :class:`Block`."""
 
     s: tuple
     p: tuple
-    lse: tuple
+    log_p: tuple
     col0: Any
     rows: Any
     cols: Any
@@ -454,12 +473,23 @@ def _combine(k: RowLoss, m, se, am, acc, consts):
 
 def _stats(k: RowLoss, m, se, am, acc, consts):
     m, se, am, acc = _combine(k, m, se, am, acc, consts)
-    lse = tuple(jnp.where(jnp.isfinite(a), a, 0) + jnp.log(b) for a, b in zip(m, se))
-    return Stats(m, se, lse, am), acc
+    shift = tuple(jnp.where(jnp.isfinite(a), a, 0) for a in m)
+    log_se = tuple(jnp.log(b) for b in se)
+    lse = tuple(a + b for a, b in zip(shift, log_se))
+    return Stats(m, se, lse, am, shift, log_se), acc
 
 
-def _probabilities(s, lse):
-    return tuple(jnp.exp(x - lv[:, None]) for x, lv in zip(s, lse))
+def _norm(stats: Stats):
+    """The per-row normalizers the backward needs: ``lse`` as ``(hi, lo)`` per head (:func:`split_lse`)."""
+    pairs = [split_lse(a, b) for a, b in zip(stats.shift, stats.log_se)]
+    return tuple(hi for hi, _ in pairs), tuple(lo for _, lo in pairs)
+
+
+def _grad_block(s, norm, col0, rows, cols) -> GradBlock:
+    """``log_p = (s - hi) - lo`` and ``p = exp(log_p)`` for every head (:func:`split_lse`)."""
+    hi, lo = norm
+    log_p = tuple((x - a[:, None]) - b[:, None] for x, a, b in zip(s, hi, lo))
+    return GradBlock(tuple(s), tuple(jnp.exp(x) for x in log_p), log_p, col0, rows, cols)
 
 
 def _sum_shards(k: RowLoss, acc2, consts):
@@ -472,7 +502,7 @@ def _whole_second_pass(k: RowLoss, s, stats: Stats, acc, col0, rows_data, cols, 
     if not k.second_pass:
         return acc
     ct = s[0].dtype
-    gblk = GradBlock(tuple(s), _probabilities(s, stats.lse), stats.lse, col0, rows_data, cols)
+    gblk = _grad_block(s, _norm(stats), col0, rows_data, cols)
     fresh = jnp.ones((1, s[0].shape[1]), bool)
     acc2 = k.accumulate2(k.init2(s[0].shape[0], ct, consts), gblk, fresh, consts)
     return acc, _sum_shards(k, acc2, consts)
@@ -538,27 +568,27 @@ def _forward(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, tan
     m, se, am, acc = lax.fori_loop(0, num_blocks(t_total, tb), token_block, outs)
     stats, acc = _stats(k, m, se, am, acc, consts)
     if k.second_pass:
-        acc = acc, _second_pass(heads, valid, rows, cols, consts, st, stats.lse)
+        acc = acc, _second_pass(heads, valid, rows, cols, consts, st, _norm(stats))
     outputs, res, d_out = k.finish(stats, acc, rows, cols, consts)
     outputs = tuple(jnp.where(valid, o, 0) for o in outputs)
     if d_out is not None:
         d_out = tuple(jnp.where(valid, o, 0) for o in d_out)
-    return outputs, (stats.lse, res), d_out
+    return outputs, (_norm(stats), res), d_out
 
 
-def _second_pass(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, lse):
-    """The loss's second-pass sums over all blocks, every head's ``lse`` known (one more matmul pass)."""
+def _second_pass(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, norm):
+    """The loss's second-pass sums over all blocks, every head's normalizer known (one more matmul pass)."""
     k, (tb, vb), layouts = st
     t_total = heads[0].hidden.shape[0]
     v_local = _vocab_size(heads[0], layouts[0])
     shard0 = _spmd.shard_col0(v_local, k.vocab_axis(consts))
     ct = acc_dtype(*(x for hd in heads for x in hd))
-    like = (heads, valid, rows, cols, lse)
+    like = (heads, valid, rows, cols, norm)
 
     def token_block(i, outs):
         t0, _ = _clamped(i, tb, t_total)
         h_blks = [_token_rows(hd.hidden, valid, t0, tb) for hd in heads]
-        rows_blk, lse_blk = _slice_tree(rows, t0, tb), _slice_tree(lse, t0, tb)
+        rows_blk, norm_blk = _slice_tree(rows, t0, tb), _slice_tree(norm, t0, tb)
 
         def vocab_block(j, acc2):
             v0, fresh0 = _clamped(j, vb, v_local)
@@ -568,8 +598,7 @@ def _second_pass(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static,
                 w_blk = _slice_vocab(hd.weight, v0, vb, layout)
                 b_blk = None if hd.bias is None else lax.dynamic_slice_in_dim(hd.bias, v0, vb)
                 s.append(k.transform(_logits_block(h_blk, w_blk, b_blk, layout, ct), n, consts))
-            p = _probabilities(s, lse_blk)
-            gblk = GradBlock(tuple(s), p, lse_blk, v0 + shard0, rows_blk, _slice_tree(cols, v0, vb))
+            gblk = _grad_block(s, norm_blk, v0 + shard0, rows_blk, _slice_tree(cols, v0, vb))
             return k.accumulate2(acc2, gblk, fresh, consts)
 
         init = _spmd.vary_like(k.init2(tb, ct, consts), *like)
@@ -597,21 +626,22 @@ def rows(heads, valid, rows_data, cols, consts, st: Static):
 
 
 def _rows_fwd(heads, valid, rows_data, cols, consts, st):
-    outputs, (lse, res), _ = _forward(heads, valid, rows_data, cols, consts, st)
-    return outputs, (heads, valid, rows_data, cols, consts, lse, res)
+    outputs, (norm, res), _ = _forward(heads, valid, rows_data, cols, consts, st)
+    return outputs, (heads, valid, rows_data, cols, consts, norm, res)
 
 
 def _rows_bwd(st: Static, saved, cts):
     k, (tb, vb), layouts = st
-    heads, valid, rows_data, cols, consts, lse, res = saved
+    heads, valid, rows_data, cols, consts, norm, res = saved
     h0 = heads[0]
     t_total, d = h0.hidden.shape
     v_local = _vocab_size(h0, layouts[0])
     shard0 = _spmd.shard_col0(v_local, k.vocab_axis(consts))
     ct = acc_dtype(*(x for hd in heads for x in hd))
     cts = _row_cotangents(k, cts, valid, consts, ct)
-    like = (heads, valid, rows_data, cols, lse, res, cts)
+    like = (heads, valid, rows_data, cols, norm, res, cts)
     layout = layouts[0]
+    op = operand_dtype(h0)
 
     def vocab_block(j, carry):
         dh, dw, db = carry
@@ -631,18 +661,19 @@ def _rows_bwd(st: Static, saved, cts):
                 k.transform(_logits_block(h, w, b, lay, ct), n, consts)
                 for n, (h, w, b, lay) in enumerate(zip(h_blks, w_blks, b_blks, layouts))
             )
-            p = tuple(jnp.exp(x - lv[:, None]) for x, lv in zip(s, sl(lse)))
             ok = sl(valid) & fresh_row
             blk_cts = tuple(None if g is None else jnp.where(fresh_row, sl(g), 0) for g in cts)
-            gblk = GradBlock(s, p, sl(lse), v0 + shard0, sl(rows_data), cols_blk)
+            gblk = _grad_block(s, sl(norm), v0 + shard0, sl(rows_data), cols_blk)
             ds = k.transform_grad(s[0], k.grad(gblk, sl(res), blk_cts, consts), 0, consts)
             # Rows not counted (masked, ignored, or repeated by a clamped
             # block) contribute exactly 0, even if their hidden state is NaN.
             ds = jnp.where(ok[:, None], ds, 0)
             h_blk = h_blks[0]
-            ds_c = ds.astype(h_blk.dtype)
+            # The matmul operands are in JAX's promoted dtype of the head:
+            # bf16 only when both hidden and weight are 16-bit.
+            ds_c = ds.astype(op)
             # Columns shared with the previous block: already in d_hidden.
-            ds_h = jnp.where(fresh_col, ds, 0).astype(h0.weight.dtype)
+            ds_h = jnp.where(fresh_col, ds, 0).astype(op)
             if layout == "dv":
                 dh_blk = lax.dot_general(ds_h, w_blks[0], (((1,), (1,)), ((), ())), preferred_element_type=ct)
                 dw_acc = dw_acc + lax.dot_general(h_blk, ds_c, (((0,), (0,)), ((), ())), preferred_element_type=ct)
@@ -756,7 +787,7 @@ def _whole_forward(z_heads, valid, rows_data, cols, consts, k: RowLoss):
     acc = _whole_second_pass(k, s, stats, acc, col0, rows_data, cols, consts)
     outputs, res, _ = k.finish(stats, acc, rows_data, cols, consts)
     outputs = tuple(jnp.where(valid, o, 0) for o in outputs)
-    return outputs, s, (stats.lse, res)
+    return outputs, s, (_norm(stats), res)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -766,20 +797,19 @@ def whole_rows(z_heads, valid, rows_data, cols, consts, k: RowLoss):
 
 
 def _whole_fwd(z_heads, valid, rows_data, cols, consts, k):
-    outputs, _, (lse, res) = _whole_forward(z_heads, valid, rows_data, cols, consts, k)
+    outputs, _, (norm, res) = _whole_forward(z_heads, valid, rows_data, cols, consts, k)
     # Residuals: the inputs (already live) and per-row sums; the backward
     # recomputes s and p in one fused elementwise pass.
-    return outputs, (z_heads, valid, rows_data, cols, consts, lse, res)
+    return outputs, (z_heads, valid, rows_data, cols, consts, norm, res)
 
 
 def _whole_bwd(k: RowLoss, saved, cts):
-    z_heads, valid, rows_data, cols, consts, lse, res = saved
+    z_heads, valid, rows_data, cols, consts, norm, res = saved
     ct = _validate.compute_dtype(z_heads[0].dtype)
     cts = _row_cotangents(k, cts, valid, consts, ct)
     s = tuple(k.transform(z.astype(ct), n, consts) for n, z in enumerate(z_heads))
-    p = tuple(jnp.exp(x - lv[:, None]) for x, lv in zip(s, lse))
     col0 = _spmd.shard_col0(z_heads[0].shape[1], k.vocab_axis(consts))
-    ds = k.grad(GradBlock(s, p, lse, col0, rows_data, cols), res, cts, consts)
+    ds = k.grad(_grad_block(s, norm, col0, rows_data, cols), res, cts, consts)
     dz = jnp.where(valid[:, None], k.transform_grad(s[0], ds, 0, consts), 0).astype(z_heads[0].dtype)
     return (dz,) + tuple(None for _ in z_heads[1:]), None, None, None, None
 
@@ -801,6 +831,7 @@ def _total_forward(heads: tuple[Head, ...], valid, rows_data, cols, consts, st: 
     h0, layout = heads[0], layouts[0]
     t_total, d = h0.hidden.shape
     ct = acc_dtype(*(x for hd in heads for x in hd))
+    op = operand_dtype(h0)
     width = _vocab_size(h0, layout)
 
     def body(i, carry):
@@ -824,14 +855,13 @@ def _total_forward(heads: tuple[Head, ...], valid, rows_data, cols, consts, st: 
         total = total + jnp.sum(jnp.where(ok, value, 0))
         denom = denom + jnp.sum(jnp.where(ok, norm, 0).astype(ct))
         cts = tuple(None if g is None else jnp.where(ok, g, 0).astype(ct) for g in cts)
-        p = tuple(jnp.exp(x - lv[:, None]) for x, lv in zip(s, stats.lse))
-        gblk = GradBlock(tuple(s), p, stats.lse, 0, rows_blk, cols)
+        gblk = _grad_block(s, _norm(stats), 0, rows_blk, cols)
         ds = k.transform_grad(s[0], k.grad(gblk, res, cts, consts), 0, consts)
         ds = jnp.where(ok[:, None], ds, 0)
         w_contract = 1 if layout == "dv" else 0
         w = h0.weight
-        dh_blk = lax.dot_general(ds.astype(w.dtype), w, (((1,), (w_contract,)), ((), ())), preferred_element_type=ct)
-        dw = dw + _h_t_times(h_t, h_blks[0], ds.astype(h0.hidden.dtype), t0, tb, ct)
+        dh_blk = lax.dot_general(ds.astype(op), w, (((1,), (w_contract,)), ((), ())), preferred_element_type=ct)
+        dw = dw + _h_t_times(h_t, h_blks[0], ds.astype(op), t0, tb, ct)
         # Rows repeated by a clamped last block keep the value written before.
         dh_blk = jnp.where(ok[:, None], dh_blk, lax.dynamic_slice_in_dim(dh, t0, tb))
         dh = lax.dynamic_update_slice_in_dim(dh, dh_blk, t0, 0)
@@ -940,6 +970,10 @@ def single_pass(
         return None
     vocab = _vocab_size(heads[0], layouts[0])
     narrow = is_narrow_float(heads[0].hidden.dtype)
+    if operand_dtype(heads[0]) != heads[0].weight.dtype:
+        # A 16-bit weight with wider hidden states: the d_hidden products
+        # read it in float32, a copy of its size.
+        memory_budget -= 4 * d * vocab
     tb = sum_path_token_block(n, d, vocab, memory_budget, token_block, narrow, len(heads) - 1)
     if tb is None:
         return None

@@ -98,6 +98,20 @@ def softcap_scale(s: jax.Array, grad: jax.Array, opts: Options) -> jax.Array:
     return grad * (1 - jnp.square(s / opts.logit_softcap))
 
 
+def split_lse(shift, log_sum):
+    """The log-sum-exp ``shift + log_sum`` as ``(hi, lo)``: ``hi`` its rounding, ``lo`` the rest.
+
+    ``log p_c = (s_c - hi) - lo``. Near the row max ``s_c - hi`` is exact
+    (the two are within a factor of 2), and ``lo = (shift - hi) + log_sum``
+    is the small rounding error of ``hi``, so ``log p`` is as accurate at
+    logits of 1e4 as at logits of 1 (``s - (shift + log_sum)`` would carry
+    the ulp of the logits, 1e-3 at 1e4), whatever the shift was (the row max,
+    or a label's logit far below it).
+    """
+    hi = shift + log_sum
+    return hi, (shift - hi) + log_sum
+
+
 def block_hits(labels: jax.Array, col0, width: int) -> jax.Array:
     """``[N, width]`` boolean: column ``col0 + j`` is example ``n``'s label."""
     cols = lax.broadcasted_iota(labels.dtype, (labels.shape[0], width), 1) + col0
