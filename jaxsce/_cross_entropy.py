@@ -80,7 +80,12 @@ def cross_entropy(
         constants like ``weight`` (no gradient). They multiply each example's
         loss (z-loss included) and its share of the ``"mean"`` denominator;
         the aux outputs are not weighted. Combine with ``where`` and
-        ``ignore_index``, which still decide what is counted.
+        ``ignore_index``, which still decide what is counted: an example
+        they exclude contributes exactly 0 whatever its weight, NaN
+        included. Weights may be negative (advantages); ``"mean"`` then
+        divides by their signed sum, which is ``+-inf`` or NaN where the
+        counted weights sum to 0 (use ``"sum"`` and a normalizer of your own
+        for signed weights).
       weight: per-class weights ``[C]``, floating; treated as constants (no
         gradient flows to them, as in PyTorch).
       label_smoothing: :math:`\varepsilon \in [0, 1]`.

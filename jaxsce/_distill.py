@@ -180,11 +180,13 @@ class DistillRows(_stream.RowLoss):
 
 def _options_of(divergence, beta, temperature):
     divergence = _options.choice(divergence, "divergence", DIVERGENCES)
-    beta_v = _options.float_option(beta, "beta", off_when_zero=False)
-    if beta_v is None:
-        raise TypeError("beta must be a real number in (0, 1), got None.")
-    if not _validate.is_tracer(beta) and float(beta) == 1.0:
-        raise ValueError("beta must be < 1, got 1.0.")
+    beta_v = None
+    if divergence == "jsd":  # the KLs do not use beta: it is not checked
+        beta_v = _options.float_option(beta, "beta", off_when_zero=False)
+        if beta_v is None:
+            raise TypeError("beta must be a real number in (0, 1), got None.")
+        if not _validate.is_tracer(beta) and float(beta) == 1.0:
+            raise ValueError("beta must be < 1, got 1.0.")
     return divergence, DistillConsts(temperature=_options.temperature(temperature), beta=beta_v)
 
 
@@ -192,7 +194,7 @@ def _reduced(outputs, valid, reduction, batch_axis_name, batch_shape):
     (loss,) = outputs
     if reduction == "none":
         return loss.reshape(batch_shape)
-    return _reduce.reduce_loss(loss, valid.astype(loss.dtype), reduction, batch_axis_name)
+    return _reduce.reduce_loss(loss, valid.astype(loss.dtype), reduction, batch_axis_name, valid)
 
 
 def distillation_loss(
@@ -207,6 +209,7 @@ def distillation_loss(
     reduction: str = "mean",
     axis_name: AxisName = None,
     batch_axis_name: AxisName = None,
+    derivative: str = "vjp",
 ) -> jax.Array:
     r"""Divergence between the student's and the teacher's softmax, with analytic gradients.
 
@@ -241,6 +244,14 @@ def distillation_loss(
       axis_name: mesh axis splitting the classes inside ``jax.shard_map``;
         O(examples) communication.
       batch_axis_name: mesh axes splitting the examples (for ``"mean"``/``"sum"``).
+        Inside ``shard_map(check_vma=True)`` every mesh axis the logits vary
+        over must be named by ``axis_name`` or ``batch_axis_name`` (a
+        ``ValueError`` says which is missing): a split class axis computed
+        as if whole would give each device the divergence of its shard.
+        Under ``check_vma=False`` JAX tracks no such types and the caller
+        must name them.
+      derivative: ``"vjp"`` (default, reverse mode) or ``"jvp"`` (forward
+        mode: ``jax.jvp``, ``jax.jacfwd``), as in :func:`jaxsce.log_probs`.
 
     Returns:
       float32 (float64 for float64 logits), scalar or of the batch shape.
@@ -261,39 +272,48 @@ def distillation_loss(
         reduction=_options.choice(reduction, "reduction", _options.REDUCTIONS),
         axis_name=_options.hashable_axes(axis_name, "axis_name"),
         batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
+        derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
     )
     divergence, consts = _options_of(divergence, beta, temperature)
     return _distillation_loss(student_logits, teacher_logits, where, consts, divergence=divergence, **static)
 
 
-@functools.partial(jax.jit, static_argnames=("divergence", "axis", "reduction", "axis_name", "batch_axis_name"))
-def _distillation_loss(student, teacher, where, consts, *, divergence, axis, reduction, axis_name, batch_axis_name):
+@functools.partial(
+    jax.jit, static_argnames=("divergence", "axis", "reduction", "axis_name", "batch_axis_name", "derivative")
+)
+def _distillation_loss(
+    student, teacher, where, consts, *, divergence, axis, reduction, axis_name, batch_axis_name, derivative
+):
     student = _validate.check_floating(student, "student_logits")
     teacher = _validate.check_floating(teacher, "teacher_logits")
     if teacher.shape != student.shape:
         raise ValueError(
             f"teacher_logits have shape {teacher.shape} but must have student_logits' shape {student.shape}."
         )
+    for name, x in (("student_logits", student), ("teacher_logits", teacher)):
+        _spmd.check_named_axes(name, x, axis_name, batch_axis_name)
     s_rows, batch_shape, flat = _validate.class_rows(student, axis, "student_logits")
     n = s_rows.shape[0]
     valid = jnp.ones(n, bool)
     if where is not None:
         valid = _validate.check_mask(where, batch_shape, "where", "the batch shape: logits.shape without axis")
         valid = valid.reshape(n)
-    ct = _validate.compute_dtype(jnp.promote_types(student.dtype, teacher.dtype))
+    ct = _validate.compute_dtype(_validate.promote(student.dtype, teacher.dtype))
     consts = _consts_in(consts, ct, divergence)
     k = DistillRows(divergence, axis_name, _spmd.unchecked(axis_name))
     z = (s_rows, lax.stop_gradient(flat(teacher)))
-    outputs = _stream.whole_rows(z, valid, None, None, consts, k)
+    driver = _stream.whole_rows if derivative == "vjp" else _stream.whole_rows_jvp
+    outputs = driver(z, valid, None, None, consts, k)
     return _reduced(outputs, valid, reduction, batch_axis_name, batch_shape)
 
 
 def _consts_in(consts: DistillConsts, ct, divergence: str) -> DistillConsts:
     """The traced options in the compute dtype; NaN where out of range (``0 < beta < 1`` for JSD)."""
     temperature = _options.in_dtype(_TemperatureOnly(consts.temperature), ct).temperature
+    if consts.beta is None:
+        return DistillConsts(temperature, None)
     beta = lax.stop_gradient(jnp.asarray(consts.beta).astype(ct))
-    beta = jnp.where((beta > 0) & (beta < 1) | (divergence != "jsd"), beta, jnp.nan)
-    return DistillConsts(temperature, beta)
+    return DistillConsts(temperature, jnp.where((beta > 0) & (beta < 1), beta, jnp.nan))
 
 
 class _TemperatureOnly(NamedTuple):
@@ -318,6 +338,8 @@ def linear_distillation_loss(
     vocab_block: int | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     axis_name: AxisName = None,
+    batch_axis_name: AxisName = None,
+    derivative: str = "vjp",
 ) -> jax.Array:
     r"""Fused :func:`jaxsce.distillation_loss` of two linear heads that never builds either's logits.
 
@@ -347,7 +369,13 @@ def linear_distillation_loss(
       token_block, vocab_block, memory_budget: as in
         :func:`jaxsce.linear_cross_entropy` (the budget counts both heads' blocks).
       axis_name: mesh axis splitting the vocabulary of both heads inside
-        ``jax.shard_map``.
+        ``jax.shard_map``. A weight whose vocabulary is split over a mesh
+        axis that ``axis_name`` does not name is a ``ValueError`` (under
+        ``check_vma=True``, where JAX tracks it).
+      batch_axis_name: mesh axes splitting the tokens, for ``"mean"``/``"sum"``
+        over the whole batch.
+      derivative: ``"vjp"`` (default) or ``"jvp"`` (forward mode, one more
+        streaming pass for the tangents), as in :func:`jaxsce.linear_log_probs`.
 
     Returns:
       As :func:`jaxsce.distillation_loss`.
@@ -370,7 +398,11 @@ def linear_distillation_loss(
         vocab_block=_options.size(vocab_block, "vocab_block"),
         memory_budget=_options.size(memory_budget, "memory_budget", allow_none=False),
         axis_name=_options.hashable_axes(axis_name, "axis_name"),
+        batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
+        derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
     )
+    if static["derivative"] == "jvp" and getattr(student_hidden, "size", 1) != 0:
+        _stream.check_linearizable(student_hidden, student_weight, student_bias, name="linear_distillation_loss")
     divergence, consts = _options_of(divergence, beta, temperature)
     args = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, where, consts)
     return _linear_distillation_loss(*args, divergence=divergence, **static)
@@ -386,6 +418,8 @@ def linear_distillation_loss(
         "vocab_block",
         "memory_budget",
         "axis_name",
+        "batch_axis_name",
+        "derivative",
     ),
 )
 def _linear_distillation_loss(
@@ -405,6 +439,8 @@ def _linear_distillation_loss(
     vocab_block,
     memory_budget,
     axis_name,
+    batch_axis_name,
+    derivative,
 ):
     student, v_s = check_head(hs, ws, bs, weight_layout, prefix="student_", linear="")
     teacher, v_t = check_head(ht, wt, bt, weight_layout, prefix="teacher_", linear="")
@@ -419,6 +455,8 @@ def _linear_distillation_loss(
             f"teacher_weight of shape {wt.shape} has {v_t} classes but student_weight of shape {ws.shape} "
             f"has {v_s} (weight_layout={weight_layout!r})."
         )
+    for prefix, w, h in (("student", ws, hs), ("teacher", wt, ht)):
+        _spmd.check_split_axes(f"{prefix}_weight", w, h, f"{prefix}_hidden", axis_name, batch_axis_name)
     n = student.hidden.shape[0]
     valid = jnp.ones(n, bool)
     if where is not None:
@@ -429,13 +467,13 @@ def _linear_distillation_loss(
     consts = _consts_in(consts, ct, divergence)
     k = DistillRows(divergence, axis_name, _spmd.unchecked(axis_name))
     if isinstance(n, int) and n == 0:
-        return _reduced((jnp.zeros((0,), ct),), valid, reduction, None, batch_shape)
+        return _reduced((jnp.zeros((0,), ct),), valid, reduction, batch_axis_name, batch_shape)
     layouts = (weight_layout, weight_layout)
-    if reduction != "none" and axis_name is None and vocab_block is None:
+    if reduction != "none" and axis_name is None and vocab_block is None and derivative == "vjp":
         sums = _stream.single_pass(k, heads, valid, None, None, consts, layouts, token_block, memory_budget)
         if sums is not None:
             total, count = sums  # type: ignore[misc]
-            return _reduce.reduce_loss(total[None], count[None], reduction, None)
+            return _reduce.reduce_loss(total[None], count[None], reduction, batch_axis_name, valid)
     outputs = _stream.stream(
         k,
         heads,
@@ -447,5 +485,6 @@ def _linear_distillation_loss(
         token_block=token_block,
         vocab_block=vocab_block,
         memory_budget=memory_budget,
+        forward_mode=derivative == "jvp",
     )
-    return _reduced(outputs, valid, reduction, None, batch_shape)
+    return _reduced(outputs, valid, reduction, batch_axis_name, batch_shape)

@@ -71,6 +71,7 @@ class CrossEntropyRows(_stream.RowLoss):
     """
 
     differentiable = (0, 1)
+    streams_tangents = True
 
     def argmax(self, c: CEConsts) -> bool:
         return c.opts.argmax
@@ -437,7 +438,7 @@ def _linear_cross_entropy(
         sums = _stream.single_pass(CROSS_ENTROPY, heads, valid, rows, cw, consts, (layout,), token_block, memory_budget)
         if sums is not None:
             total, denom = cast(tuple[jax.Array, jax.Array], sums)
-            return _reduce.reduce_loss(total[None], denom[None], reduction, batch_axis_name)
+            return _reduce.reduce_loss(total[None], denom[None], reduction, batch_axis_name, valid)
     outputs = _stream.stream(
         CROSS_ENTROPY,
         heads,

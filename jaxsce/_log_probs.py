@@ -167,6 +167,7 @@ def log_probs(
     return_entropy: bool = False,
     axis_name: AxisName = None,
     check_labels: bool = False,
+    derivative: str = "vjp",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Log-probability of each label, and optionally the entropy, with analytic gradients.
 
@@ -203,6 +204,14 @@ def log_probs(
       check_labels: raise at run time on a counted label outside ``[0, C)``
         (as in :func:`jaxsce.cross_entropy`); without it such an example
         gives NaN.
+      derivative: ``"vjp"`` (default): the ``jax.custom_vjp`` above, for
+        reverse mode (``jax.grad``; ``jax.jvp`` of it raises JAX's
+        ``custom_vjp`` error). ``"jvp"``: a ``jax.custom_jvp`` whose rule
+        forms the outputs' tangents from the same per-entry derivatives,
+        :math:`\dot{o} = \sum_c (\partial o / \partial s_c)\,\dot s_c`, for
+        forward mode (``jax.jvp``, ``jax.jacfwd``); reverse mode then goes
+        through JAX's transpose of that rule (Hessians work; for training
+        ``"vjp"`` keeps less).
 
     Returns:
       ``log_probs`` with the batch shape, float32 for 16- and 32-bit logits
@@ -225,6 +234,7 @@ def log_probs(
         return_entropy=_options.flag(return_entropy, "return_entropy"),
         axis_name=_options.hashable_axes(axis_name, "axis_name"),
         check_labels=_options.flag(check_labels, "check_labels"),
+        derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
     )
     tp = transform_options(logit_softcap, temperature)
     return _options.run(_log_probs, (logits, labels, where, tp), static)
@@ -242,8 +252,8 @@ def _outputs(outputs, batch_shape, return_entropy: bool):
     return out if return_entropy else out[0]
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "return_entropy", "axis_name", "check_labels"))
-def _log_probs(logits, labels, where, tp: Tempered, *, axis, return_entropy, axis_name, check_labels):
+@functools.partial(jax.jit, static_argnames=("axis", "return_entropy", "axis_name", "check_labels", "derivative"))
+def _log_probs(logits, labels, where, tp: Tempered, *, axis, return_entropy, axis_name, check_labels, derivative):
     logits = _validate.check_floating(logits, "logits")
     z, batch_shape, _ = _validate.class_rows(logits, axis, "logits")
     labels = jnp.asarray(labels)
@@ -264,7 +274,8 @@ def _log_probs(logits, labels, where, tp: Tempered, *, axis, return_entropy, axi
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, None, check_labels)
     tp = _options.in_dtype(tp, _validate.compute_dtype(z.dtype))
     k = LogProbRows(num_classes, return_entropy, axis_name, _spmd.unchecked(axis_name))
-    outputs = _stream.whole_rows((z,), valid, y, None, tp, k)
+    driver = _stream.whole_rows if derivative == "vjp" else _stream.whole_rows_jvp
+    outputs = driver((z,), valid, y, None, tp, k)
     return _outputs(outputs, batch_shape, return_entropy)
 
 
@@ -284,6 +295,7 @@ def linear_log_probs(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     axis_name: AxisName = None,
     check_labels: bool = False,
+    derivative: str = "vjp",
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Fused :func:`jaxsce.log_probs` of ``hidden @ linear_weight + linear_bias`` that never builds the logits.
 
@@ -313,6 +325,12 @@ def linear_log_probs(
         the vocabulary axis of ``linear_weight`` (and ``linear_bias``) is the
         local shard. Communication is one ``pmax`` and one ``psum`` of two or
         three numbers per token.
+      derivative: ``"vjp"`` (default) or ``"jvp"``, as in
+        :func:`jaxsce.log_probs`. In ``"jvp"`` mode the tangents come from
+        one more streaming pass once the normalizers are known (the logits
+        blocks again, plus one matmul per perturbed input), so forward mode
+        never builds the logits either. Reverse mode through ``"jvp"`` needs
+        jax >= 0.10.
 
     Returns:
       As :func:`jaxsce.log_probs`: float32 (float64 for float64 inputs) of
@@ -341,7 +359,10 @@ def linear_log_probs(
         memory_budget=_options.size(memory_budget, "memory_budget", allow_none=False),
         axis_name=_options.hashable_axes(axis_name, "axis_name"),
         check_labels=_options.flag(check_labels, "check_labels"),
+        derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
     )
+    if static["derivative"] == "jvp" and getattr(hidden, "size", 1) != 0:
+        _stream.check_linearizable(hidden, linear_weight, linear_bias, name="linear_log_probs")
     tp = transform_options(logit_softcap, temperature)
     args = (hidden, linear_weight, labels, linear_bias, where, tp)
     return _options.run(_linear_log_probs, args, static)
@@ -357,6 +378,7 @@ def linear_log_probs(
         "memory_budget",
         "axis_name",
         "check_labels",
+        "derivative",
     ),
 )
 def _linear_log_probs(
@@ -374,6 +396,7 @@ def _linear_log_probs(
     memory_budget,
     axis_name,
     check_labels,
+    derivative,
 ):
     head, v_local = check_head(hidden, weight, bias, weight_layout)
     batch_shape = hidden.shape[:-1]
@@ -401,5 +424,6 @@ def _linear_log_probs(
         token_block=token_block,
         vocab_block=vocab_block,
         memory_budget=memory_budget,
+        forward_mode=derivative == "jvp",
     )
     return _outputs(outputs, batch_shape, return_entropy)

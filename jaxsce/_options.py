@@ -142,7 +142,11 @@ def float_option(value: Any, name: str, *, off_when_zero: bool) -> jax.Array | N
                 f"{name} must be a real scalar, got a traced value of shape {value.shape} and dtype {value.dtype}."
             )
         return value
-    if isinstance(value, (bool, np.bool_)):
+    if isinstance(value, (bool, np.bool_, str, bytes)) or (
+        hasattr(value, "dtype")
+        and not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer))
+    ):
+        # float() would accept "0.5", b"0.5" and numpy strings: refuse them.
         raise TypeError(f"{name} must be a real number, got {value!r}.")
     try:
         out = float(value)
@@ -172,7 +176,8 @@ def in_dtype(fl, dtype):
     """The float options in the compute dtype, NaN where a traced value is out of range.
 
     They are constants for differentiation (like class weights): a schedule
-    of them gets no gradient.
+    of them gets no gradient. Infinite values are out of every range (a
+    traced ``temperature=inf`` would otherwise give the uniform distribution).
     """
 
     def conv(name, x):
@@ -180,7 +185,7 @@ def in_dtype(fl, dtype):
             return None
         x = jax.lax.stop_gradient(jnp.asarray(x).astype(dtype))
         low, high, low_open = _RANGES[name]
-        ok = (x > low) if low_open else (x >= low)
+        ok = ((x > low) if low_open else (x >= low)) & jnp.isfinite(x)
         if high is not None:
             ok = ok & (x <= high)
         return jnp.where(ok, x, jnp.nan)

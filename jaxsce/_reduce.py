@@ -39,13 +39,17 @@ def _psum(x, axes):
     return x if axes is None else lax.psum(x, axes)
 
 
-def reduce_loss(per_example: jax.Array, normalizer: jax.Array, reduction: str, batch_axes):
+def reduce_loss(per_example: jax.Array, normalizer: jax.Array, reduction: str, batch_axes, counted: jax.Array):
     """``"none"``: as is; ``"sum"``: total; ``"mean"``: total / sum(normalizer).
 
     ``normalizer`` holds each example's share of the mean's denominator: 1 per
-    counted example, or its target's class weight (PyTorch). When the
-    denominator is 0 (nothing counted) the mean is 0 with zero gradient
-    instead of PyTorch's NaN, which would poison parameters in a jitted loop.
+    counted example, or its target's class weight (PyTorch), times its sample
+    weight; ``counted`` is the number of counted examples (any shape, summed).
+    When nothing is counted the mean is 0 with zero gradient instead of
+    PyTorch's NaN, which would poison parameters in a jitted loop. When
+    examples are counted but their weights sum to 0 (all-zero weights, or
+    signed weights that cancel), the division is made as PyTorch makes it:
+    ``+-inf`` or NaN, never a plausible 0.
     """
     if reduction == "none":
         return per_example
@@ -53,9 +57,10 @@ def reduce_loss(per_example: jax.Array, normalizer: jax.Array, reduction: str, b
     if reduction == "sum":
         return _psum(total, batch_axes)
     denom = jnp.sum(normalizer.astype(total.dtype))
+    count = jnp.sum(counted.astype(total.dtype))
     if batch_axes is not None:
-        total, denom = lax.psum(jnp.stack([total, denom]), batch_axes)
-    empty = denom == 0
+        total, denom, count = lax.psum(jnp.stack([total, denom, count]), batch_axes)
+    empty = count == 0
     return jnp.where(empty, 0, total / jnp.where(empty, 1, denom))
 
 
@@ -77,14 +82,16 @@ def finish(
     flattened examples; ``z_loss`` is None (off) or a 0-d array;
     ``sample_weight`` None or per-example weights ``s`` (constants): the
     loss is ``s * (ce + z-loss)`` and its share of the mean's denominator
-    ``s * w_y``. The aux outputs are not weighted.
+    ``s * w_y``. An example that is not counted contributes exactly 0 whatever
+    its sample weight (NaN included). The aux outputs are not weighted.
     """
     ce, lse, correct, w_y = outputs
     z_term = jnp.zeros_like(lse) if z_loss is None else z_loss * jnp.square(lse)
     per_example = ce if z_loss is None else ce + z_term
     if sample_weight is not None:
+        sample_weight = jnp.where(valid, sample_weight, 0)
         per_example, w_y = per_example * sample_weight, w_y * sample_weight
-    loss = reduce_loss(per_example, w_y, reduction, batch_axis_name)
+    loss = reduce_loss(per_example, w_y, reduction, batch_axis_name, valid)
     if reduction == "none":
         loss = loss.reshape(batch_shape)
     if not return_aux:

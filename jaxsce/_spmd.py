@@ -158,3 +158,21 @@ def check_split_axes(name: str, x, reference, reference_name: str, axis_name: Ax
             f"appears to be split over them inside shard_map. Pass axis_name={sorted(extra)[0]!r} "
             f"(the mesh axis that splits the classes)."
         )
+
+
+def check_named_axes(name: str, x, axis_name: AxisName, batch_axis_name: AxisName):
+    """Inside ``shard_map``: every mesh axis ``x`` varies over must be named.
+
+    For inputs that carry no array without a class axis to compare with
+    (the logits of a divergence), a varying axis may split the classes or
+    the examples, and only the caller knows which: ``axis_name`` or
+    ``batch_axis_name`` must say. Only visible under ``check_vma=True``.
+    """
+    extra = varying_axes(x) - set(axis_names(axis_name)) - set(axis_names(batch_axis_name))
+    if extra:
+        axis = sorted(extra)[0]
+        raise ValueError(
+            f"{name} varies over the mesh axes {sorted(extra)} inside shard_map, which neither axis_name nor "
+            f"batch_axis_name names: pass axis_name={axis!r} if that axis splits the classes, or "
+            f"batch_axis_name={axis!r} if it splits the examples."
+        )

@@ -161,7 +161,7 @@ def _clamped(i, size: int, total: int):
 def acc_dtype(*arrays):
     """float32 accumulation for 16-bit and float32 inputs; float64 stays float64."""
     dtypes = [x.dtype for x in arrays if x is not None]
-    return _validate.compute_dtype(functools.reduce(jnp.promote_types, dtypes))
+    return _validate.compute_dtype(_validate.promote(*dtypes))
 
 
 def operand_dtype(head) -> jnp.dtype:
@@ -171,7 +171,7 @@ def operand_dtype(head) -> jnp.dtype:
     float32 weight, ``d_W = h^T ds`` keeps ``ds`` in float32 (as
     ``cross_entropy(h @ W)`` does) rather than rounding it to bf16.
     """
-    return jnp.promote_types(head.hidden.dtype, head.weight.dtype)
+    return _validate.promote(head.hidden.dtype, head.weight.dtype)
 
 
 def is_narrow_float(dtype) -> bool:
@@ -366,6 +366,12 @@ class RowLoss:
     #: head's log-sum-exp is known (``init2``/``accumulate2``); ``finish``
     #: then receives ``(sums, second-pass sums)`` as ``acc``.
     second_pass: bool = False
+    #: Whether ``accumulate``/``finish`` carry forward-mode tangents themselves
+    #: (from ``Block.ds``, in the forward pass). Otherwise forward mode is
+    #: derived from ``grad``: a row's output tangent is ``sum_c (d out / d s_c)
+    #: ds_c``, the per-entry gradient for a unit cotangent times the logits'
+    #: tangent, formed in one more streaming pass once the normalizers are known.
+    streams_tangents: bool = False
 
     def argmax(self, consts) -> bool:
         """Whether the engine should find head 0's argmax (static)."""
@@ -719,6 +725,80 @@ rows.defvjp(_rows_fwd, _rows_bwd)
 # --- forward mode: custom_jvp ----------------------------------------------------------
 
 
+def _unit_cotangents(k: RowLoss, n_outputs: int, i: int, like):
+    """Cotangents selecting output ``i`` (1 for every row), None for the outputs without one."""
+    ones, zeros = jnp.ones_like(like), jnp.zeros_like(like)
+    return tuple((ones if j == i else zeros) if j in k.differentiable else None for j in range(n_outputs))
+
+
+def _output_tangents(k: RowLoss, gblk: GradBlock, res, dz, n_outputs: int, consts):
+    """Per row, ``sum_c (d out_i / d s_c)(ds_c / dz_c) dz_c`` for each output (0 for the others)."""
+    out = []
+    for i in range(n_outputs):
+        if i not in k.differentiable:
+            out.append(jnp.zeros(dz.shape[:1], dz.dtype))
+            continue
+        g = k.grad(gblk, res, _unit_cotangents(k, n_outputs, i, dz[:, 0]), consts)
+        ds = k.transform_grad(gblk.s[0], g, 0, consts)
+        out.append(jnp.sum(jnp.where(ds == 0, 0, ds * dz), axis=-1))
+    return tuple(out)
+
+
+def _tangent_pass(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, norm, res, tangents, n_outputs):
+    """The outputs' tangents from head 0's ``(dh, dw, db)``, once the normalizers are known.
+
+    One more streaming pass: per block the logits of every head and the
+    tangent block ``dh W + h dW + db`` (one matmul per perturbed input), then
+    :func:`_output_tangents`. Summed over vocabulary blocks and shards.
+    """
+    k, (tb, vb), layouts = st
+    t_total = heads[0].hidden.shape[0]
+    v_local = _vocab_size(heads[0], layouts[0])
+    shard0 = _spmd.shard_col0(v_local, k.vocab_axis(consts))
+    ct = acc_dtype(*(x for hd in heads for x in hd))
+    dh_all, dw_all, db_all = tangents
+    like = (heads, valid, rows, cols, norm, res, tangents)
+
+    def token_block(i, outs):
+        t0, tfresh0 = _clamped(i, tb, t_total)
+        h_blks = [_token_rows(hd.hidden, valid, t0, tb) for hd in heads]
+        dh_blk = None if dh_all is None else _token_rows(dh_all, valid, t0, tb)
+        sl = lambda x: _slice_tree(x, t0, tb)  # noqa: E731
+        rows_blk, norm_blk, res_blk = sl(rows), sl(norm), sl(res)
+
+        def vocab_block(j, acc):
+            v0, fresh0 = _clamped(j, vb, v_local)
+            fresh = lax.broadcasted_iota(jnp.int32, (1, vb), 1) + v0 >= fresh0
+            s, w_blks = [], []
+            for n, (hd, h_blk, layout) in enumerate(zip(heads, h_blks, layouts)):
+                w_blk = _slice_vocab(hd.weight, v0, vb, layout)
+                b_blk = None if hd.bias is None else lax.dynamic_slice_in_dim(hd.bias, v0, vb)
+                s.append(k.transform(_logits_block(h_blk, w_blk, b_blk, layout, ct), n, consts))
+                w_blks.append(w_blk)
+            dw_blk = None if dw_all is None else _slice_vocab(dw_all, v0, vb, layouts[0])
+            db_blk = None if db_all is None else lax.dynamic_slice_in_dim(db_all, v0, vb)
+            dz = _tangent_block(h_blks[0], w_blks[0], dh_blk, dw_blk, db_blk, layouts[0], ct)
+            assert dz is not None  # the rule handles "nothing perturbed" before streaming
+            dz = jnp.where(fresh, dz, 0)
+            gblk = _grad_block(s, norm_blk, v0 + shard0, rows_blk, _slice_tree(cols, v0, vb))
+            terms = _output_tangents(k, gblk, res_blk, dz, n_outputs, consts)
+            return tuple(a + b for a, b in zip(acc, terms))
+
+        init = _spmd.vary_like(tuple(jnp.zeros((tb,), ct) for _ in range(n_outputs)), *like)
+        block_rows = lax.fori_loop(0, num_blocks(v_local, vb), vocab_block, init)
+        # Rows repeated by a clamped last block keep the value written before.
+        fresh_row = lax.broadcasted_iota(jnp.int32, (tb,), 0) + t0 >= tfresh0
+        block_rows = tuple(
+            jnp.where(fresh_row, x, lax.dynamic_slice_in_dim(o, t0, tb)) for o, x in zip(outs, block_rows)
+        )
+        return tuple(lax.dynamic_update_slice_in_dim(o, x, t0, 0) for o, x in zip(outs, block_rows))
+
+    outs = _spmd.vary_like(tuple(jnp.zeros((t_total,), ct) for _ in range(n_outputs)), *like)
+    d_out = lax.fori_loop(0, num_blocks(t_total, tb), token_block, outs)
+    d_out = _sum_shards(k, d_out, consts)
+    return tuple(jnp.where(valid, o, 0) for o in d_out)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
 def rows_jvp(heads, valid, rows_data, cols, consts, st: Static):
     """As :func:`rows`, with a forward-mode rule streaming head 0's tangent."""
@@ -727,8 +807,9 @@ def rows_jvp(heads, valid, rows_data, cols, consts, st: Static):
 
 def _rows_jvp_rule(st: Static, primals, tangents):
     # The tangents come out of the same streaming pass as the outputs (one
-    # more matmul per block and perturbed input). Rows, columns and consts
-    # are constants, as in the reverse rule.
+    # more matmul per block and perturbed input) for a loss that streams
+    # them, else out of one more pass (_tangent_pass). Rows, columns, consts
+    # and the heads after the first are constants, as in the reverse rule.
     heads, valid, rows_data, cols, consts = primals
     zero = jax.custom_derivatives.SymbolicZero
     d_head0 = tangents[0][0]
@@ -736,7 +817,11 @@ def _rows_jvp_rule(st: Static, primals, tangents):
     if dh is None and dw is None and db is None:
         outputs = _forward(heads, valid, rows_data, cols, consts, st)[0]
         return outputs, tuple(jnp.zeros_like(o) for o in outputs)
-    outputs, _, d_out = _forward(heads, valid, rows_data, cols, consts, st, tangents=(dh, dw, db))
+    if st.loss.streams_tangents:
+        outputs, _, d_out = _forward(heads, valid, rows_data, cols, consts, st, tangents=(dh, dw, db))
+    else:
+        outputs, (norm, res), _ = _forward(heads, valid, rows_data, cols, consts, st)
+        d_out = _tangent_pass(heads, valid, rows_data, cols, consts, st, norm, res, (dh, dw, db), len(outputs))
     assert d_out is not None
     d_out = tuple(_spmd.vary_like(t, o) for t, o in zip(d_out, outputs))
     return outputs, d_out
@@ -747,7 +832,7 @@ rows_jvp.defjvp(_rows_jvp_rule, symbolic_zeros=True)
 REVERSE_THROUGH_JVP = (0, 10)
 
 
-def check_linearizable(*inputs):
+def check_linearizable(*inputs, name: str = "linear_cross_entropy"):
     """Reverse mode through :func:`rows_jvp` needs jax >= 0.10: say so rather than fail inside JAX.
 
     Called by the public function on its inputs: under ``jax.grad``,
@@ -765,7 +850,7 @@ def check_linearizable(*inputs):
 
     if any(isinstance(getattr(x, "tangent", None), partial_eval.JaxprTracer) for x in inputs):
         raise NotImplementedError(
-            "Reverse mode (jax.grad, jax.vjp, jax.linearize) through linear_cross_entropy(derivative='jvp') "
+            f"Reverse mode (jax.grad, jax.vjp, jax.linearize) through {name}(derivative='jvp') "
             f"needs jax >= 0.10, found jax {jax.__version__}: JAX's transpose of the streaming loops fails on "
             "older releases. Use derivative='vjp' (the default) for gradients; forward mode (jax.jvp, "
             "jax.jacfwd) works on this release."
@@ -815,6 +900,30 @@ def _whole_bwd(k: RowLoss, saved, cts):
 
 
 whole_rows.defvjp(_whole_fwd, _whole_bwd)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5,))
+def whole_rows_jvp(z_heads, valid, rows_data, cols, consts, k: RowLoss):
+    """As :func:`whole_rows`, with a forward-mode rule derived from ``k.grad`` (head 0's tangent)."""
+    return _whole_forward(z_heads, valid, rows_data, cols, consts, k)[0]
+
+
+def _whole_jvp_rule(k: RowLoss, primals, tangents):
+    z_heads, valid, rows_data, cols, consts = primals
+    outputs, s, (norm, res) = _whole_forward(z_heads, valid, rows_data, cols, consts, k)
+    dz = tangents[0][0]
+    if dz is None or isinstance(dz, jax.custom_derivatives.SymbolicZero):
+        return outputs, tuple(jnp.zeros_like(o) for o in outputs)
+    ct = s[0].dtype
+    dz = jnp.where(valid[:, None], dz.astype(ct), 0)
+    col0 = _spmd.shard_col0(z_heads[0].shape[1], k.vocab_axis(consts))
+    gblk = _grad_block(s, norm, col0, rows_data, cols)
+    d_out = _sum_shards(k, _output_tangents(k, gblk, res, dz, len(outputs), consts), consts)
+    d_out = tuple(_spmd.vary_like(jnp.where(valid, t, 0).astype(o.dtype), o) for t, o in zip(d_out, outputs))
+    return outputs, d_out
+
+
+whole_rows_jvp.defjvp(_whole_jvp_rule, symbolic_zeros=True)
 
 
 # --- scalar losses: the gradient in the forward pass -----------------------------------
@@ -900,7 +1009,14 @@ def _total_fwd(heads, valid, rows_data, cols, consts, st):
 def _total_bwd(st, saved, cts):
     grads, h0 = saved
     g, _ = cts
-    scale = lambda x: None if x is None else (x * g.astype(x.dtype)).astype(x.dtype)  # noqa: E731
+
+    # Scaled in float32: a bf16 cotangent (1 / count for "mean") would add two roundings.
+    def scale(x):
+        if x is None:
+            return None
+        ct = _validate.compute_dtype(x.dtype)
+        return (x.astype(ct) * g.astype(ct)).astype(x.dtype)
+
     d_head0 = Head(*(_spmd.sum_to_type(scale(gr), x) for gr, x in zip(grads, h0)))  # type: ignore[arg-type]
     return (d_head0,) + tuple(None for _ in range(st.loss.heads - 1)), None, None, None, None
 

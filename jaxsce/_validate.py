@@ -33,6 +33,20 @@ def compute_dtype(dtype: Any) -> np.dtype:
     return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
 
 
+def promote(*dtypes) -> np.dtype:
+    """JAX's standard promotion of floating dtypes, also under ``jax_numpy_dtype_promotion="strict"``.
+
+    Mixed inputs (bf16 hidden states with a float32 weight) are a supported
+    use: the library chooses its compute dtype itself rather than fail under
+    a caller's strict promotion setting.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        out = dtypes[0]
+        for d in dtypes[1:]:
+            out = jnp.promote_types(out, d)
+    return np.dtype(out)
+
+
 def check_floating(x: Any, name: str) -> jax.Array:
     """Returns ``x`` as an array, or raises ``TypeError`` if it is not floating."""
     if not hasattr(x, "dtype"):

@@ -193,8 +193,8 @@ def test_traced_temperature_and_beta_compile_once():
     [
         (lambda s, t: jaxsce.distillation_loss(s, t[:, :-1]), "teacher_logits have shape"),
         (lambda s, t: jaxsce.distillation_loss(s, t, divergence="js"), "divergence must be one of"),
-        (lambda s, t: jaxsce.distillation_loss(s, t, beta=1.0), "beta"),
-        (lambda s, t: jaxsce.distillation_loss(s, t, beta=0.0), "beta"),
+        (lambda s, t: jaxsce.distillation_loss(s, t, divergence="jsd", beta=1.0), "beta"),
+        (lambda s, t: jaxsce.distillation_loss(s, t, divergence="jsd", beta=0.0), "beta"),
         (lambda s, t: jaxsce.distillation_loss(s, t, temperature=-1.0), "temperature"),
         (lambda s, t: jaxsce.distillation_loss(s, t.astype(jnp.int32)), "teacher_logits"),
         (lambda s, t: jaxsce.distillation_loss(s, t, reduction="avg"), "reduction"),

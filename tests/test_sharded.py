@@ -461,7 +461,9 @@ def test_distillation_equals_unsharded(divergence, check_vma):
     spec = dict(mesh=mesh, out_specs=P("data"), check_vma=check_vma)
     f = lambda s, t, m, **names: jaxsce.distillation_loss(s, t, where=m, **kw, **names)  # noqa: E731
     sharded = jax.shard_map(
-        functools.partial(f, axis_name="model"), in_specs=(P("data", "model"), P("data", "model"), P("data")), **spec
+        functools.partial(f, axis_name="model", batch_axis_name="data"),
+        in_specs=(P("data", "model"), P("data", "model"), P("data")),
+        **spec,
     )
     args = (d["logits"], teacher, d["where"])
     _close(jax.jit(sharded)(*args), f(*args))
@@ -481,3 +483,48 @@ def test_distillation_equals_unsharded(divergence, check_vma):
     _close(jax.jit(sharded_l)(*args), fl(*args))
     obj = lambda f: lambda *a: jnp.sum(g * f(*a))  # noqa: E731
     _close(jax.jit(jax.grad(obj(sharded_l), (0, 1, 2)))(*args), jax.grad(obj(fl), (0, 1, 2))(*args))
+
+
+@pytest.mark.parametrize("divergence", ["kl", "jsd"])
+def test_distillation_with_a_split_class_axis_and_no_axis_name_raises(divergence):
+    # Each device would otherwise compute the divergence of its own shard of
+    # the classes (visible under check_vma=True, where JAX tracks it).
+    d = _data(8)
+    mesh = _mesh((2, 4))
+    rng = np.random.default_rng(10)
+    teacher = jnp.asarray(rng.normal(size=(N, V)))
+    f = lambda s, t: jaxsce.distillation_loss(s, t, divergence=divergence, batch_axis_name="data")  # noqa: E731
+    sharded = jax.shard_map(f, mesh=mesh, in_specs=(P("data", "model"), P("data", "model")), out_specs=P())
+    with pytest.raises(ValueError, match="axis_name='model'"):
+        sharded(d["logits"], teacher)
+    # A split batch that batch_axis_name does not name is reported too.
+    g = lambda s, t: jaxsce.distillation_loss(s, t, divergence=divergence, reduction="none")  # noqa: E731
+    sharded = jax.shard_map(g, mesh=mesh, in_specs=(P("data"), P("data")), out_specs=P("data"))
+    with pytest.raises(ValueError, match="batch_axis_name='data'"):
+        sharded(d["logits"], teacher)
+    t_hidden, t_proj = jnp.asarray(rng.normal(size=(N, 5))), jnp.asarray(rng.normal(size=(5, V)))
+    fl = lambda h, w, th, tw: jaxsce.linear_distillation_loss(h, w, th, tw, divergence=divergence)  # noqa: E731
+    sharded_l = jax.shard_map(fl, mesh=mesh, in_specs=(P(), P(None, "model"), P(), P(None, "model")), out_specs=P())
+    with pytest.raises(ValueError, match="student_weight varies over the mesh axes \\['model'\\]"):
+        sharded_l(d["hidden"], d["proj"], t_hidden, t_proj)
+
+
+@pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_distillation_batch_axis_name_reduces_over_the_whole_batch(reduction, check_vma):
+    d = _data(8)
+    mesh = _mesh((2, 4))
+    rng = np.random.default_rng(11)
+    t_hidden, t_proj = jnp.asarray(rng.normal(size=(N, 5))), jnp.asarray(rng.normal(size=(5, V)) * 0.4)
+    kw = dict(divergence="kl", reduction=reduction, temperature=0.8)
+    fl = lambda h, w, th, tw, m, **names: jaxsce.linear_distillation_loss(h, w, th, tw, where=m, **kw, **names)  # noqa: E731
+    sharded = jax.shard_map(
+        functools.partial(fl, axis_name="model", batch_axis_name="data"),
+        mesh=mesh,
+        in_specs=(P("data"), P(None, "model"), P("data"), P(None, "model"), P("data")),
+        out_specs=P(),
+        check_vma=check_vma,
+    )
+    args = (d["hidden"], d["proj"], t_hidden, t_proj, d["where"])
+    _close(jax.jit(sharded)(*args), fl(*args))
+    _close(jax.jit(jax.grad(sharded, (0, 1)))(*args), jax.grad(fl, (0, 1))(*args))
