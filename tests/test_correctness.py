@@ -159,7 +159,11 @@ def test_bf16_class_weights_are_summed_in_float32_for_label_smoothing(vocab_bloc
 
 @pytest.mark.parametrize("h_dtype", [jnp.float32, jnp.bfloat16], ids=["h32", "h16"])
 @pytest.mark.parametrize("w_dtype", [jnp.float32, jnp.bfloat16], ids=["w32", "w16"])
-@pytest.mark.parametrize("cw_dtype", [None, jnp.float32, jnp.bfloat16], ids=["nocw", "cw32", "cw16"])
+@pytest.mark.parametrize(
+    "cw_dtype",
+    [pytest.param(None, marks=pytest.mark.slow), pytest.param(jnp.float32, marks=pytest.mark.slow), jnp.bfloat16],
+    ids=["nocw", "cw32", "cw16"],
+)
 @pytest.mark.parametrize("vocab_block", [None, 64], ids=["single-pass", "streamed"])
 def test_mixed_precision_heads_compute_in_the_promoted_dtype(h_dtype, w_dtype, cw_dtype, vocab_block):
     # A float32 operand means float32 products: only bf16 x bf16 may round
@@ -203,7 +207,8 @@ def naive_ce(z, y, cw, eps):
 # --- precision at large logits ---------------------------------------------------------------
 
 
-OFFSETS = [0.0, 30.0, 1e3, 1e4]
+# The two middle offsets run in the slow set.
+OFFSETS = [0.0, pytest.param(30.0, marks=pytest.mark.slow), pytest.param(1e3, marks=pytest.mark.slow), 1e4]
 
 
 def _exact_logits(offset, n=8, v=40, seed=7, spread=3.0):
