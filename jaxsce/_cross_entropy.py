@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from . import _labels, _options, _reduce, _rows, _spmd, _validate
+from . import _labels, _logit_ce, _options, _reduce, _spmd, _validate
 
 AxisName = str | tuple[str, ...] | None
 
@@ -273,7 +273,7 @@ def _cross_entropy(
         return_aux=return_aux,
         is_unchecked=_spmd.unchecked(axis_name),
     )
-    kernel = _rows.rows_vjp if derivative == "vjp" else _rows.rows_jvp
+    kernel = _logit_ce.ce_vjp if derivative == "vjp" else _logit_ce.ce_jvp
     outputs = kernel(z, target, valid, class_weight, opts)
     return _reduce.finish(
         outputs,

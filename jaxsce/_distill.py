@@ -76,24 +76,29 @@ def _mixture_gaps(log_ps, log_pt, beta):
     return gap_s, gap_t
 
 
-@dataclasses.dataclass(frozen=True)
+class WeightedSum(NamedTuple):
+    """``sum_c exp(w_c - m_w) (x_c - y_c)`` for the KLs: ``w`` the weighting head, relative to its running max."""
+
+    weighted: jax.Array | None = None
+
+
+class MixtureSums(NamedTuple):
+    """JSD's second pass: ``KL(P_t || M)`` and ``KL(P_s || M)`` per row."""
+
+    teacher: jax.Array
+    student: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class DistillRows(_stream.RowLoss):
     """One output per row, the divergence; see the module docstring."""
 
     divergence: str
-    axis: AxisName = None
-    is_unchecked: bool = False
-    heads = 2  # type: ignore[assignment]
+    heads = 2
 
     @property
     def second_pass(self):  # type: ignore[override]
         return self.divergence == "jsd"
-
-    def vocab_axis(self, c):
-        return self.axis
-
-    def unchecked(self, c) -> bool:
-        return self.is_unchecked
 
     def transform(self, z, head, c: DistillConsts):
         return z if c.temperature is None else z / c.temperature
@@ -102,28 +107,28 @@ class DistillRows(_stream.RowLoss):
         return ds if c.temperature is None else ds / c.temperature
 
     def init(self, tb, ct, c, forward_mode: bool):
-        return ((jnp.zeros((tb,), ct),) if self.divergence != "jsd" else ()), ()
+        return _stream.Acc(WeightedSum(None if self.divergence == "jsd" else jnp.zeros((tb,), ct)))
 
     def accumulate(self, acc, blk: _stream.Block, c):
-        if self.divergence == "jsd":
+        a = acc.sums.weighted
+        if a is None:
             return acc
-        (a,), _ = acc
         s, t = blk.s
         w = 1 if self.divergence == "kl" else 0  # the weighting head: the teacher for "kl"
         e = blk.e[w]
         diff = t - s if w == 1 else s - t
-        return (blk.rescale[w] * a + jnp.sum(_xlogy_terms(e, diff), axis=-1),), ()
+        return _stream.Acc(WeightedSum(blk.rescale[w] * a + jnp.sum(_xlogy_terms(e, diff), axis=-1)))
 
     def to_global(self, acc, sh: _stream.Shards, c):
-        if self.divergence == "jsd":
+        a = acc.sums.weighted
+        if a is None:
             return acc
-        (a,), _ = acc
         w = 1 if self.divergence == "kl" else 0
-        return (sh.scale[w] * a,), ()
+        return _stream.Acc(WeightedSum(sh.scale[w] * a))
 
     def init2(self, tb, ct, c):
         zeros = jnp.zeros((tb,), ct)
-        return zeros, zeros
+        return MixtureSums(zeros, zeros)
 
     def accumulate2(self, acc2, blk: _stream.GradBlock, fresh, c: DistillConsts):
         k_t, k_s = acc2
@@ -131,17 +136,17 @@ class DistillRows(_stream.RowLoss):
         gap_s, gap_t = _mixture_gaps(log_ps, log_pt, c.beta)
         k_t = k_t + jnp.sum(jnp.where(fresh, _xlogy_terms(p_t, gap_t), 0), axis=-1)
         k_s = k_s + jnp.sum(jnp.where(fresh, _xlogy_terms(p_s, gap_s), 0), axis=-1)
-        return k_t, k_s
+        return MixtureSums(k_t, k_s)
 
-    def finish(self, stats: _stream.Stats, acc, rows, cols, c: DistillConsts):
+    def finish(self, stats: _stream.Stats, acc, second, rows, cols, c: DistillConsts):
         # A +inf logit in either head has no defined distribution: NaN.
         bad = (stats.m[0] == jnp.inf) | (stats.m[1] == jnp.inf)
         if self.divergence == "jsd":
-            _, (k_t, k_s) = acc
+            k_t, k_s = second
             beta = cast(jax.Array, c.beta)
             jsd = jnp.maximum(beta * k_t + (1 - beta) * k_s, 0)
             return (jnp.where(bad, jnp.nan, jsd),), (k_s,), None
-        (a,), _ = acc
+        a = acc.sums.weighted
         # Row-max-relative: sum_c P_w (x_c - y_c) + (m_y - m_x) + (log se_y - log se_x),
         # with w the weighting head, x its logits and y the other head's. The
         # shifts' difference is exact and the log-sums are of order log V, so
@@ -172,10 +177,6 @@ class DistillRows(_stream.RowLoss):
         beta = cast(jax.Array, c.beta)
         gap_s, _ = _mixture_gaps(blk.log_p[0], blk.log_p[1], beta)
         return g * (1 - beta) * _xlogy_terms(p_s, gap_s - k_s[:, None])
-
-    def scalar(self, outputs, rows, c):
-        (loss,) = outputs
-        return loss, jnp.ones_like(loss), (jnp.ones_like(loss),)
 
 
 def _options_of(divergence, beta, temperature):
@@ -300,9 +301,9 @@ def _distillation_loss(
         valid = valid.reshape(n)
     ct = _validate.compute_dtype(_validate.promote(student.dtype, teacher.dtype))
     consts = _consts_in(consts, ct, divergence)
-    k = DistillRows(divergence, axis_name, _spmd.unchecked(axis_name))
+    k = DistillRows(divergence=divergence, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name))
     z = (s_rows, lax.stop_gradient(flat(teacher)))
-    driver = _stream.whole_rows if derivative == "vjp" else _stream.whole_rows_jvp
+    driver = _stream.whole_vjp if derivative == "vjp" else _stream.whole_jvp
     outputs = driver(z, valid, None, None, consts, k)
     return _reduced(outputs, valid, reduction, batch_axis_name, batch_shape)
 
@@ -465,7 +466,7 @@ def _linear_distillation_loss(
     heads = (student, teacher)
     ct = _stream.acc_dtype(*student, *teacher)
     consts = _consts_in(consts, ct, divergence)
-    k = DistillRows(divergence, axis_name, _spmd.unchecked(axis_name))
+    k = DistillRows(divergence=divergence, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name))
     if isinstance(n, int) and n == 0:
         return _reduced((jnp.zeros((0,), ct),), valid, reduction, batch_axis_name, batch_shape)
     layouts = (weight_layout, weight_layout)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _labels, _options, _reduce, _spmd, _stream, _targets, _validate
-from ._rows import in_range, total_weight
+from ._logit_ce import in_range, total_weight
 from ._stream import DEFAULT_MEMORY_BUDGET, Head
 from ._targets import Options
 
@@ -53,7 +53,25 @@ class CEConsts(NamedTuple):
     z_loss: jax.Array | None = None
 
 
-@dataclasses.dataclass(frozen=True)
+class CESums(NamedTuple):
+    """Per-row sums of the cross-entropy (each block adds the entries it owns)."""
+
+    label: jax.Array  # s_y, the label's transformed logit
+    smooth: jax.Array  # sum_c w_c (s_c - m), relative to the running max m
+    label_weight: jax.Array  # w_y, the label's class weight
+    seen: jax.Array  # sum_c w_c over the columns seen so far
+
+
+class CETangents(NamedTuple):
+    """Forward-mode tangents of the sums: ``sum_c exp(s_c - m) ds_c`` (relative to the running max), ``ds_y``,
+    ``sum_c w_c ds_c``."""
+
+    se: jax.Array
+    label: jax.Array
+    smooth: jax.Array
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class CrossEntropyRows(_stream.RowLoss):
     """Cross-entropy against class ids as per-row sums over vocabulary blocks.
 
@@ -63,7 +81,7 @@ class CrossEntropyRows(_stream.RowLoss):
     sum moves by ``delta W``), and the label's class weight ``w_y`` (each
     block adds the entries it owns); in forward mode also the tangents
     ``sum_c p_c ds_c`` (kept relative to the running max), ``ds_y`` and
-    ``sum_c w_c ds_c``. Outputs ``(ce, lse, hit, count)`` as in ``_rows``;
+    ``sum_c w_c ds_c``. Outputs ``(ce, lse, hit, count)`` as in ``_logit_ce``;
     residual ``Q``. The loss is formed from row-max-relative terms,
     ``Q log se - (1 - eps) w_y (s_y - m) - (eps / C) sum_c w_c (s_c - m)``
     (the ``m`` terms cancel exactly since ``Q = (1 - eps) w_y + (eps / C) W``),
@@ -73,15 +91,6 @@ class CrossEntropyRows(_stream.RowLoss):
     differentiable = (0, 1)
     streams_tangents = True
 
-    def argmax(self, c: CEConsts) -> bool:
-        return c.opts.argmax
-
-    def vocab_axis(self, c: CEConsts):
-        return c.opts.vocab_axis
-
-    def unchecked(self, c: CEConsts) -> bool:
-        return c.opts.vocab_unchecked
-
     def transform(self, z, head, c: CEConsts):
         return _targets.softcap(z, c.opts)
 
@@ -90,10 +99,10 @@ class CrossEntropyRows(_stream.RowLoss):
 
     def init(self, tb, ct, c: CEConsts, forward_mode: bool):
         zeros = jnp.zeros((tb,), ct)
-        return (zeros,) * 4, (zeros,) * 3 if forward_mode else ()
+        return _stream.Acc(CESums(zeros, zeros, zeros, zeros), CETangents(zeros, zeros, zeros) if forward_mode else ())
 
     def accumulate(self, acc, blk: _stream.Block, c: CEConsts):
-        (s_y, smooth, w_y, seen), tan = acc
+        (s_y, smooth, w_y, seen), tan = acc.sums, acc.tangents
         s, y, cw = blk.s[0], blk.rows.labels, blk.cols
         in_block = (y >= blk.fresh_col0) & (y < blk.col0 + s.shape[1])
         s_y = s_y + jnp.where(in_block, _targets.label_entry(s, y, blk.col0), 0)
@@ -112,19 +121,19 @@ class CrossEntropyRows(_stream.RowLoss):
             d_sy = d_sy + jnp.where(in_block, _targets.label_entry(blk.ds, y, blk.col0), 0)
             if c.opts.label_smoothing is not None:
                 d_smooth = d_smooth + jnp.sum(blk.ds if cw is None else blk.ds * cw[None, :], axis=-1)
-            tan = (d_se, d_sy, d_smooth)
-        return (s_y, smooth, w_y, seen), tan
+            tan = CETangents(d_se, d_sy, d_smooth)
+        return _stream.Acc(CESums(s_y, smooth, w_y, seen), tan)
 
     def to_global(self, acc, sh: _stream.Shards, c: CEConsts):
-        (s_y, smooth, w_y, seen), tan = acc
+        sums, tan = acc.sums, acc.tangents
         if c.opts.label_smoothing is not None:
-            smooth = smooth + (sh.m_local[0] - sh.m_global[0]) * seen
+            sums = sums._replace(smooth=sums.smooth + (sh.m_local[0] - sh.m_global[0]) * sums.seen)
         if tan:
-            tan = (tan[0] * sh.scale[0],) + tuple(tan[1:])
-        return (s_y, smooth, w_y, seen), tan
+            tan = tan._replace(se=tan.se * sh.scale[0])
+        return _stream.Acc(sums, tan)
 
-    def finish(self, stats: _stream.Stats, acc, rows: CERows, cols, c: CEConsts):
-        (s_y, smooth, w_y, _), tan = acc
+    def finish(self, stats: _stream.Stats, acc, second, rows: CERows, cols, c: CEConsts):
+        (s_y, smooth, w_y, _), tan = acc.sums, acc.tangents
         opts, y = c.opts, rows.labels
         wy = None if cols is None else w_y
         mass = _targets.class_id_mass(wy, total_weight(cols, opts), opts)
@@ -163,9 +172,6 @@ class CrossEntropyRows(_stream.RowLoss):
         if sw is not None:
             value, count = value * g_ce, count * g_ce
         return value, count, (g_ce, g_lse, None, None)
-
-
-CROSS_ENTROPY = CrossEntropyRows()
 
 
 def check_head(hidden, weight, bias, layout: str, prefix: str = "", linear: str = "linear_") -> tuple[Head, int]:
@@ -429,18 +435,19 @@ def _linear_cross_entropy(
         return done((jnp.zeros((0,), ct),) * 4, valid)
     heads = (Head(h2, weight, bias),)
     rows, consts = CERows(y, sw), CEConsts(opts, fl.z_loss)
+    loss = CrossEntropyRows(vocab_axis=axis_name, unchecked=opts.vocab_unchecked, argmax=return_aux)
     forward_mode = derivative == "jvp"
     # A scalar loss without aux outputs or vocabulary sharding can get its
     # gradient in the forward pass when d_W fits the budget; otherwise (and
     # for "none", whose per-token cotangents are unknown until the backward)
     # stream vocabulary blocks and recompute in the backward.
     if reduction != "none" and not (return_aux or forward_mode) and axis_name is None and vocab_block is None:
-        sums = _stream.single_pass(CROSS_ENTROPY, heads, valid, rows, cw, consts, (layout,), token_block, memory_budget)
+        sums = _stream.single_pass(loss, heads, valid, rows, cw, consts, (layout,), token_block, memory_budget)
         if sums is not None:
             total, denom = cast(tuple[jax.Array, jax.Array], sums)
             return _reduce.reduce_loss(total[None], denom[None], reduction, batch_axis_name, valid)
     outputs = _stream.stream(
-        CROSS_ENTROPY,
+        loss,
         heads,
         valid,
         rows,

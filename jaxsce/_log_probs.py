@@ -86,24 +86,23 @@ def in_block(y, blk):
     return (y >= blk.fresh_col0) & (y < blk.col0 + blk.s[0].shape[1])
 
 
-@dataclasses.dataclass(frozen=True)
+class LogProbSums(NamedTuple):
+    """Per-row sums: the label's ``s_y`` and, for the entropy, ``A = sum_c exp(s_c - m)(s_c - m)``."""
+
+    label: jax.Array
+    entropy: jax.Array | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LogProbRows(_stream.RowLoss):
     """``(log p_y,)`` or ``(log p_y, H)`` per row; see the module docstring."""
 
     num_classes: int
     entropy: bool
-    axis: AxisName = None
-    is_unchecked: bool = False
 
     @property
     def differentiable(self):  # type: ignore[override]
         return (0, 1) if self.entropy else (0,)
-
-    def vocab_axis(self, c):
-        return self.axis
-
-    def unchecked(self, c) -> bool:
-        return self.is_unchecked
 
     def transform(self, z, head, c: Tempered):
         return tempered(z, c)
@@ -113,32 +112,29 @@ class LogProbRows(_stream.RowLoss):
 
     def init(self, tb, ct, c, forward_mode: bool):
         zeros = jnp.zeros((tb,), ct)
-        return ((zeros, zeros) if self.entropy else (zeros,)), ()
+        return _stream.Acc(LogProbSums(zeros, zeros if self.entropy else None))
 
     def accumulate(self, acc, blk: _stream.Block, c):
-        sums, _ = acc
-        y = blk.rows
-        s_y = sums[0] + jnp.where(in_block(y, blk), label_entry(blk.s[0], y, blk.col0), 0)
-        if not self.entropy:
-            return (s_y,), ()
-        return (s_y, entropy_sum(sums[1], blk)), ()
+        sums, y = acc.sums, blk.rows
+        s_y = sums.label + jnp.where(in_block(y, blk), label_entry(blk.s[0], y, blk.col0), 0)
+        a = None if sums.entropy is None else entropy_sum(sums.entropy, blk)
+        return _stream.Acc(LogProbSums(s_y, a))
 
     def to_global(self, acc, sh: _stream.Shards, c):
-        sums, _ = acc
-        if not self.entropy:
-            return sums, ()
-        return (sums[0], entropy_to_global(sums[1], sh)), ()
+        sums = acc.sums
+        if sums.entropy is None:
+            return acc
+        return _stream.Acc(sums._replace(entropy=entropy_to_global(sums.entropy, sh)))
 
-    def finish(self, stats: _stream.Stats, acc, rows, cols, c):
-        sums, _ = acc
-        y = rows
+    def finish(self, stats: _stream.Stats, acc, second, rows, cols, c):
+        sums, y = acc.sums, rows
         bad = (y < 0) | (y >= self.num_classes) | (stats.m[0] == jnp.inf)
         # Relative to the row max: (s_y - m) is exact, and log se is of order log V.
-        log_p = jnp.where(bad, jnp.nan, (sums[0] - stats.shift[0]) - stats.log_se[0])
-        if not self.entropy:
+        log_p = jnp.where(bad, jnp.nan, (sums.label - stats.shift[0]) - stats.log_se[0])
+        if sums.entropy is None:
             return (log_p,), (), None
         se = stats.se[0]
-        h = jnp.log(se) - sums[1] / se
+        h = jnp.log(se) - sums.entropy / se
         h = jnp.where(stats.m[0] == jnp.inf, jnp.nan, h)
         return (log_p, h), (h,), None
 
@@ -273,8 +269,10 @@ def _log_probs(logits, labels, where, tp: Tempered, *, axis, return_entropy, axi
         valid = valid.reshape(n)
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, None, check_labels)
     tp = _options.in_dtype(tp, _validate.compute_dtype(z.dtype))
-    k = LogProbRows(num_classes, return_entropy, axis_name, _spmd.unchecked(axis_name))
-    driver = _stream.whole_rows if derivative == "vjp" else _stream.whole_rows_jvp
+    k = LogProbRows(
+        num_classes=num_classes, entropy=return_entropy, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name)
+    )
+    driver = _stream.whole_vjp if derivative == "vjp" else _stream.whole_jvp
     outputs = driver((z,), valid, y, None, tp, k)
     return _outputs(outputs, batch_shape, return_entropy)
 
@@ -410,7 +408,9 @@ def _linear_log_probs(
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, None, check_labels)
     ct = _stream.acc_dtype(*head)
     tp = _options.in_dtype(tp, ct)
-    k = LogProbRows(num_classes, return_entropy, axis_name, _spmd.unchecked(axis_name))
+    k = LogProbRows(
+        num_classes=num_classes, entropy=return_entropy, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name)
+    )
     if isinstance(n, int) and n == 0:
         return _outputs((jnp.zeros((0,), ct),) * (2 if return_entropy else 1), batch_shape, return_entropy)
     outputs = _stream.stream(

@@ -90,9 +90,9 @@ def residual_branch(request, monkeypatch):
     """Runs a test under each branch of ``cross_entropy``'s platform-dependent
     residuals: ``"cpu"`` keeps ``exp(s - m)``, ``"accelerator"`` (the GPU/TPU
     branch, forced on CPU through the same switch) keeps the logits."""
-    from jaxsce import _rows
+    from jaxsce import _logit_ce
 
-    monkeypatch.setattr(_rows, "CPU_KEEPS_EXP", request.param == "cpu")
+    monkeypatch.setattr(_logit_ce, "CPU_KEEPS_EXP", request.param == "cpu")
     jax.clear_caches()  # the switch is read when tracing
     yield request.param
     jax.clear_caches()

@@ -13,7 +13,7 @@ import pytest
 from reference import naive_cross_entropy, np_cross_entropy
 
 import jaxsce
-from jaxsce import _rows
+from jaxsce import _logit_ce
 
 N, C = 12, 37
 
@@ -107,7 +107,7 @@ def test_extreme_rows_agree_between_branches_and_with_float64(residual_branch, c
 
 
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
-@pytest.mark.parametrize("classes", [C, _rows.KEEP_EXP_MAX_CLASSES + 1])
+@pytest.mark.parametrize("classes", [C, _logit_ce.KEEP_EXP_MAX_CLASSES + 1])
 def test_the_one_logits_sized_residual(residual_branch, dtype, classes):
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(4, classes)) * 3, dtype)
@@ -121,7 +121,7 @@ def test_the_one_logits_sized_residual(residual_branch, dtype, classes):
     assert all(leaf.size <= 4 for leaf in leaves if leaf is not big[0])
     kept = np.asarray(big[0], np.float64)
     x = np.asarray(logits, np.float64)
-    if residual_branch == "cpu" and dtype == np.float32 and classes <= _rows.KEEP_EXP_MAX_CLASSES:
+    if residual_branch == "cpu" and dtype == np.float32 and classes <= _logit_ce.KEEP_EXP_MAX_CLASSES:
         np.testing.assert_allclose(kept, np.exp(x - x.max(-1, keepdims=True)), rtol=1e-6)
     else:
         np.testing.assert_array_equal(kept, x)

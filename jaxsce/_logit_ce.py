@@ -272,11 +272,11 @@ def keeps_exp(z, opts: Options) -> bool:
 
 
 @jax.custom_vjp
-def rows_vjp(z, target, valid, class_weight, opts: Options):
+def ce_vjp(z, target, valid, class_weight, opts: Options):
     return _forward(z, target, valid, class_weight, opts)[0]
 
 
-def _rows_vjp_fwd(z, target, valid, class_weight, opts):
+def _ce_fwd(z, target, valid, class_weight, opts):
     def keep_logits(z):
         outputs, (_, (m, lse_shift), mass, _) = _forward(z, target, valid, class_weight, opts)
         # Neither softmax(z) nor the soft-capped logits are kept: the backward
@@ -297,7 +297,7 @@ def _rows_vjp_fwd(z, target, valid, class_weight, opts):
     return outputs, (kept, target, valid, class_weight, opts, m, lse_shift, mass)
 
 
-def _rows_vjp_bwd(residuals, cotangents):
+def _ce_bwd(residuals, cotangents):
     kept, target, valid, class_weight, opts, m, lse_shift, mass = residuals
     g_ce, g_lse, _, _ = cotangents
     g_ce, g_lse = _spmd.row_cotangents(g_ce, g_lse, axis_name=opts.vocab_axis, is_unchecked=opts.vocab_unchecked)
@@ -333,19 +333,19 @@ def _rows_vjp_bwd(residuals, cotangents):
     return dz, d_target, None, None, None
 
 
-rows_vjp.defvjp(_rows_vjp_fwd, _rows_vjp_bwd)
+ce_vjp.defvjp(_ce_fwd, _ce_bwd)
 
 
 # --- forward mode: custom_jvp --------------------------------------------------
 
 
 @jax.custom_jvp
-def rows_jvp(z, target, valid, class_weight, opts: Options):
+def ce_jvp(z, target, valid, class_weight, opts: Options):
     return _forward(z, target, valid, class_weight, opts)[0]
 
 
-@rows_jvp.defjvp
-def _rows_jvp_rule(primals, tangents):
+@ce_jvp.defjvp
+def _ce_jvp_rule(primals, tangents):
     z, target, valid, class_weight, opts = primals
     dz, d_target, _, _, _ = tangents
     outputs, (s, (m, lse_shift), mass, _) = _forward(z, target, valid, class_weight, opts)
