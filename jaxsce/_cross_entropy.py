@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 
-from . import _labels, _logit_ce, _options, _reduce, _spmd, _validate
+from . import _front, _labels, _logit_ce, _options, _reduce, _spmd, _validate
 
 AxisName = str | tuple[str, ...] | None
 
@@ -26,6 +25,7 @@ def cross_entropy(
     label_smoothing: float | jax.Array = 0.0,
     z_loss: float | jax.Array = 0.0,
     logit_softcap: float | jax.Array | None = None,
+    temperature: float | jax.Array = 1.0,
     return_aux: bool = False,
     derivative: str = "vjp",
     axis_name: AxisName = None,
@@ -34,9 +34,9 @@ def cross_entropy(
 ) -> jax.Array | tuple[jax.Array, _reduce.LossAux]:
     r"""Softmax cross-entropy with an analytic gradient.
 
-    For an example with logits :math:`z` over :math:`C` classes, soft-capped
-    logits :math:`s` (``s = z`` unless ``logit_softcap``) and target vector
-    :math:`q`:
+    For an example with logits :math:`z` over :math:`C` classes, transformed
+    logits :math:`s = \mathrm{softcap}(z) / T` (``s = z`` unless
+    ``logit_softcap`` or ``temperature``) and target vector :math:`q`:
 
     .. math::
         \ell = \sum_c q_c \bigl(\mathrm{lse}(s) - s_c\bigr)
@@ -93,7 +93,9 @@ def cross_entropy(
         counted example (PaLM, T5X). Not multiplied by class weights.
       logit_softcap: ``cap > 0``: logits become ``cap * tanh(logits / cap)``
         before the softmax (Gemma 2); the gradient includes the chain rule.
-        The three float options may be traced values (a schedule under
+      temperature: :math:`T > 0`: the softmax is of ``softcap(z) / T``
+        (Liger-Kernel's scaled cross-entropy; the gradient gains ``1 / T``).
+        The four float options may be traced values (a schedule under
         ``jit`` compiles once); they are constants for differentiation.
       return_aux: also return a :class:`LossAux` (per-example ``lse`` and
         z-loss, accuracy, count), computed in the same pass.
@@ -185,24 +187,14 @@ def cross_entropy(
             check_labels=check_labels,
         ),
     )
-    fl = _options.floats(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap)
+    fl = _options.floats(
+        label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap, temperature=temperature
+    )
     args = (logits, labels, where, weight, sample_weight, fl)
     return _options.run(_cross_entropy, args, static)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "axis",
-        "reduction",
-        "ignore_index",
-        "return_aux",
-        "derivative",
-        "axis_name",
-        "batch_axis_name",
-        "check_labels",
-    ),
-)
+@_front.implementation
 def _cross_entropy(
     logits,
     labels,
@@ -253,10 +245,7 @@ def _cross_entropy(
         target = flatten(labels)
     else:
         target = labels.reshape(n)
-    valid = jnp.ones(n, bool)
-    if where is not None:
-        valid = _validate.check_mask(where, batch_shape, "where", "the batch shape: logits.shape without axis")
-        valid = valid.reshape(n)
+    valid = _front.counted(where, batch_shape, "the batch shape: logits.shape without axis")
     if not soft:
         target, valid = _labels.label_validity(target, num_classes, valid, ignore_index, check_labels)
     class_weight = None if weight is None else _options.check_class_weight(weight, local_classes)
@@ -267,7 +256,6 @@ def _cross_entropy(
     opts = _options.make_options(
         fl,
         num_classes=num_classes,
-        class_weight=class_weight,
         soft=soft,
         axis_name=axis_name,
         return_aux=return_aux,

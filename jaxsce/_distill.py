@@ -28,7 +28,6 @@ running max. JSD needs both normalizers before ``log M``: a second pass.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import NamedTuple, cast
 
@@ -36,16 +35,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _options, _reduce, _spmd, _stream, _validate
+from . import _front, _options, _reduce, _spmd, _stream, _transform, _validate
 from ._linear import check_head
 from ._stream import DEFAULT_MEMORY_BUDGET
+from ._transform import Transform
 
 AxisName = str | tuple[str, ...] | None
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 
 
 class DistillConsts(NamedTuple):
-    temperature: jax.Array | None = None
+    transform: Transform = Transform()  # the temperature (no soft cap)
     beta: jax.Array | None = None
 
 
@@ -101,10 +101,10 @@ class DistillRows(_stream.RowLoss):
         return self.divergence == "jsd"
 
     def transform(self, z, head, c: DistillConsts):
-        return z if c.temperature is None else z / c.temperature
+        return _transform.apply(z, c.transform)
 
     def transform_grad(self, s, ds, head, c: DistillConsts):
-        return ds if c.temperature is None else ds / c.temperature
+        return _transform.chain(s, ds, c.transform)
 
     def init(self, tb, ct, c, forward_mode: bool):
         return _stream.Acc(WeightedSum(None if self.divergence == "jsd" else jnp.zeros((tb,), ct)))
@@ -188,7 +188,7 @@ def _options_of(divergence, beta, temperature):
             raise TypeError("beta must be a real number in (0, 1), got None.")
         if not _validate.is_tracer(beta) and float(beta) == 1.0:
             raise ValueError("beta must be < 1, got 1.0.")
-    return divergence, DistillConsts(temperature=_options.temperature(temperature), beta=beta_v)
+    return divergence, DistillConsts(_options.transform(None, temperature), beta=beta_v)
 
 
 def _reduced(outputs, valid, reduction, batch_axis_name, batch_shape):
@@ -279,9 +279,7 @@ def distillation_loss(
     return _distillation_loss(student_logits, teacher_logits, where, consts, divergence=divergence, **static)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("divergence", "axis", "reduction", "axis_name", "batch_axis_name", "derivative")
-)
+@_front.implementation
 def _distillation_loss(
     student, teacher, where, consts, *, divergence, axis, reduction, axis_name, batch_axis_name, derivative
 ):
@@ -294,31 +292,23 @@ def _distillation_loss(
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         _spmd.check_named_axes(name, x, axis_name, batch_axis_name)
     s_rows, batch_shape, flat = _validate.class_rows(student, axis, "student_logits")
-    n = s_rows.shape[0]
-    valid = jnp.ones(n, bool)
-    if where is not None:
-        valid = _validate.check_mask(where, batch_shape, "where", "the batch shape: logits.shape without axis")
-        valid = valid.reshape(n)
+    valid = _front.counted(where, batch_shape, "the batch shape: logits.shape without axis")
     ct = _validate.compute_dtype(_validate.promote(student.dtype, teacher.dtype))
     consts = _consts_in(consts, ct, divergence)
-    k = DistillRows(divergence=divergence, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name))
+    loss = DistillRows(divergence=divergence, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name))
     z = (s_rows, lax.stop_gradient(flat(teacher)))
     driver = _stream.whole_vjp if derivative == "vjp" else _stream.whole_jvp
-    outputs = driver(z, valid, None, None, consts, k)
+    outputs = driver(z, valid, None, None, consts, loss)
     return _reduced(outputs, valid, reduction, batch_axis_name, batch_shape)
 
 
 def _consts_in(consts: DistillConsts, ct, divergence: str) -> DistillConsts:
     """The traced options in the compute dtype; NaN where out of range (``0 < beta < 1`` for JSD)."""
-    temperature = _options.in_dtype(_TemperatureOnly(consts.temperature), ct).temperature
+    transform = _options.in_dtype(consts.transform, ct)
     if consts.beta is None:
-        return DistillConsts(temperature, None)
+        return DistillConsts(transform, None)
     beta = lax.stop_gradient(jnp.asarray(consts.beta).astype(ct))
-    return DistillConsts(temperature, jnp.where((beta > 0) & (beta < 1), beta, jnp.nan))
-
-
-class _TemperatureOnly(NamedTuple):
-    temperature: jax.Array | None = None
+    return DistillConsts(transform, jnp.where((beta > 0) & (beta < 1), beta, jnp.nan))
 
 
 def linear_distillation_loss(
@@ -409,20 +399,7 @@ def linear_distillation_loss(
     return _linear_distillation_loss(*args, divergence=divergence, **static)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "divergence",
-        "weight_layout",
-        "reduction",
-        "token_block",
-        "vocab_block",
-        "memory_budget",
-        "axis_name",
-        "batch_axis_name",
-        "derivative",
-    ),
-)
+@_front.implementation
 def _linear_distillation_loss(
     hs,
     ws,
@@ -458,34 +435,27 @@ def _linear_distillation_loss(
         )
     for prefix, w, h in (("student", ws, hs), ("teacher", wt, ht)):
         _spmd.check_split_axes(f"{prefix}_weight", w, h, f"{prefix}_hidden", axis_name, batch_axis_name)
-    n = student.hidden.shape[0]
-    valid = jnp.ones(n, bool)
-    if where is not None:
-        valid = _validate.check_mask(where, batch_shape, "where", "student_hidden.shape[:-1]").reshape(n)
+    valid = _front.counted(where, batch_shape, "student_hidden.shape[:-1]")
     teacher = _stream.Head(*(None if x is None else lax.stop_gradient(x) for x in teacher))  # type: ignore[arg-type]
     heads = (student, teacher)
     ct = _stream.acc_dtype(*student, *teacher)
     consts = _consts_in(consts, ct, divergence)
-    k = DistillRows(divergence=divergence, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name))
-    if isinstance(n, int) and n == 0:
-        return _reduced((jnp.zeros((0,), ct),), valid, reduction, batch_axis_name, batch_shape)
-    layouts = (weight_layout, weight_layout)
-    if reduction != "none" and axis_name is None and vocab_block is None and derivative == "vjp":
-        sums = _stream.single_pass(k, heads, valid, None, None, consts, layouts, token_block, memory_budget)
-        if sums is not None:
-            total, count = sums  # type: ignore[misc]
-            return _reduce.reduce_loss(total[None], count[None], reduction, batch_axis_name, valid)
-    outputs = _stream.stream(
-        k,
+    loss = DistillRows(divergence=divergence, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name))
+    out = _front.fused(
+        loss,
         heads,
         valid,
         None,
         None,
         consts,
-        layouts,
+        (weight_layout, weight_layout),
+        n_outputs=1,
+        scalar=reduction != "none",
         token_block=token_block,
         vocab_block=vocab_block,
         memory_budget=memory_budget,
         forward_mode=derivative == "jvp",
     )
-    return _reduced(outputs, valid, reduction, batch_axis_name, batch_shape)
+    if isinstance(out, _front.Total):
+        return _reduce.reduce_loss(out.total[None], out.normalizer[None], reduction, batch_axis_name, valid)
+    return _reduced(out, valid, reduction, batch_axis_name, batch_shape)

@@ -35,7 +35,7 @@ from typing import NamedTuple, cast
 import jax
 import jax.numpy as jnp
 
-from . import _labels, _options, _reduce, _spmd, _stream, _targets, _validate
+from . import _front, _labels, _options, _reduce, _spmd, _stream, _targets, _transform, _validate
 from ._logit_ce import in_range, total_weight
 from ._stream import DEFAULT_MEMORY_BUDGET, Head
 from ._targets import Options
@@ -92,10 +92,10 @@ class CrossEntropyRows(_stream.RowLoss):
     streams_tangents = True
 
     def transform(self, z, head, c: CEConsts):
-        return _targets.softcap(z, c.opts)
+        return _transform.apply(z, c.opts.transform)
 
     def transform_grad(self, s, ds, head, c: CEConsts):
-        return _targets.softcap_scale(s, ds, c.opts)
+        return _transform.chain(s, ds, c.opts.transform)
 
     def init(self, tb, ct, c: CEConsts, forward_mode: bool):
         zeros = jnp.zeros((tb,), ct)
@@ -228,6 +228,7 @@ def linear_cross_entropy(
     label_smoothing: float | jax.Array = 0.0,
     z_loss: float | jax.Array = 0.0,
     logit_softcap: float | jax.Array | None = None,
+    temperature: float | jax.Array = 1.0,
     return_aux: bool = False,
     token_block: int | None = None,
     vocab_block: int | None = None,
@@ -269,6 +270,7 @@ def linear_cross_entropy(
       label_smoothing: as in :func:`jaxsce.cross_entropy` (may be traced).
       z_loss: as in :func:`jaxsce.cross_entropy` (may be traced).
       logit_softcap: as in :func:`jaxsce.cross_entropy` (may be traced).
+      temperature: as in :func:`jaxsce.cross_entropy` (may be traced).
       return_aux: as in :func:`jaxsce.cross_entropy`.
       axis_name: mesh axis splitting the vocabulary inside ``jax.shard_map``:
         the vocabulary axis of ``linear_weight`` (and of ``linear_bias`` and
@@ -350,27 +352,14 @@ def linear_cross_entropy(
     )
     if static["derivative"] == "jvp" and getattr(hidden, "size", 1) != 0:  # no tokens: no loops to transpose
         _stream.check_linearizable(hidden, linear_weight, linear_bias)
-    fl = _options.floats(label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap)
+    fl = _options.floats(
+        label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap, temperature=temperature
+    )
     args = (hidden, linear_weight, labels, linear_bias, where, weight, sample_weight, fl)
     return _options.run(_linear_cross_entropy, args, static)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "weight_layout",
-        "reduction",
-        "ignore_index",
-        "return_aux",
-        "token_block",
-        "vocab_block",
-        "memory_budget",
-        "axis_name",
-        "batch_axis_name",
-        "check_labels",
-        "derivative",
-    ),
-)
+@_front.implementation
 def _linear_cross_entropy(
     hidden,
     weight,
@@ -402,9 +391,7 @@ def _linear_cross_entropy(
     n = math.prod(batch_shape)
     num_classes = v_local * _spmd.axis_size(axis_name)
     h2, weight, bias = head
-    valid = jnp.ones(n, bool)
-    if where is not None:
-        valid = _validate.check_mask(where, batch_shape, "where", "hidden.shape[:-1]").reshape(n)
+    valid = _front.counted(where, batch_shape, "hidden.shape[:-1]")
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, ignore_index, check_labels)
     ct = _stream.acc_dtype(h2, weight)
     # Class weights in the accumulation dtype: sums of bf16 weights (the
@@ -415,7 +402,6 @@ def _linear_cross_entropy(
     opts = _options.make_options(
         fl,
         num_classes=num_classes,
-        class_weight=cw,
         soft=False,
         axis_name=axis_name,
         return_aux=return_aux,
@@ -430,33 +416,23 @@ def _linear_cross_entropy(
         batch_axis_name=batch_axis_name,
         batch_shape=batch_shape,
     )
-    if isinstance(n, int) and n == 0:
-        # No tokens: nothing to stream; the loss does not depend on the inputs.
-        return done((jnp.zeros((0,), ct),) * 4, valid)
-    heads = (Head(h2, weight, bias),)
-    rows, consts = CERows(y, sw), CEConsts(opts, fl.z_loss)
     loss = CrossEntropyRows(vocab_axis=axis_name, unchecked=opts.vocab_unchecked, argmax=return_aux)
-    forward_mode = derivative == "jvp"
-    # A scalar loss without aux outputs or vocabulary sharding can get its
-    # gradient in the forward pass when d_W fits the budget; otherwise (and
-    # for "none", whose per-token cotangents are unknown until the backward)
-    # stream vocabulary blocks and recompute in the backward.
-    if reduction != "none" and not (return_aux or forward_mode) and axis_name is None and vocab_block is None:
-        sums = _stream.single_pass(loss, heads, valid, rows, cw, consts, (layout,), token_block, memory_budget)
-        if sums is not None:
-            total, denom = cast(tuple[jax.Array, jax.Array], sums)
-            return _reduce.reduce_loss(total[None], denom[None], reduction, batch_axis_name, valid)
-    outputs = _stream.stream(
+    # "none" and the aux outputs need per-token outputs: never the single pass.
+    out = _front.fused(
         loss,
-        heads,
+        (Head(h2, weight, bias),),
         valid,
-        rows,
+        CERows(y, sw),
         cw,
-        consts,
+        CEConsts(opts, fl.z_loss),
         (layout,),
+        n_outputs=4,
+        scalar=reduction != "none" and not return_aux,
         token_block=token_block,
         vocab_block=vocab_block,
         memory_budget=memory_budget,
-        forward_mode=forward_mode,
+        forward_mode=derivative == "jvp",
     )
-    return done(outputs, valid)
+    if isinstance(out, _front.Total):
+        return _reduce.reduce_loss(out.total[None], out.normalizer[None], reduction, batch_axis_name, valid)
+    return done(out, valid)

@@ -29,43 +29,19 @@ two large numbers.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from . import _labels, _options, _spmd, _stream, _validate
+from . import _front, _labels, _options, _spmd, _stream, _transform, _validate
 from ._linear import check_class_ids, check_head
 from ._stream import DEFAULT_MEMORY_BUDGET
 from ._targets import block_hits, label_entry
+from ._transform import Transform
 
 AxisName = str | tuple[str, ...] | None
-
-
-class Tempered(NamedTuple):
-    """The traced transform parameters: soft cap and temperature (None: off)."""
-
-    logit_softcap: jax.Array | None = None
-    temperature: jax.Array | None = None
-
-
-def tempered(z, c: Tempered):
-    """``softcap(z) / T``."""
-    if c.logit_softcap is not None:
-        z = c.logit_softcap * jnp.tanh(z / c.logit_softcap)
-    return z if c.temperature is None else z / c.temperature
-
-
-def tempered_grad(s, ds, c: Tempered):
-    """``ds * d s / d z`` written with ``s``: ``(1 - (s T / cap)^2) / T``."""
-    if c.temperature is not None:
-        ds = ds / c.temperature
-    if c.logit_softcap is not None:
-        capped = s if c.temperature is None else s * c.temperature
-        ds = ds * (1 - jnp.square(capped / c.logit_softcap))
-    return ds
 
 
 def entropy_sum(a, blk: _stream.Block, head: int = 0):
@@ -104,11 +80,11 @@ class LogProbRows(_stream.RowLoss):
     def differentiable(self):  # type: ignore[override]
         return (0, 1) if self.entropy else (0,)
 
-    def transform(self, z, head, c: Tempered):
-        return tempered(z, c)
+    def transform(self, z, head, c: Transform):
+        return _transform.apply(z, c)
 
-    def transform_grad(self, s, ds, head, c: Tempered):
-        return tempered_grad(s, ds, c)
+    def transform_grad(self, s, ds, head, c: Transform):
+        return _transform.chain(s, ds, c)
 
     def init(self, tb, ct, c, forward_mode: bool):
         zeros = jnp.zeros((tb,), ct)
@@ -232,15 +208,8 @@ def log_probs(
         check_labels=_options.flag(check_labels, "check_labels"),
         derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
     )
-    tp = transform_options(logit_softcap, temperature)
+    tp = _options.transform(logit_softcap, temperature)
     return _options.run(_log_probs, (logits, labels, where, tp), static)
-
-
-def transform_options(logit_softcap, temperature) -> Tempered:
-    return Tempered(
-        logit_softcap=_options.float_option(logit_softcap, "logit_softcap", off_when_zero=False),
-        temperature=_options.temperature(temperature),
-    )
 
 
 def _outputs(outputs, batch_shape, return_entropy: bool):
@@ -248,8 +217,8 @@ def _outputs(outputs, batch_shape, return_entropy: bool):
     return out if return_entropy else out[0]
 
 
-@functools.partial(jax.jit, static_argnames=("axis", "return_entropy", "axis_name", "check_labels", "derivative"))
-def _log_probs(logits, labels, where, tp: Tempered, *, axis, return_entropy, axis_name, check_labels, derivative):
+@_front.implementation
+def _log_probs(logits, labels, where, tp: Transform, *, axis, return_entropy, axis_name, check_labels, derivative):
     logits = _validate.check_floating(logits, "logits")
     z, batch_shape, _ = _validate.class_rows(logits, axis, "logits")
     labels = jnp.asarray(labels)
@@ -263,17 +232,14 @@ def _log_probs(logits, labels, where, tp: Tempered, *, axis, return_entropy, axi
     _spmd.check_split_axes("logits", logits, labels, "labels", axis_name, None)
     n, local_classes = z.shape
     num_classes = local_classes * _spmd.axis_size(axis_name)
-    valid = jnp.ones(n, bool)
-    if where is not None:
-        valid = _validate.check_mask(where, batch_shape, "where", "the batch shape: logits.shape without axis")
-        valid = valid.reshape(n)
+    valid = _front.counted(where, batch_shape, "the batch shape: logits.shape without axis")
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, None, check_labels)
     tp = _options.in_dtype(tp, _validate.compute_dtype(z.dtype))
-    k = LogProbRows(
+    loss = LogProbRows(
         num_classes=num_classes, entropy=return_entropy, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name)
     )
     driver = _stream.whole_vjp if derivative == "vjp" else _stream.whole_jvp
-    outputs = driver((z,), valid, y, None, tp, k)
+    outputs = driver((z,), valid, y, None, tp, loss)
     return _outputs(outputs, batch_shape, return_entropy)
 
 
@@ -361,31 +327,19 @@ def linear_log_probs(
     )
     if static["derivative"] == "jvp" and getattr(hidden, "size", 1) != 0:
         _stream.check_linearizable(hidden, linear_weight, linear_bias, name="linear_log_probs")
-    tp = transform_options(logit_softcap, temperature)
+    tp = _options.transform(logit_softcap, temperature)
     args = (hidden, linear_weight, labels, linear_bias, where, tp)
     return _options.run(_linear_log_probs, args, static)
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "weight_layout",
-        "return_entropy",
-        "token_block",
-        "vocab_block",
-        "memory_budget",
-        "axis_name",
-        "check_labels",
-        "derivative",
-    ),
-)
+@_front.implementation
 def _linear_log_probs(
     hidden,
     weight,
     labels,
     bias,
     where,
-    tp: Tempered,
+    tp: Transform,
     *,
     weight_layout,
     return_entropy,
@@ -402,28 +356,27 @@ def _linear_log_probs(
     _spmd.check_split_axes("linear_weight", weight, labels, "labels", axis_name, None)
     n = head.hidden.shape[0]
     num_classes = v_local * _spmd.axis_size(axis_name)
-    valid = jnp.ones(n, bool)
-    if where is not None:
-        valid = _validate.check_mask(where, batch_shape, "where", "hidden.shape[:-1]").reshape(n)
+    valid = _front.counted(where, batch_shape, "hidden.shape[:-1]")
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, None, check_labels)
     ct = _stream.acc_dtype(*head)
     tp = _options.in_dtype(tp, ct)
-    k = LogProbRows(
+    loss = LogProbRows(
         num_classes=num_classes, entropy=return_entropy, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name)
     )
-    if isinstance(n, int) and n == 0:
-        return _outputs((jnp.zeros((0,), ct),) * (2 if return_entropy else 1), batch_shape, return_entropy)
-    outputs = _stream.stream(
-        k,
+    outputs = _front.fused(
+        loss,
         (head,),
         valid,
         y,
         None,
         tp,
         (weight_layout,),
+        n_outputs=2 if return_entropy else 1,
+        scalar=False,
         token_block=token_block,
         vocab_block=vocab_block,
         memory_budget=memory_budget,
         forward_mode=derivative == "jvp",
     )
+    assert not isinstance(outputs, _front.Total)
     return _outputs(outputs, batch_shape, return_entropy)

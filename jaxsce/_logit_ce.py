@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _spmd, _targets
+from . import _spmd, _targets, _transform
 from ._targets import Options
 from ._validate import compute_dtype
 
@@ -67,7 +67,7 @@ def _forward(z, target, valid, class_weight, opts: Options, keep_exp: bool = Fal
     sum was taken of, which the backward turns into ``p`` with one multiply.
     """
     ct = compute_dtype(z.dtype)
-    s = _targets.softcap(z.astype(ct), opts)
+    s = _transform.apply(z.astype(ct), opts.transform)
     col0 = shard_col0(z.shape[-1], opts)
     cw = None if class_weight is None else class_weight.astype(ct)
     kept = partials = None
@@ -264,7 +264,7 @@ def keeps_exp(z, opts: Options) -> bool:
     return (
         CPU_KEEPS_EXP
         and not opts.soft
-        and opts.logit_softcap is None
+        and _transform.is_identity(opts.transform)
         and opts.label_smoothing is None
         and compute_dtype(z.dtype) == z.dtype
         and z.shape[-1] <= KEEP_EXP_MAX_CLASSES
@@ -308,10 +308,10 @@ def _ce_bwd(residuals, cotangents):
     hi, lo = _targets.split_lse(m, lse_shift)
 
     def from_logits(z):
-        s = _targets.softcap(z.astype(ct), opts)
+        s = _transform.apply(z.astype(ct), opts.transform)
         p = jnp.exp((s - hi[:, None]) - lo[:, None])
         ds = _logit_grad(p, g_ce, g_lse, target, valid, class_weight, mass, opts)
-        return _targets.softcap_scale(s, ds, opts)
+        return _transform.chain(s, ds, opts.transform)
 
     def from_exp(e):
         # p = exp(s - m) * exp(-lse_shift): a multiply, no exp.
@@ -324,7 +324,7 @@ def _ce_bwd(residuals, cotangents):
     dz = jnp.where(valid[:, None], ds, 0).astype(kept.dtype)
     d_target = None
     if opts.soft:
-        s = _targets.softcap(kept.astype(ct), opts)
+        s = _transform.apply(kept.astype(ct), opts.transform)
         cw = None if class_weight is None else class_weight.astype(ct)
         d_target = _targets.soft_target_cotangent(g_ce, lo, s - hi[:, None], target.astype(ct), cw, opts)
         d_target = jnp.where(valid[:, None], d_target, 0).astype(target.dtype)
@@ -355,8 +355,8 @@ def _ce_jvp_rule(primals, tangents):
     dzf = jnp.where(valid[:, None], dz.astype(ct), 0)
     hi, lo = _targets.split_lse(m, lse_shift)
     p = jnp.exp((s - hi[:, None]) - lo[:, None])
-    g = _targets.softcap_scale(s, _logit_grad(p, ones, zeros, target, valid, class_weight, mass, opts), opts)
-    p = _targets.softcap_scale(s, p, opts)
+    g = _transform.chain(s, _logit_grad(p, ones, zeros, target, valid, class_weight, mass, opts), opts.transform)
+    p = _transform.chain(s, p, opts.transform)
     d_ce = jnp.sum(g * dzf, axis=-1)
     d_lse = jnp.sum(jnp.where(p == 0, 0, p * dzf), axis=-1)
     if opts.soft and not _is_symbolic_zero(d_target):

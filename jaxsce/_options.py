@@ -26,6 +26,7 @@ import numpy as np
 
 from . import _labels, _validate
 from ._targets import Options
+from ._transform import Transform
 
 REDUCTIONS = ("mean", "sum", "none")
 DERIVATIVES = ("vjp", "jvp")
@@ -116,6 +117,7 @@ class Floats(NamedTuple):
     label_smoothing: Any = None
     z_loss: Any = None
     logit_softcap: Any = None
+    temperature: Any = None
 
 
 # name -> (low, high, low_open): the documented ranges.
@@ -164,11 +166,14 @@ def float_option(value: Any, name: str, *, off_when_zero: bool) -> jax.Array | N
     return jnp.asarray(out)  # weakly typed, like the Python number
 
 
-def floats(*, label_smoothing: Any = 0.0, z_loss: Any = 0.0, logit_softcap: Any = None) -> Floats:
+def floats(
+    *, label_smoothing: Any = 0.0, z_loss: Any = 0.0, logit_softcap: Any = None, temperature: Any = 1.0
+) -> Floats:
     return Floats(
         label_smoothing=float_option(label_smoothing, "label_smoothing", off_when_zero=True),
         z_loss=float_option(z_loss, "z_loss", off_when_zero=True),
         logit_softcap=float_option(logit_softcap, "logit_softcap", off_when_zero=False),
+        temperature=temperature_option(temperature),
     )
 
 
@@ -194,18 +199,17 @@ def in_dtype(fl, dtype):
 
 
 def make_options(
-    fl: Floats, *, num_classes: int, class_weight, soft: bool, axis_name, return_aux: bool, is_unchecked: bool
+    fl: Floats, *, num_classes: int, soft: bool, axis_name, return_aux: bool, is_unchecked: bool
 ) -> Options:
     """The kernels' options from the checked public ones (floats in the compute dtype)."""
     return Options(
         num_classes=num_classes,
-        weighted=class_weight is not None,
         soft=soft,
         vocab_axis=axis_name,
         argmax=bool(return_aux),
         vocab_unchecked=is_unchecked,
         label_smoothing=fl.label_smoothing,
-        logit_softcap=fl.logit_softcap,
+        transform=Transform(fl.logit_softcap, fl.temperature),
     )
 
 
@@ -240,7 +244,7 @@ def sample_weights(sample_weight, batch_shape, what: str, dtype):
     return jax.lax.stop_gradient(sw.reshape(-1).astype(dtype))
 
 
-def temperature(value: Any) -> jax.Array | None:
+def temperature_option(value: Any) -> jax.Array | None:
     """``temperature > 0`` as a 0-d array; None for a concrete 1 (no division)."""
     out = float_option(value, "temperature", off_when_zero=False)
     if out is None:
@@ -248,3 +252,11 @@ def temperature(value: Any) -> jax.Array | None:
     if not _validate.is_tracer(value) and float(value) == 1.0:
         return None
     return out
+
+
+def transform(logit_softcap: Any, temperature: Any) -> Transform:
+    """The public ``logit_softcap`` and ``temperature`` as a :class:`~jaxsce._transform.Transform`."""
+    return Transform(
+        logit_softcap=float_option(logit_softcap, "logit_softcap", off_when_zero=False),
+        temperature=temperature_option(temperature),
+    )

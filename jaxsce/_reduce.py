@@ -17,7 +17,7 @@ class LossAux(NamedTuple):
     """Auxiliary outputs of a loss, computed in the same pass as the loss.
 
     Attributes:
-      lse: per-example log-sum-exp of the (soft-capped) logits, batch shape,
+      lse: per-example log-sum-exp of the transformed logits (``softcap(z) / T``), batch shape,
         float32 (float64 under x64); 0 for examples that are not counted.
       z_loss: per-example z-loss term ``z_loss * lse**2`` (0 where not counted).
       accuracy: scalar top-1 accuracy over the counted examples (0 if none).

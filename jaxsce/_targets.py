@@ -9,7 +9,7 @@ smoothed) target vector ``q`` over the classes:
     \\qquad Q = \\sum_c q_c,
     \\qquad \\frac{\\partial \\ell}{\\partial s_c} = Q\\,p_c - q_c,
 
-where ``s`` are the (soft-capped) logits and ``p = softmax(s)``. PyTorch's
+where ``s = softcap(z) / T`` are the transformed logits (``_transform``) and ``p = softmax(s)``. PyTorch's
 options only change ``q``:
 
 * class id ``y``: ``q = (1 - eps) w_y e_y + (eps / C) w``;
@@ -34,11 +34,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ._transform import Transform
+
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=["label_smoothing", "logit_softcap"],
-    meta_fields=["num_classes", "weighted", "soft", "vocab_axis", "argmax", "vocab_unchecked"],
+    data_fields=["label_smoothing", "transform"],
+    meta_fields=["num_classes", "soft", "vocab_axis", "argmax", "vocab_unchecked"],
 )
 @dataclasses.dataclass(frozen=True)
 class Options:
@@ -50,13 +52,12 @@ class Options:
     """
 
     num_classes: int  # C over all shards
-    weighted: bool = False
     soft: bool = False  # probability targets instead of class ids
     vocab_axis: str | tuple[str, ...] | None = None  # mesh axis splitting the classes
     argmax: bool = False  # also find each row's argmax (for the aux accuracy)
     vocab_unchecked: bool = False  # inside shard_map(check_vma=False) over vocab_axis
     label_smoothing: jax.Array | None = None  # eps, in the compute dtype
-    logit_softcap: jax.Array | None = None  # cap, in the compute dtype
+    transform: Transform = Transform()  # soft cap and temperature, in the compute dtype
 
     @property
     def eps(self):
@@ -81,21 +82,6 @@ def max_and_argmax(s: jax.Array, col0):
     init = (jnp.array(-jnp.inf, s.dtype), jnp.array(jnp.iinfo(jnp.int32).max, jnp.int32))
     m, i = lax.reduce((s, idx), init, lambda a, b: pick(a, b), (s.ndim - 1,))
     return m, i + col0
-
-
-def softcap(z: jax.Array, opts: Options) -> jax.Array:
-    """``cap * tanh(z / cap)`` (Gemma 2), or ``z`` unchanged."""
-    if opts.logit_softcap is None:
-        return z
-    return opts.logit_softcap * jnp.tanh(z / opts.logit_softcap)
-
-
-def softcap_scale(s: jax.Array, grad: jax.Array, opts: Options) -> jax.Array:
-    """Chain rule through the soft cap, written in terms of its output ``s``:
-    ``d s / d z = 1 - tanh(z / cap)^2 = 1 - (s / cap)^2``."""
-    if opts.logit_softcap is None:
-        return grad
-    return grad * (1 - jnp.square(s / opts.logit_softcap))
 
 
 def split_lse(shift, log_sum):

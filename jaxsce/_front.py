@@ -1,0 +1,98 @@
+"""The front door every loss goes through: the jitted implementation, masks, and the path.
+
+A public loss is its signature and docstring, the checks of its own options,
+and a jitted implementation (:func:`implementation`) that builds its
+:class:`~jaxsce._rowloss.RowLoss` and hands it to :func:`fused` (from hidden
+states and heads) or to the logit-level drivers. What every loss shares is
+here, once:
+
+* :func:`implementation`: ``jax.jit`` with the keyword-only parameters as
+  static arguments, declared once by the signature;
+* :func:`counted`: the ``where`` mask, checked and flattened;
+* :func:`fused`: zero tokens, and the choice between the single-pass path
+  (a scalar loss whose float32 ``d_W`` fits the budget: the gradient is
+  formed with the loss, 3 matmul passes) and the streaming path (4).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import NamedTuple, cast
+
+import jax
+import jax.numpy as jnp
+
+from . import _stream, _validate
+
+
+def implementation(fn):
+    """``jax.jit(fn)`` with every keyword-only parameter of ``fn`` static (one declaration: the signature)."""
+    static = tuple(
+        name for name, p in inspect.signature(fn).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    )
+    return functools.wraps(fn)(jax.jit(fn, static_argnames=static))
+
+
+def counted(where, batch_shape: tuple[int, ...], what: str) -> jax.Array:
+    """The ``[n]`` boolean mask of counted examples: ``where`` checked against the batch shape, or all."""
+    n = 1
+    for d in batch_shape:
+        n = n * d
+    if where is None:
+        return jnp.ones(n, bool)
+    return _validate.check_mask(where, batch_shape, "where", what).reshape(n)
+
+
+class Total(NamedTuple):
+    """A scalar loss from the single-pass path: the sum of values and of the mean's normalizers."""
+
+    total: jax.Array
+    normalizer: jax.Array
+
+
+def fused(
+    loss: _stream.RowLoss,
+    heads: tuple[_stream.Head, ...],
+    valid,
+    rows,
+    cols,
+    consts,
+    layouts: tuple[str, ...],
+    *,
+    n_outputs: int,
+    scalar: bool,
+    token_block: int | None,
+    vocab_block: int | None,
+    memory_budget: int,
+    forward_mode: bool = False,
+) -> tuple[jax.Array, ...] | Total:
+    """Per-row outputs of ``loss`` over the heads' logits, or a :class:`Total`.
+
+    ``scalar``: the caller reduces to ``"mean"``/``"sum"`` and needs no
+    per-row output, so the single-pass path may be taken (not with vocabulary
+    sharding, an explicit ``vocab_block``, or forward mode). Zero tokens give
+    empty outputs without streaming.
+    """
+    n = heads[0].hidden.shape[0]
+    if isinstance(n, int) and n == 0:
+        ct = _stream.acc_dtype(*(x for hd in heads for x in hd))
+        return tuple(jnp.zeros((0,), ct) for _ in range(n_outputs))
+    if scalar and loss.vocab_axis is None and vocab_block is None and not forward_mode:
+        sums = _stream.single_pass(loss, heads, valid, rows, cols, consts, layouts, token_block, memory_budget)
+        if sums is not None:
+            total, normalizer = cast(tuple[jax.Array, jax.Array], sums)
+            return Total(total, normalizer)
+    return _stream.stream(
+        loss,
+        heads,
+        valid,
+        rows,
+        cols,
+        consts,
+        layouts,
+        token_block=token_block,
+        vocab_block=vocab_block,
+        memory_budget=memory_budget,
+        forward_mode=forward_mode,
+    )
