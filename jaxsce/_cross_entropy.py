@@ -263,7 +263,7 @@ def _cross_entropy(
     )
     kernel = _logit_ce.ce_vjp if derivative == "vjp" else _logit_ce.ce_jvp
     outputs = kernel(z, target, valid, class_weight, opts)
-    return _reduce.finish(
+    return _reduce.finish_cross_entropy(
         outputs,
         valid,
         fl.z_loss,

@@ -383,17 +383,15 @@ def linear_distillation_loss(
       0.0000
     """
     static = dict(
-        weight_layout=_options.choice(weight_layout, "weight_layout", ("dv", "vd")),
+        **_options.fused(
+            weight_layout=weight_layout, token_block=token_block, vocab_block=vocab_block, memory_budget=memory_budget
+        ),
         reduction=_options.choice(reduction, "reduction", _options.REDUCTIONS),
-        token_block=_options.size(token_block, "token_block"),
-        vocab_block=_options.size(vocab_block, "vocab_block"),
-        memory_budget=_options.size(memory_budget, "memory_budget", allow_none=False),
         axis_name=_options.hashable_axes(axis_name, "axis_name"),
         batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
         derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
     )
-    if static["derivative"] == "jvp" and getattr(student_hidden, "size", 1) != 0:
-        _stream.check_linearizable(student_hidden, student_weight, student_bias, name="linear_distillation_loss")
+    _front.check_forward_mode(derivative, "linear_distillation_loss", student_hidden, student_weight, student_bias)
     divergence, consts = _options_of(divergence, beta, temperature)
     args = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, where, consts)
     return _linear_distillation_loss(*args, divergence=divergence, **static)
@@ -457,5 +455,5 @@ def _linear_distillation_loss(
         forward_mode=derivative == "jvp",
     )
     if isinstance(out, _front.Total):
-        return _reduce.reduce_loss(out.total[None], out.normalizer[None], reduction, batch_axis_name, valid)
+        return _front.reduce_total(out, reduction, batch_axis_name, valid)
     return _reduced(out, valid, reduction, batch_axis_name, batch_shape)

@@ -23,7 +23,7 @@ from typing import NamedTuple, cast
 import jax
 import jax.numpy as jnp
 
-from . import _stream, _validate
+from . import _reduce, _stream, _validate
 
 
 def implementation(fn):
@@ -42,6 +42,13 @@ def counted(where, batch_shape: tuple[int, ...], what: str) -> jax.Array:
     if where is None:
         return jnp.ones(n, bool)
     return _validate.check_mask(where, batch_shape, "where", what).reshape(n)
+
+
+def check_forward_mode(derivative: str, name: str, hidden, *head) -> None:
+    """Reverse mode through a fused loss's ``derivative="jvp"`` rule needs jax >= 0.10: say so up front
+    (zero tokens have no loops to transpose)."""
+    if derivative == "jvp" and getattr(hidden, "size", 1) != 0:
+        _stream.check_linearizable(hidden, *head, name=name)
 
 
 class Total(NamedTuple):
@@ -96,3 +103,8 @@ def fused(
         memory_budget=memory_budget,
         forward_mode=forward_mode,
     )
+
+
+def reduce_total(out: Total, reduction: str, batch_axis_name, valid) -> jax.Array:
+    """A :class:`Total` as ``"mean"`` or ``"sum"``, over ``batch_axis_name`` too."""
+    return _reduce.reduce_loss(out.total[None], out.normalizer[None], reduction, batch_axis_name, valid)

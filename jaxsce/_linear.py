@@ -336,10 +336,9 @@ def linear_cross_entropy(
     """
     _labels.check_host_labels(labels)
     static = dict(
-        weight_layout=_options.choice(weight_layout, "weight_layout", ("dv", "vd")),
-        token_block=_options.size(token_block, "token_block"),
-        vocab_block=_options.size(vocab_block, "vocab_block"),
-        memory_budget=_options.size(memory_budget, "memory_budget", allow_none=False),
+        **_options.fused(
+            weight_layout=weight_layout, token_block=token_block, vocab_block=vocab_block, memory_budget=memory_budget
+        ),
         **_options.shared(
             reduction=reduction,
             ignore_index=ignore_index,
@@ -350,8 +349,7 @@ def linear_cross_entropy(
             check_labels=check_labels,
         ),
     )
-    if static["derivative"] == "jvp" and getattr(hidden, "size", 1) != 0:  # no tokens: no loops to transpose
-        _stream.check_linearizable(hidden, linear_weight, linear_bias)
+    _front.check_forward_mode(derivative, "linear_cross_entropy", hidden, linear_weight, linear_bias)
     fl = _options.floats(
         label_smoothing=label_smoothing, z_loss=z_loss, logit_softcap=logit_softcap, temperature=temperature
     )
@@ -408,7 +406,7 @@ def _linear_cross_entropy(
         is_unchecked=_spmd.unchecked(axis_name),
     )
     done = functools.partial(
-        _reduce.finish,
+        _reduce.finish_cross_entropy,
         z_loss=fl.z_loss,
         reduction=reduction,
         sample_weight=sw,
@@ -434,5 +432,5 @@ def _linear_cross_entropy(
         forward_mode=derivative == "jvp",
     )
     if isinstance(out, _front.Total):
-        return _reduce.reduce_loss(out.total[None], out.normalizer[None], reduction, batch_axis_name, valid)
+        return _front.reduce_total(out, reduction, batch_axis_name, valid)
     return done(out, valid)

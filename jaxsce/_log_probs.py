@@ -316,17 +316,15 @@ def linear_log_probs(
     """
     _labels.check_host_labels(labels)
     static = dict(
-        weight_layout=_options.choice(weight_layout, "weight_layout", ("dv", "vd")),
+        **_options.fused(
+            weight_layout=weight_layout, token_block=token_block, vocab_block=vocab_block, memory_budget=memory_budget
+        ),
         return_entropy=_options.flag(return_entropy, "return_entropy"),
-        token_block=_options.size(token_block, "token_block"),
-        vocab_block=_options.size(vocab_block, "vocab_block"),
-        memory_budget=_options.size(memory_budget, "memory_budget", allow_none=False),
         axis_name=_options.hashable_axes(axis_name, "axis_name"),
         check_labels=_options.flag(check_labels, "check_labels"),
         derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
     )
-    if static["derivative"] == "jvp" and getattr(hidden, "size", 1) != 0:
-        _stream.check_linearizable(hidden, linear_weight, linear_bias, name="linear_log_probs")
+    _front.check_forward_mode(derivative, "linear_log_probs", hidden, linear_weight, linear_bias)
     tp = _options.transform(logit_softcap, temperature)
     args = (hidden, linear_weight, labels, linear_bias, where, tp)
     return _options.run(_linear_log_probs, args, static)

@@ -111,6 +111,16 @@ def shared(*, reduction, ignore_index, return_aux, derivative, axis_name, batch_
     )
 
 
+def fused(*, weight_layout, token_block, vocab_block, memory_budget) -> dict:
+    """The static options every fused loss takes (the head's layout and the blocks), checked; by name."""
+    return dict(
+        weight_layout=choice(weight_layout, "weight_layout", ("dv", "vd")),
+        token_block=size(token_block, "token_block"),
+        vocab_block=size(vocab_block, "vocab_block"),
+        memory_budget=size(memory_budget, "memory_budget", allow_none=False),
+    )
+
+
 class Floats(NamedTuple):
     """The traced float options: 0-d arrays, or None where off."""
 

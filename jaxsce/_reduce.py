@@ -73,7 +73,7 @@ def make_aux(lse, z_term, correct, valid, batch_axes) -> LossAux:
     return LossAux(lse=lse, z_loss=z_term, accuracy=accuracy, count=count)
 
 
-def finish(
+def finish_cross_entropy(
     outputs, valid, z_loss, reduction: str, *, sample_weight=None, return_aux: bool, batch_axis_name, batch_shape
 ):
     """Adds the z-loss to a kernel's per-example outputs, weights, reduces, builds the aux.

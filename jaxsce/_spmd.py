@@ -97,7 +97,7 @@ def vary_like(tree, *like):
     return jax.tree.map(vary, tree)
 
 
-def sum_to_type(ct, primal):
+def sum_to_type(cotangent, primal):
     """Sum a cotangent over the mesh axes it varies over but its primal does not.
 
     A weight replicated over a data-parallel axis receives one partial
@@ -105,10 +105,10 @@ def sum_to_type(ct, primal):
     data-parallel step does). Identity outside shard_map and under
     ``check_vma=False``, where JAX sums input cotangents itself.
     """
-    if ct is None:
-        return ct
-    extra = tuple(sorted(varying_axes(ct) - varying_axes(primal)))
-    return lax.psum(ct, extra) if extra else ct
+    if cotangent is None:
+        return cotangent
+    extra = tuple(sorted(varying_axes(cotangent) - varying_axes(primal)))
+    return lax.psum(cotangent, extra) if extra else cotangent
 
 
 def shard_col0(width: int, axis_name: AxisName):

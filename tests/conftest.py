@@ -12,7 +12,6 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
@@ -20,57 +19,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
 # --- the fast set ------------------------------------------------------------------
-# `make test` runs the tests not marked slow; CI also runs the slow set, so the
-# two together run every case. Most slow marks sit on the parameters; the
-# rules below thin out matrices whose parameters are crossed, keeping each
-# value of every parameter in the fast set but not every combination.
-
-_PAIRS = {("mean", "vjp"), ("none", "jvp")}
-
-
-def _slow_case(name: str, params: dict) -> bool:
-    if name in ("test_cross_entropy_equals_unsharded", "test_linear_cross_entropy_equals_unsharded"):
-        # Two corners of (check_vma, reduction, derivative): checked-mean-vjp
-        # and unchecked-none-jvp; every other combination in the slow set.
-        corner = (params["check_vma"], params["reduction"], params["derivative"])
-        return corner not in ((True, "mean", "vjp"), (False, "none", "jvp"))
-    if name == "test_unchecked_shard_map_gradients_are_not_divided_by_the_shard_count":
-        return (params["reduction"], params["derivative"]) not in _PAIRS
-    if name == "test_matches_plain_path":
-        return params["reduction"] == "sum"
-    if name == "test_code_blocks_run_as_written":
-        # The README in the fast set, the guides in the slow one.
-        return params["page"].name != "README.md"
-    if name == "test_forward_mode_matches_plain_path":
-        return params["reduction"] != "none"
-    if name == "test_export_with_a_symbolic_token_count":
-        return bool(params["kw"])
-    if name == "test_weighted_loss_and_gradient":
-        # Every option set with "mean"; "sum" and "none" with class weights.
-        return params["reduction"] != "mean" and params["name"] != "weight"
-    if name == "test_gradient_equals_autodiff_of_the_naive_formula":
-        # log_probs: the untempered case; distillation: one setting in the fast set.
-        return params.get("transform") == (1.0, None) or params.get("setting", (0.7, 0.2)) != (0.7, 0.2)
-    if name == "test_value_and_gradient_match_float64_references":
-        # cross_entropy's residual branches: two option sets with "mean"
-        # in the fast set; every option and reduction in the slow one.
-        return params["reduction"] != "mean" or params["name"] not in ("plain", "aux")
-    if name == "test_extreme_rows_agree_between_branches_and_with_float64":
-        return params["case"] not in ("far_label", "pos_inf", "masked_nan")
-    if name == "test_the_one_logits_sized_residual":
-        return params["classes"] != 37
-    if name == "test_training_step_writes_the_gradient_in_place":
-        return params["v"] == 8192
-    if name == "test_values_match_float64_numpy":
-        return params["setting"] != (0.7, 0.2) and params["dtype"] != jnp.float64
-    return False
-
-
-_SLOW_TESTS = {
-    # The fused path's Hessian-vector product and jacfwd (17 s); the logit
-    # level's Hessians stay in the fast set.
-    "test_forward_mode_hessian_vector_product_and_jacfwd_in_float64",
-}
+# `make test` runs the tests not marked slow. Tests mark their slow cases where
+# they are defined: `pytest.mark.slow`, `pytest.param(..., marks=...)`, or
+# `marks.fast_cases` for crossed parameters, read here.
 
 
 import pytest  # noqa: E402
@@ -79,9 +30,9 @@ import pytest  # noqa: E402
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
     for item in items:
-        name = getattr(item, "originalname", item.name)
+        fast = getattr(getattr(item, "function", None), "fast_cases", None)
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if name in _SLOW_TESTS or (params and _slow_case(name, params)):
+        if fast is not None and params and not fast(params):
             item.add_marker(pytest.mark.slow)
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# One table of tolerances (STYLE.md): (value, gradient) relative tolerances.
+# One table of tolerances: (value, gradient) relative tolerances.
 TOL = {
     np.dtype(np.float64): (1e-12, 1e-10),
     np.dtype(np.float32): (1e-6, 2e-3),

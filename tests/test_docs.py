@@ -13,6 +13,7 @@ import sys
 
 import compat
 import pytest
+from marks import fast_cases
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -27,6 +28,7 @@ def test_pages_have_code():
     assert python_blocks(ROOT / "README.md"), "the README has no python blocks to check"
 
 
+@fast_cases(lambda p: p["page"].name == "README.md")  # the guides run in the slow set
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: p.name)
 def test_code_blocks_run_as_written(page, tmp_path):
     if compat.JAX < (0, 7):

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from marks import fast_cases
 from reference import naive_cross_entropy
 
 import jaxsce
@@ -58,6 +59,7 @@ def _temp_bytes(loss, t, d, v, dtype=jnp.float32, layout="dv", mode="grad"):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o))
 # (None, None) and (5, None) take the single-pass path for "mean"/"sum".
+@fast_cases(lambda p: p["reduction"] != "sum")
 @pytest.mark.parametrize(
     "blocks",
     [(8, 64), *(pytest.param(b, marks=pytest.mark.slow) for b in [(37, 300), (5, 299), (5, None), (None, None)])],
@@ -151,7 +153,7 @@ def test_compiled_temporaries_stay_within_the_memory_budget(shape, budget, reduc
 def test_bf16_weight_is_never_copied_to_float32(layout, reduction):
     # XLA:CPU rewrites a bf16 slice as convert-to-float32 + slice and hoists the
     # convert out of the loop: a float32 copy of the whole weight (here 128 MiB)
-    # unless each block is read behind a conditional (_linear._slice).
+    # unless each block is read behind a conditional (_blocks.slice_block).
     t, d, v = 1024, 512, 65536
     loss = lambda h, w, y: jnp.sum(
         jaxsce.linear_cross_entropy(h, w, y, weight_layout=layout, reduction=reduction, memory_budget=32 * 2**20)
@@ -179,6 +181,7 @@ def _tangents(*xs, seed=5):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 # The richest option set in the fast set, the others in the slow set.
+@fast_cases(lambda p: p["reduction"] == "none")
 @pytest.mark.parametrize(
     "opts", [*(pytest.param(o, marks=pytest.mark.slow) for o in OPTIONS[:-1]), OPTIONS[-1]], ids=lambda o: "+".join(o)
 )
@@ -241,6 +244,7 @@ def test_forward_mode_with_some_inputs_fixed_in_float64(perturbed, layout):
     np.testing.assert_allclose(tan, tan_ref, rtol=1e-10, atol=1e-13)
 
 
+@pytest.mark.slow  # the fused path's HVP and jacfwd (17 s); the logit level's stay fast
 def test_forward_mode_hessian_vector_product_and_jacfwd_in_float64():
     if not compat.reverse_through_jvp:
         pytest.skip("reverse mode through derivative='jvp' needs jax >= 0.10")

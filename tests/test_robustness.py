@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from marks import CountingJit, fast_cases
 from reference import np_cross_entropy
 
 import jaxsce
@@ -195,6 +196,7 @@ def test_zero_classes_is_a_value_error_naming_the_class_axis(call):
 # --- jax.export ---------------------------------------------------------------------
 
 
+@fast_cases(lambda p: not p["kw"])
 @pytest.mark.parametrize("kw", [dict(), dict(reduction="none", token_block=8), dict(derivative="jvp")])
 def test_export_with_a_symbolic_token_count(kw):
     """Block sizes were chosen by Python comparisons on the token count."""
@@ -243,11 +245,9 @@ def test_float_options_accept_traced_values_and_compile_once():
     recompiled per value, and a traced value was an error."""
     logits, labels = _logits(8, 11, 5), jnp.asarray(np.arange(8) % 11, jnp.int32)
     h, w = _logits(8, 4, 6), _logits(4, 11, 7)
-    traces = []
 
-    @jax.jit
+    @CountingJit
     def step(eps, zl, cap):
-        traces.append(None)
         return _ce_linear_and_streaming(logits, h, w, labels, label_smoothing=eps, z_loss=zl, logit_softcap=cap)
 
     for eps, zl, cap in [(0.1, 1e-3, 5.0), (0.0, 0.0, 30.0), (0.3, 1e-2, 2.0)]:
@@ -256,7 +256,7 @@ def test_float_options_accept_traced_values_and_compile_once():
         np.testing.assert_allclose(
             expected[0][0], np_cross_entropy(logits, labels, label_smoothing=eps, z_loss=zl, logit_softcap=cap)
         )
-    assert len(traces) == 1
+    assert step.traces == 1
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from marks import fast_cases
 from reference import naive_cross_entropy, np_cross_entropy
 
 import jaxsce
@@ -73,6 +74,7 @@ def _ours(path, d, kw, reduction):
     return loss
 
 
+@fast_cases(lambda p: p["reduction"] == "mean" or p["name"] == "weight")
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", list(OPTIONS))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

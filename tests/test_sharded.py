@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from marks import fast_cases
 
 import jaxsce
 
@@ -76,6 +77,9 @@ CASES = [
 ] + [pytest.param("all", "jvp", id="all-jvp")]
 
 
+@fast_cases(  # two corners of (check_vma, reduction, derivative)
+    lambda p: (p["check_vma"], p["reduction"], p["derivative"]) in ((True, "mean", "vjp"), (False, "none", "jvp"))
+)
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("name,derivative", CASES)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -118,6 +122,9 @@ def test_probability_targets_equal_unsharded(mesh_shape, check_vma):
     )
 
 
+@fast_cases(  # two corners of (check_vma, reduction, derivative)
+    lambda p: (p["check_vma"], p["reduction"], p["derivative"]) in ((True, "mean", "vjp"), (False, "none", "jvp"))
+)
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize(
     "name,derivative", [pytest.param("plain", "vjp", marks=pytest.mark.slow), ("all", "vjp"), ("all", "jvp")]
@@ -200,6 +207,7 @@ def test_hand_written_shard_map_with_axis_names(check_vma):
     _close(jax.jit(jax.grad(f))(*args), jax.grad(f0)(*args))
 
 
+@fast_cases(lambda p: (p["reduction"], p["derivative"]) in {("mean", "vjp"), ("none", "jvp")})
 @pytest.mark.parametrize("derivative", ["vjp", "jvp"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_unchecked_shard_map_gradients_are_not_divided_by_the_shard_count(reduction, derivative):
