@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _validate
+from . import _spmd, _validate
 
 
 class Blocks(NamedTuple):
@@ -154,9 +154,10 @@ def slice_block(x, start, size: int, axis: int):
     if not is_narrow_float(x.dtype):
         return plain(x, start)
     shape = x.shape[:axis] + (size,) + x.shape[axis + 1 :]
-    behind_cond = lambda x, start: lax.cond(  # noqa: E731
-        start >= 0, plain, lambda x, start: jnp.zeros(shape, x.dtype), x, start
-    )
+    # The never-taken branch carries the slice's sharding type (inside
+    # shard_map(check_vma=True) both branches must vary over the same axes).
+    empty = lambda x, start: _spmd.vary_like(jnp.zeros(shape, x.dtype), x, start)  # noqa: E731
+    behind_cond = lambda x, start: lax.cond(start >= 0, plain, empty, x, start)  # noqa: E731
     return lax.platform_dependent(x, start, cpu=behind_cond, default=plain)
 
 
