@@ -297,8 +297,7 @@ def _distillation_loss(
     consts = _consts_in(consts, ct, divergence)
     loss = DistillRows(divergence=divergence, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name))
     z = (s_rows, lax.stop_gradient(flat(teacher)))
-    driver = _stream.whole_vjp if derivative == "vjp" else _stream.whole_jvp
-    outputs = driver(z, valid, None, None, consts, loss)
+    outputs = _front.whole(loss, z, valid, None, None, consts, derivative)
     return _reduced(outputs, valid, reduction, batch_axis_name, batch_shape)
 
 

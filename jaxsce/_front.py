@@ -44,6 +44,13 @@ def counted(where, batch_shape: tuple[int, ...], what: str) -> jax.Array:
     return _validate.check_mask(where, batch_shape, "where", what).reshape(n)
 
 
+def whole(loss: _stream.RowLoss, z_heads, valid, rows, cols, consts, derivative: str) -> tuple[jax.Array, ...]:
+    """Per-row outputs of ``loss`` over given logits (the logit-level path), with the derivative rule asked for:
+    ``"vjp"`` (reverse mode) or ``"jvp"`` (forward mode)."""
+    driver = _stream.whole_vjp if derivative == "vjp" else _stream.whole_jvp
+    return driver(z_heads, valid, rows, cols, consts, loss)
+
+
 def check_forward_mode(derivative: str, name: str, hidden, *head) -> None:
     """Reverse mode through a fused loss's ``derivative="jvp"`` rule needs jax >= 0.10: say so up front
     (zero tokens have no loops to transpose)."""

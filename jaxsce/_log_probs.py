@@ -238,8 +238,7 @@ def _log_probs(logits, labels, where, tp: Transform, *, axis, return_entropy, ax
     loss = LogProbRows(
         num_classes=num_classes, entropy=return_entropy, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name)
     )
-    driver = _stream.whole_vjp if derivative == "vjp" else _stream.whole_jvp
-    outputs = driver((z,), valid, y, None, tp, loss)
+    outputs = _front.whole(loss, (z,), valid, y, None, tp, derivative)
     return _outputs(outputs, batch_shape, return_entropy)
 
 

@@ -5,7 +5,7 @@ class ids ``[N]`` or probability targets ``[N, V]`` to four per-example
 outputs:
 
 * ``ce``: the (weighted, smoothed) cross-entropy, 0 where not counted;
-* ``lse``: the log-sum-exp of the soft-capped logits, 0 where not counted;
+* ``lse``: the log-sum-exp of the transformed logits ``softcap(z) / T``, 0 where not counted;
 * ``correct``: 1.0 where the label is the row's argmax (top-1 hit), else 0;
 * ``w_y``: what the example adds to the ``"mean"`` normalizer (its class
   weight, or 1; 0 where not counted).
@@ -13,7 +13,7 @@ outputs:
 Reductions, z-loss and auxiliary outputs are computed from these ``[N]``
 arrays by ordinary JAX code; only this kernel touches ``[N, V]`` data, and its
 derivative is analytic (``_targets``): ``dz = (Q p - q) g_ce + p g_lse``,
-times the soft cap's chain rule. Two rules are attached to the same forward:
+times the transform's chain rule (``_transform.chain``). Two rules are attached to the same forward:
 
 * ``custom_vjp`` (``derivative="vjp"``): saves one logits-sized array, the
   ``lse`` per row and, when weights make ``Q`` vary, ``Q`` per row. It is the
@@ -61,8 +61,8 @@ def _forward(z, target, valid, class_weight, opts: Options, keep_exp: bool = Fal
     """Returns ``(outputs, internals)``; internals feed the derivative rules.
 
     ``internals`` is ``(s, (m, lse_shift), mass, kept)``: the rows' shift
-    ``m`` and ``log sum_c exp(s_c - m)``, from which the rules form
-    ``p = exp((s - m) - lse_shift)`` without the rounding of ``m + lse_shift``. With ``keep_exp`` the rows are
+    ``m`` and ``log sum_c exp(s_c - m)``, from which the rules form ``p``
+    without the rounding of ``m + lse_shift`` (``_targets.split_lse``). With ``keep_exp`` the rows are
     shifted by their max and ``kept = (exp(s - m), m)``: the exponentials the
     sum was taken of, which the backward turns into ``p`` with one multiply.
     """
@@ -279,7 +279,7 @@ def ce_vjp(z, target, valid, class_weight, opts: Options):
 def _ce_fwd(z, target, valid, class_weight, opts):
     def keep_logits(z):
         outputs, (_, (m, lse_shift), mass, _) = _forward(z, target, valid, class_weight, opts)
-        # Neither softmax(z) nor the soft-capped logits are kept: the backward
+        # Neither softmax(z) nor the transformed logits are kept: the backward
         # recomputes them in one fused elementwise pass.
         return outputs, z, m, lse_shift, mass
 

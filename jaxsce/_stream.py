@@ -115,8 +115,7 @@ def _combine(loss: RowLoss, m, se, am, acc, consts):
         # A separate psum: when JAX linearizes a forward-mode rule (reverse
         # mode through derivative="jvp") the primal sums must not wait on
         # tangent values.
-        leaves, tree = jax.tree.flatten(tangents)
-        tangents = jax.tree.unflatten(tree, _spmd.psum_tuple(*leaves, axis_name=axis))
+        tangents = _sum_shards(loss, tangents, consts)
     return m_g, tuple(se), am, Acc(sums, tangents)
 
 
@@ -161,6 +160,17 @@ def _whole_second_pass(loss: RowLoss, s, stats: Stats, col0, rows_data, cols, co
     return _sum_shards(loss, acc2, consts)
 
 
+def _block_tangent(tangents, h_blk, w_blk, dh_blk, v0, vb: int, layout: str, ct):
+    """Head 0's logits-block tangent ``dh W_b + h dW_b + db_b`` for vocabulary columns ``v0 : v0 + vb``
+    (``tangents = (dh, dW, db)``, None entries zero; ``dh_blk`` is ``dh``'s token block)."""
+    _, dw_all, db_all = tangents
+    dw_blk = None if dw_all is None else slice_vocab(dw_all, v0, vb, layout)
+    db_blk = None if db_all is None else lax.dynamic_slice_in_dim(db_all, v0, vb)
+    dz = tangent_block(h_blk, w_blk, dh_blk, dw_blk, db_blk, layout, ct)
+    assert dz is not None  # the rules handle "nothing perturbed" before streaming
+    return dz
+
+
 class Static(NamedTuple):
     """The drivers' static configuration: the loss, the blocks and each head's weight layout."""
 
@@ -181,7 +191,7 @@ def _forward(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, tan
     v_local = vocab_size(heads[0], layouts[0])
     shard0 = _spmd.shard_col0(v_local, loss.vocab_axis)
     ct = acc_dtype(*(x for hd in heads for x in hd))
-    dh_all, dw_all, db_all = tangents if tangents is not None else (None, None, None)
+    dh_all = None if tangents is None else tangents[0]
     like = (heads, valid, rows, cols, tangents)
 
     def token_block(i, outs):
@@ -198,10 +208,7 @@ def _forward(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, tan
             s_heads = block_logits(loss, h_blks, w_blks, b_blks, layouts, consts, ct)
             ds = None
             if tangents is not None:
-                dw_blk = None if dw_all is None else slice_vocab(dw_all, v0, vb, layouts[0])
-                db_blk = None if db_all is None else lax.dynamic_slice_in_dim(db_all, v0, vb)
-                dz = tangent_block(h_blks[0], w_blks[0], dh_blk, dw_blk, db_blk, layouts[0], ct)
-                assert dz is not None  # the rule handles "nothing perturbed" before streaming
+                dz = _block_tangent(tangents, h_blks[0], w_blks[0], dh_blk, v0, vb, layouts[0], ct)
                 ds = jnp.where(fresh, loss.transform_grad(s_heads[0], dz, 0, consts), 0)
             cols_blk = slice_tree(cols, v0, vb)
             col0 = v0 + shard0
@@ -383,7 +390,7 @@ def _tangent_pass(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static
     v_local = vocab_size(heads[0], layouts[0])
     shard0 = _spmd.shard_col0(v_local, loss.vocab_axis)
     ct = acc_dtype(*(x for hd in heads for x in hd))
-    dh_all, dw_all, db_all = tangents
+    dh_all = tangents[0]
     like = (heads, valid, rows, cols, norm, res, tangents)
 
     def token_block(i, outs):
@@ -398,11 +405,7 @@ def _tangent_pass(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static
             fresh = lax.broadcasted_iota(jnp.int32, (1, vb), 1) + v0 >= fresh0
             w_blks, b_blks = head_blocks(heads, v0, vb, layouts)
             s = block_logits(loss, h_blks, w_blks, b_blks, layouts, consts, ct)
-            dw_blk = None if dw_all is None else slice_vocab(dw_all, v0, vb, layouts[0])
-            db_blk = None if db_all is None else lax.dynamic_slice_in_dim(db_all, v0, vb)
-            dz = tangent_block(h_blks[0], w_blks[0], dh_blk, dw_blk, db_blk, layouts[0], ct)
-            assert dz is not None  # the rule handles "nothing perturbed" before streaming
-            dz = jnp.where(fresh, dz, 0)
+            dz = jnp.where(fresh, _block_tangent(tangents, h_blks[0], w_blks[0], dh_blk, v0, vb, layouts[0], ct), 0)
             gblk = _grad_block(s, norm_blk, v0 + shard0, rows_blk, slice_tree(cols, v0, vb))
             terms = _output_tangents(loss, gblk, res_blk, dz, n_outputs, consts)
             return tuple(a + b for a, b in zip(acc, terms))
