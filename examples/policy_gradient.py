@@ -1,20 +1,22 @@
-"""Policy-gradient fine-tuning of the next-token model, with fused log-probs and entropy.
+"""GRPO fine-tuning of the next-token model with ``jaxsce.linear_policy_loss``.
 
     python examples/policy_gradient.py            # under a minute on 2 CPU cores
     python examples/policy_gradient.py --smoke    # a few steps (used by the tests)
 
 1. Pretrain the tiny next-token model of ``next_token.py`` on the standard
    library's source (cross-entropy, fused: ``jaxsce.linear_cross_entropy``).
-2. Fine-tune it with a GRPO-style policy gradient on a reward anyone can
-   check: the share of the word ``self`` in the model's sampled
-   continuations. For each prompt a group of continuations is sampled; each
-   continuation's advantage is its reward normalized within its group. The
-   objective is ``-mean(advantage * log p(token)) - beta * mean(entropy)``,
-   both terms from ``jaxsce.linear_log_probs(..., return_entropy=True)`` at
-   the sampling temperature: the ``[tokens, vocab]`` logits of the update
-   never exist.
+2. Fine-tune it with GRPO on a reward anyone can check: the share of the
+   word ``self`` in the model's sampled continuations. For each prompt a
+   group of continuations is sampled; each continuation's advantage is its
+   reward normalized within its group. Each batch is used for two updates,
+   so the second one is off-policy: its ratios to the sampling policy are
+   clipped (PPO). A KL penalty keeps the policy near the frozen pretrained
+   model, whose head is read in the same stream (``ref_hidden``,
+   ``ref_weight``). The loss, its gradient and the metrics come from one
+   call; the ``[tokens, vocab]`` logits never exist.
 
-It prints the reward (the rate of ``self``) rising, and the entropy.
+It prints the reward (the rate of ``self``) rising, with the KL to the
+reference, the clipped fraction and the entropy.
 """
 
 from __future__ import annotations
@@ -57,23 +59,36 @@ def sample(params, prompts, key, *, length: int, temperature: float):
     return tokens.T
 
 
-def policy_objective(params, prompts, tokens, advantage, *, temperature: float, beta: float):
-    """``-mean(A * log p) - beta * mean(H)`` over the sampled tokens, fused."""
+def completion_features(params, prompts, tokens):
+    """The hidden state before each sampled token: ``[B, L, d]``."""
     context = prompts.shape[1]
     seq = jnp.concatenate([prompts, tokens], axis=1)  # [B, context + L]
     length = tokens.shape[1]
     windows = jnp.stack([seq[:, t : t + context] for t in range(length)], axis=1)  # [B, L, context]
-    h = features(params, windows.reshape(-1, context)).reshape(tokens.shape + (-1,))
-    logp, entropy = jaxsce.linear_log_probs(
+    return features(params, windows.reshape(-1, context)).reshape(tokens.shape + (-1,))
+
+
+def grpo_objective(params, ref_params, prompts, tokens, advantage, old_logp, *, temperature: float, beta: float):
+    """GRPO's clipped objective with a KL penalty to the reference model, fused; returns the metrics too."""
+    h = completion_features(params, prompts, tokens)
+    h_ref = completion_features(ref_params, prompts, tokens)
+    return jaxsce.linear_policy_loss(
         h,
         params["embed"],
         tokens,
+        advantage,
         linear_bias=params["bias"],
         weight_layout="vd",
+        ref_hidden=h_ref,
+        ref_weight=ref_params["embed"],
+        ref_bias=ref_params["bias"],
+        old_log_probs=old_logp,
+        loss_type="grpo",
+        epsilon=0.2,
+        beta=beta,
         temperature=temperature,
-        return_entropy=True,
+        return_aux=True,
     )
-    return -jnp.mean(advantage[:, None] * logp) - beta * jnp.mean(entropy), jnp.mean(entropy)
 
 
 def group_advantages(reward, group: int):
@@ -86,13 +101,13 @@ def group_advantages(reward, group: int):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrain-steps", type=int, default=200)
-    parser.add_argument("--rl-steps", type=int, default=40)
+    parser.add_argument("--rl-steps", type=int, default=30)
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--prompts", type=int, default=24)
     parser.add_argument("--group", type=int, default=8)
     parser.add_argument("--length", type=int, default=24)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--beta", type=float, default=0.01, help="entropy bonus")
+    parser.add_argument("--beta", type=float, default=0.1, help="weight of the KL penalty to the reference")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -128,15 +143,25 @@ def main(argv=None):
         f"'{TARGET}' is {np.mean(ids == target):.1%} of the corpus"
     )
 
-    rl_opt = optax.adam(3e-4)
+    ref_params = jax.tree.map(jnp.copy, params)  # the frozen reference: the pretrained model
+    rl_opt = optax.adam(1e-3)
     rl_state = rl_opt.init(params)
-    objective = functools.partial(policy_objective, temperature=args.temperature, beta=args.beta)
+    objective = functools.partial(grpo_objective, temperature=args.temperature, beta=args.beta)
 
     @jax.jit
-    def rl_step(params, state, prompts, tokens, advantage):
-        (_, entropy), grads = jax.value_and_grad(objective, has_aux=True)(params, prompts, tokens, advantage)
+    def behaviour_log_probs(params, prompts, tokens):
+        h = completion_features(params, prompts, tokens)
+        return jaxsce.linear_log_probs(
+            h, params["embed"], tokens, linear_bias=params["bias"], weight_layout="vd", temperature=args.temperature
+        )
+
+    @jax.jit
+    def rl_step(params, state, prompts, tokens, advantage, old_logp):
+        (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(
+            params, ref_params, prompts, tokens, advantage, old_logp
+        )
         updates, state = rl_opt.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, entropy
+        return optax.apply_updates(params, updates), state, aux
 
     key = jax.random.PRNGKey(1)
     rewards = []
@@ -146,10 +171,16 @@ def main(argv=None):
         key, sub = jax.random.split(key)
         sampled = sample(params, prompts, sub, length=args.length, temperature=args.temperature)
         reward = jnp.mean(sampled == target, axis=1).astype(jnp.float32)
-        params, rl_state, entropy = rl_step(params, rl_state, prompts, sampled, group_advantages(reward, args.group))
+        advantage = group_advantages(reward, args.group)
+        old_logp = behaviour_log_probs(params, prompts, sampled)
+        for _ in range(2):  # the second update is off-policy: its ratios are clipped
+            params, rl_state, aux = rl_step(params, rl_state, prompts, sampled, advantage, old_logp)
         rewards.append(float(reward.mean()))
         if i % 10 == 0 or i == args.rl_steps - 1:
-            print(f"rl step {i:3d}  reward (rate of '{TARGET}') {rewards[-1]:.3f}  entropy {float(entropy):.2f}")
+            print(
+                f"rl step {i:3d}  reward (rate of '{TARGET}') {rewards[-1]:.3f}  kl {float(aux.kl):.4f}  "
+                f"clipped {float(aux.clip_ratio):.3f}  entropy {float(aux.entropy):.2f}"
+            )
     k = max(1, len(rewards) // 5)
     first, last = float(np.mean(rewards[:k])), float(np.mean(rewards[-k:]))
     print(f"reward {first:.3f} -> {last:.3f} in {time.perf_counter() - t_start:.1f} s")

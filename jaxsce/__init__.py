@@ -10,6 +10,9 @@ from ._distill import linear_distillation_loss as linear_distillation_loss
 from ._linear import linear_cross_entropy as linear_cross_entropy
 from ._log_probs import linear_log_probs as linear_log_probs
 from ._log_probs import log_probs as log_probs
+from ._policy import PolicyAux as PolicyAux
+from ._policy import linear_policy_loss as linear_policy_loss
+from ._policy import policy_loss as policy_loss
 from ._reduce import LossAux as LossAux
 from ._sharded import sharded_cross_entropy as sharded_cross_entropy
 from ._sharded import sharded_linear_cross_entropy as sharded_linear_cross_entropy
@@ -21,14 +24,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LossAux",
+    "PolicyAux",
     "cross_entropy",
     "distillation_loss",
     "linear_cross_entropy",
     "linear_distillation_loss",
     "linear_log_probs",
+    "linear_policy_loss",
     "log_probs",
     "log_softmax",
     "logsumexp",
+    "policy_loss",
     "sharded_cross_entropy",
     "sharded_linear_cross_entropy",
     "softmax",

@@ -63,6 +63,7 @@ class Total(NamedTuple):
 
     total: jax.Array
     normalizer: jax.Array
+    aux: tuple = ()  # sums of the loss's aux terms over the counted rows
 
 
 def fused(
@@ -80,23 +81,27 @@ def fused(
     vocab_block: int | None,
     memory_budget: int,
     forward_mode: bool = False,
+    n_aux: int = 0,
 ) -> tuple[jax.Array, ...] | Total:
     """Per-row outputs of ``loss`` over the heads' logits, or a :class:`Total`.
 
     ``scalar``: the caller reduces to ``"mean"``/``"sum"`` and needs no
     per-row output, so the single-pass path may be taken (not with vocabulary
-    sharding, an explicit ``vocab_block``, or forward mode). Zero tokens give
-    empty outputs without streaming.
+    sharding, an explicit ``vocab_block``, or forward mode); its
+    :meth:`~jaxsce._rowloss.RowLoss.scalar` then returns ``n_aux`` aux
+    terms. Zero tokens give empty outputs without streaming.
     """
     n = heads[0].hidden.shape[0]
     if isinstance(n, int) and n == 0:
         ct = _stream.acc_dtype(*(x for hd in heads for x in hd))
         return tuple(jnp.zeros((0,), ct) for _ in range(n_outputs))
     if scalar and loss.vocab_axis is None and vocab_block is None and not forward_mode:
-        sums = _stream.single_pass(loss, heads, valid, rows, cols, consts, layouts, token_block, memory_budget)
+        sums = _stream.single_pass(
+            loss, heads, valid, rows, cols, consts, layouts, token_block, memory_budget, n_aux=n_aux
+        )
         if sums is not None:
-            total, normalizer = cast(tuple[jax.Array, jax.Array], sums)
-            return Total(total, normalizer)
+            total, normalizer, aux = cast(tuple[jax.Array, jax.Array, tuple], sums)
+            return Total(total, normalizer, aux)
     return _stream.stream(
         loss,
         heads,

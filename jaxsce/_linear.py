@@ -171,7 +171,7 @@ class CrossEntropyRows(_stream.RowLoss):
         g_lse = None if c.z_loss is None else 2 * c.z_loss * lse * g_ce
         if sw is not None:
             value, count = value * g_ce, count * g_ce
-        return value, count, (g_ce, g_lse, None, None)
+        return _stream.Scalar(value, count, (g_ce, g_lse, None, None))
 
 
 def check_head(hidden, weight, bias, layout: str, prefix: str = "", linear: str = "linear_") -> tuple[Head, int]:

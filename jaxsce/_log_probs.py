@@ -63,22 +63,39 @@ def in_block(y, blk):
 
 
 class LogProbSums(NamedTuple):
-    """Per-row sums: the label's ``s_y`` and, for the entropy, ``A = sum_c exp(s_c - m)(s_c - m)``."""
+    """Per-row sums: the label's ``s_y``, for the entropy ``A = sum_c exp(s_c - m)(s_c - m)``,
+    and a reference head's ``s_y``."""
 
     label: jax.Array
     entropy: jax.Array | None = None
+    reference: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LogProbRows(_stream.RowLoss):
-    """``(log p_y,)`` or ``(log p_y, H)`` per row; see the module docstring."""
+    """``(log p_y,)``, ``(log p_y, H)``, then a reference head's ``log p_y`` when ``reference``; per row.
+
+    See the module docstring. With ``reference``, head 1 is a second model
+    (a frozen reference policy) read in the same stream: its log-probability
+    of the same label is one more output, without a gradient.
+    """
 
     num_classes: int
     entropy: bool
+    reference: bool = False
+    grad_heads = 1  # the reference head gets no gradient: the backward does not recompute it
+
+    @property
+    def heads(self):  # type: ignore[override]
+        return 2 if self.reference else 1
 
     @property
     def differentiable(self):  # type: ignore[override]
         return (0, 1) if self.entropy else (0,)
+
+    def label_ids(self, rows):
+        """The class ids among the per-row data (all of it here)."""
+        return rows
 
     def transform(self, z, head, c: Transform):
         return _transform.apply(z, c)
@@ -88,13 +105,17 @@ class LogProbRows(_stream.RowLoss):
 
     def init(self, tb, ct, c, forward_mode: bool):
         zeros = jnp.zeros((tb,), ct)
-        return _stream.Acc(LogProbSums(zeros, zeros if self.entropy else None))
+        return _stream.Acc(LogProbSums(zeros, zeros if self.entropy else None, zeros if self.reference else None))
 
     def accumulate(self, acc, blk: _stream.Block, c):
-        sums, y = acc.sums, blk.rows
-        s_y = sums.label + jnp.where(in_block(y, blk), label_entry(blk.s[0], y, blk.col0), 0)
+        sums, y = acc.sums, self.label_ids(blk.rows)
+        hit = in_block(y, blk)
+        s_y = sums.label + jnp.where(hit, label_entry(blk.s[0], y, blk.col0), 0)
         a = None if sums.entropy is None else entropy_sum(sums.entropy, blk)
-        return _stream.Acc(LogProbSums(s_y, a))
+        ref = sums.reference
+        if ref is not None:
+            ref = ref + jnp.where(hit, label_entry(blk.s[1], y, blk.col0), 0)
+        return _stream.Acc(LogProbSums(s_y, a, ref))
 
     def to_global(self, acc, sh: _stream.Shards, c):
         sums = acc.sums
@@ -103,19 +124,25 @@ class LogProbRows(_stream.RowLoss):
         return _stream.Acc(sums._replace(entropy=entropy_to_global(sums.entropy, sh)))
 
     def finish(self, stats: _stream.Stats, acc, second, rows, cols, c):
-        sums, y = acc.sums, rows
-        bad = (y < 0) | (y >= self.num_classes) | (stats.m[0] == jnp.inf)
+        sums, y = acc.sums, self.label_ids(rows)
+        out_of_range = (y < 0) | (y >= self.num_classes)
         # Relative to the row max: (s_y - m) is exact, and log se is of order log V.
-        log_p = jnp.where(bad, jnp.nan, (sums.label - stats.shift[0]) - stats.log_se[0])
-        if sums.entropy is None:
-            return (log_p,), (), None
-        se = stats.se[0]
-        h = jnp.log(se) - sums.entropy / se
-        h = jnp.where(stats.m[0] == jnp.inf, jnp.nan, h)
-        return (log_p, h), (h,), None
+        log_p = jnp.where(
+            out_of_range | (stats.m[0] == jnp.inf), jnp.nan, (sums.label - stats.shift[0]) - stats.log_se[0]
+        )
+        outputs, res = (log_p,), ()
+        if sums.entropy is not None:
+            se = stats.se[0]
+            h = jnp.log(se) - sums.entropy / se
+            h = jnp.where(stats.m[0] == jnp.inf, jnp.nan, h)
+            outputs, res = (log_p, h), (h,)
+        if sums.reference is not None:
+            bad_ref = out_of_range | (stats.m[1] == jnp.inf)
+            outputs += (jnp.where(bad_ref, jnp.nan, (sums.reference - stats.shift[1]) - stats.log_se[1]),)
+        return outputs, res, None
 
     def grad(self, blk: _stream.GradBlock, res, cts, c):
-        p, y = blk.p[0], blk.rows
+        p, y = blk.p[0], self.label_ids(blk.rows)
         g = cts[0]
         # A counted row with a label outside [0, C) gets a NaN gradient.
         g = jnp.where((y < 0) | (y >= self.num_classes), jnp.nan, g)

@@ -140,8 +140,12 @@ _RANGES = {
 }
 
 
-def float_option(value: Any, name: str, *, off_when_zero: bool) -> jax.Array | None:
-    """A float option as a 0-d array (None: off); concrete values are range-checked."""
+def float_option(value: Any, name: str, *, off_when_zero: bool, bounds: tuple | None = None) -> jax.Array | None:
+    """A float option as a 0-d array (None: off); concrete values are range-checked.
+
+    ``bounds``: ``(low, high, low_open)`` (None: no bound), or None for the
+    documented range of ``name``.
+    """
     if value is None:
         if off_when_zero:
             raise TypeError(f"{name} must be a real number, got None.")
@@ -164,10 +168,10 @@ def float_option(value: Any, name: str, *, off_when_zero: bool) -> jax.Array | N
         out = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {value!r}.") from None
-    low, high, low_open = _RANGES[name]
+    low, high, low_open = _RANGES[name] if bounds is None else bounds
     if not np.isfinite(out):
         raise ValueError(f"{name} must be finite, got {out}.")
-    if out < low or (low_open and out == low):
+    if low is not None and (out < low or (low_open and out == low)):
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {out}.")
     if high is not None and out > high:
         raise ValueError(f"{name} must be <= {high}, got {out}.")
@@ -195,17 +199,22 @@ def in_dtype(fl, dtype):
     traced ``temperature=inf`` would otherwise give the uniform distribution).
     """
 
-    def conv(name, x):
-        if x is None:
-            return None
-        x = jax.lax.stop_gradient(jnp.asarray(x).astype(dtype))
-        low, high, low_open = _RANGES[name]
-        ok = ((x > low) if low_open else (x >= low)) & jnp.isfinite(x)
-        if high is not None:
-            ok = ok & (x <= high)
-        return jnp.where(ok, x, jnp.nan)
+    return type(fl)(
+        *(None if x is None else traced_in_dtype(x, dtype, _RANGES[name]) for name, x in zip(fl._fields, fl))
+    )
 
-    return type(fl)(*(conv(name, x) for name, x in zip(fl._fields, fl)))
+
+def traced_in_dtype(x, dtype, bounds: tuple) -> jax.Array:
+    """One float option in ``dtype``, without a gradient; NaN where it is infinite or outside
+    ``bounds = (low, high, low_open)`` (None: no bound)."""
+    x = jax.lax.stop_gradient(jnp.asarray(x).astype(dtype))
+    low, high, low_open = bounds
+    ok = jnp.isfinite(x)
+    if low is not None:
+        ok = ok & ((x > low) if low_open else (x >= low))
+    if high is not None:
+        ok = ok & (x <= high)
+    return jnp.where(ok, x, jnp.nan)
 
 
 def make_options(

@@ -83,6 +83,22 @@ class GradBlock(NamedTuple):
     cols: Any
 
 
+class Scalar(NamedTuple):
+    """A scalar loss's per-row terms on the single-pass path (:meth:`RowLoss.scalar`).
+
+    ``value`` and ``normalizer`` are summed over the counted rows (the loss
+    and the denominator of ``"mean"``); ``cotangents`` are the per-row
+    derivatives of the summed value with respect to each output (None: no
+    cotangent); ``aux`` are per-row terms summed over the counted rows
+    without a gradient (metrics such as a clipped fraction).
+    """
+
+    value: jax.Array
+    normalizer: jax.Array
+    cotangents: tuple
+    aux: tuple = ()
+
+
 class Acc(NamedTuple):
     """A loss's running per-row sums: each a pytree (a NamedTuple) of ``[rows]`` arrays.
 
@@ -112,14 +128,22 @@ class RowLoss:
         (the engine's collectives run over them), or None.
       unchecked: inside ``shard_map(check_vma=False)`` over ``vocab_axis``.
       argmax: whether the engine finds head 0's first argmax (``Stats.argmax``).
+      row_group: on the single-pass path, token blocks hold whole groups of
+        this many consecutive rows (a completion of a policy loss), so that
+        :meth:`scalar` may combine a group's rows; the token count must be
+        a multiple of it, or the streaming path is taken.
     """
 
     vocab_axis: str | tuple[str, ...] | None = None
     unchecked: bool = False
     argmax: bool = False
+    row_group: int = 1
 
     #: Number of linear heads (logits matrices) the loss reads; gradients flow to head 0.
     heads: ClassVar[int] = 1
+    #: How many heads (from head 0) :meth:`grad` reads; the backward recomputes
+    #: only their blocks (None: all).
+    grad_heads: ClassVar[int | None] = None
     #: Indices of the outputs that carry cotangents.
     differentiable: ClassVar[tuple[int, ...]] = (0,)
     #: Whether the loss needs a second pass over the blocks once every head's
@@ -174,12 +198,14 @@ class RowLoss:
         """``d(sum_o ct_o * output_o) / ds`` for head 0's block ``[Tb, Vb]`` (None: no cotangent)."""
         raise NotImplementedError
 
-    def scalar(self, outputs: tuple, rows, consts):
-        """``(value, normalizer, cotangents)`` per row for the single-pass path of ``"mean"``/``"sum"``.
+    def scalar(self, outputs: tuple, rows, consts) -> Scalar:
+        """A :class:`Scalar` of per-row terms for the single-pass path of a scalar loss.
 
-        The default suits a loss with one output, the per-row value: each
-        counted row adds 1 to the mean's denominator, with cotangent 1.
+        ``outputs`` and ``rows`` are a token block's (whole groups of
+        ``row_group`` rows). The default suits a loss with one output, the
+        per-row value: each counted row adds 1 to the mean's denominator,
+        with cotangent 1.
         """
         (value,) = outputs
         ones = jnp.ones_like(value)
-        return value, ones, (ones,)
+        return Scalar(value, ones, (ones,))

@@ -59,10 +59,10 @@ from ._blocks import (
     transposed,
     vocab_size,
 )
-from ._rowloss import Acc, Block, GradBlock, RowLoss, Shards, Stats
+from ._rowloss import Acc, Block, GradBlock, RowLoss, Scalar, Shards, Stats
 from ._targets import max_and_argmax, split_lse
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "Acc", "Block", "GradBlock", "Head", "RowLoss", "Shards", "Stats"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "Acc", "Block", "GradBlock", "Head", "RowLoss", "Scalar", "Shards", "Stats"]
 
 
 # --- the forward pass ----------------------------------------------------------------
@@ -294,11 +294,13 @@ def _stream_bwd(st: Static, saved, cts):
     layout = layouts[0]
     op = operand_dtype(h0)
 
+    used = heads[: loss.grad_heads or len(heads)]  # the heads whose blocks loss.grad reads
+
     def vocab_block(j, carry):
         dh, dw, db = carry
         v0, fresh0 = clamped(j, vb, v_local)
         fresh_col = lax.broadcasted_iota(jnp.int32, (1, vb), 1) + v0 >= fresh0
-        w_blks, b_blks = head_blocks(heads, v0, vb, layouts)
+        w_blks, b_blks = head_blocks(used, v0, vb, layouts)
         cols_blk = slice_tree(cols, v0, vb)
 
         def token_block(i, inner):
@@ -306,7 +308,7 @@ def _stream_bwd(st: Static, saved, cts):
             t0, tfresh0 = clamped(i, tb, t_total)
             fresh_row = lax.broadcasted_iota(jnp.int32, (tb,), 0) + t0 >= tfresh0
             sl = lambda x: slice_tree(x, t0, tb)  # noqa: E731
-            h_blks = [token_rows(hd.hidden, valid, t0, tb) for hd in heads]
+            h_blks = [token_rows(hd.hidden, valid, t0, tb) for hd in used]
             s = block_logits(loss, h_blks, w_blks, b_blks, layouts, consts, ct)
             ok = sl(valid) & fresh_row
             blk_cts = tuple(None if g is None else jnp.where(fresh_row, sl(g), 0) for g in cts)
@@ -559,10 +561,11 @@ class SumStatic(NamedTuple):
     loss: RowLoss
     token_block: int
     layouts: tuple[str, ...]
+    n_aux: int = 0
 
 
 def _total_forward(heads: tuple[Head, ...], valid, rows_data, cols, consts, st: SumStatic):
-    loss, tb, layouts = st
+    loss, tb, layouts, _ = st
     h0, layout = heads[0], layouts[0]
     t_total, d = h0.hidden.shape
     ct = acc_dtype(*(x for hd in heads for x in hd))
@@ -570,7 +573,7 @@ def _total_forward(heads: tuple[Head, ...], valid, rows_data, cols, consts, st: 
     width = vocab_size(h0, layout)
 
     def body(i, carry):
-        total, denom, dh, dw, db = carry
+        (total, denom, aux), dh, dw, db = carry
         t0, fresh0 = clamped(i, tb, t_total)
         sl = lambda x: slice_tree(x, t0, tb)  # noqa: E731
         ok = sl(valid) & (lax.broadcasted_iota(jnp.int32, (tb,), 0) + t0 >= fresh0)
@@ -584,9 +587,10 @@ def _total_forward(heads: tuple[Head, ...], valid, rows_data, cols, consts, st: 
         stats, acc = _stats(loss, m, se, am, acc, consts)
         second = _whole_second_pass(loss, s, stats, 0, rows_blk, cols, consts)
         outputs, res, _ = loss.finish(stats, acc, second, rows_blk, cols, consts)
-        value, norm, cts = loss.scalar(outputs, rows_blk, consts)
+        value, norm, cts, row_aux = loss.scalar(outputs, rows_blk, consts)
         total = total + jnp.sum(jnp.where(ok, value, 0))
         denom = denom + jnp.sum(jnp.where(ok, norm, 0).astype(ct))
+        aux = tuple(a + jnp.sum(jnp.where(ok, x, 0).astype(ct)) for a, x in zip(aux, row_aux))
         cts = tuple(None if g is None else jnp.where(ok, g, 0).astype(ct) for g in cts)
         gblk = _grad_block(s, _norm(stats), 0, rows_blk, cols)
         ds = loss.transform_grad(s[0], loss.grad(gblk, res, cts, consts), 0, consts)
@@ -600,23 +604,24 @@ def _total_forward(heads: tuple[Head, ...], valid, rows_data, cols, consts, st: 
         dh = lax.dynamic_update_slice_in_dim(dh, dh_blk, t0, 0)
         if db is not None:
             db = db + jnp.sum(ds, axis=0)
-        return total, denom, dh, dw, db
+        return (total, denom, aux), dh, dw, db
 
     h_t = transposed(jnp.where(valid[:, None], h0.hidden, 0))
     zero = jnp.zeros((), ct)
     db0 = None if h0.bias is None else jnp.zeros(h0.bias.shape, ct)
-    init = (zero, zero, jnp.zeros((t_total, d), ct), jnp.zeros((d, width), ct), db0)
+    sums = (zero, zero, tuple(zero for _ in range(st.n_aux)))
+    init = (sums, jnp.zeros((t_total, d), ct), jnp.zeros((d, width), ct), db0)
     init = _spmd.vary_like(init, heads, valid, rows_data, cols)
-    total, denom, dh, dw, db = lax.fori_loop(0, num_blocks(t_total, tb), body, init)
+    sums, dh, dw, db = lax.fori_loop(0, num_blocks(t_total, tb), body, init)
     dh = jnp.where(valid[:, None], dh, 0).astype(h0.hidden.dtype)
     dw = dw if layout == "dv" else jnp.transpose(dw)
     grads = Head(dh, dw.astype(h0.weight.dtype), None if h0.bias is None else db.astype(h0.bias.dtype))
-    return (total, denom), grads
+    return sums, grads
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def single_pass_vjp(heads, valid, rows_data, cols, consts, st: SumStatic):
-    """``(sum of values, sum of normalizers)`` over the counted rows, for scalar losses."""
+    """``(sum of values, sum of normalizers, sums of the aux terms)`` over the counted rows, for scalar losses."""
     return _total_forward(heads, valid, rows_data, cols, consts, st)[0]
 
 
@@ -632,7 +637,7 @@ def _total_fwd(heads, valid, rows_data, cols, consts, st):
 
 def _total_bwd(st, saved, cts):
     grads, h0 = saved
-    g, _ = cts
+    g = cts[0]  # the normalizer and the aux terms get no gradient
 
     # Scaled in float32: a bf16 cotangent (1 / count for "mean") would add two roundings.
     def scale(x):
@@ -701,12 +706,23 @@ def stream(
 
 
 def single_pass(
-    loss: RowLoss, heads: tuple[Head, ...], valid, rows_data, cols, consts, layouts, token_block, memory_budget
+    loss: RowLoss,
+    heads: tuple[Head, ...],
+    valid,
+    rows_data,
+    cols,
+    consts,
+    layouts,
+    token_block,
+    memory_budget,
+    n_aux: int = 0,
 ):
-    """``(total, normalizer)`` of a scalar loss through :func:`single_pass_vjp`, or None when
-    its float32 ``d_W`` does not fit ``memory_budget`` (or the token count is symbolic)."""
+    """``(total, normalizer, aux)`` of a scalar loss through :func:`single_pass_vjp`, or None when its
+    float32 ``d_W`` does not fit ``memory_budget``, the token count is symbolic, or no token block
+    holds a whole ``loss.row_group``."""
     n, d = heads[0].hidden.shape
-    if not isinstance(n, int):
+    group = loss.row_group
+    if not isinstance(n, int) or n % group:
         return None
     vocab = vocab_size(heads[0], layouts[0])
     narrow = is_narrow_float(heads[0].hidden.dtype)
@@ -715,6 +731,8 @@ def single_pass(
         # read it in float32, a copy of its size.
         memory_budget -= 4 * d * vocab
     tb = sum_path_token_block(n, d, vocab, memory_budget, token_block, narrow, len(heads) - 1)
-    if tb is None:
+    if tb is None or tb < group:
         return None
-    return single_pass_vjp(heads, valid, rows_data, cols, consts, SumStatic(loss, tb, layouts))
+    # Blocks of whole groups; the clamped last block (n - tb) then starts on a group too.
+    tb = tb // group * group
+    return single_pass_vjp(heads, valid, rows_data, cols, consts, SumStatic(loss, tb, layouts, n_aux))

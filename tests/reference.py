@@ -230,3 +230,80 @@ def naive_distillation(student, teacher, divergence, *, beta=0.5, temperature=1.
         return jnp.sum(ps * (ls - lt), axis=-1)
     lm = jnp.log(beta * pt + (1 - beta) * ps)
     return beta * jnp.sum(pt * (lt - lm), axis=-1) + (1 - beta) * jnp.sum(ps * (ls - lm), axis=-1)
+
+
+def naive_policy_loss(
+    logits,
+    labels,
+    advantages,
+    mask,
+    *,
+    old=None,
+    ref=None,
+    loss_type="dapo",
+    level="token",
+    epsilon=0.2,
+    epsilon_high=None,
+    delta=None,
+    beta=0.0,
+    kl_correction=False,
+    sampler=None,
+    num_items=None,
+    max_len=None,
+    sapo=(1.0, 1.05),
+    temperature=1.0,
+    logit_softcap=None,
+    entropy_coef=0.0,
+):
+    """The GRPO family as TRL's ``GRPOTrainer`` writes it, over full ``[B, L, V]`` logits (the float64
+    and ``jax.grad`` oracle): ``(loss, (kl, entropy, clip_low, clip_high, clip, ratio) means)``."""
+    z = logits
+    if logit_softcap is not None:
+        z = logit_softcap * jnp.tanh(z / logit_softcap)
+    ls = jax.nn.log_softmax(z / temperature, axis=-1)
+    lp = jnp.take_along_axis(ls, labels[..., None], axis=-1)[..., 0]
+    ent = -jnp.sum(jnp.exp(ls) * ls, axis=-1)
+    m = mask.astype(lp.dtype)
+    a = advantages if advantages.ndim == 2 else advantages[:, None]
+    old_lp = jax.lax.stop_gradient(lp) if old is None else old
+    log_ratio = lp - old_lp
+    if level == "sequence":
+        log_ratio = (jnp.sum(log_ratio * m, -1) / jnp.maximum(jnp.sum(m, -1), 1))[:, None]
+    coef = jnp.exp(log_ratio)
+    eh = epsilon if epsilon_high is None else epsilon_high
+    if loss_type == "cispo":
+        per_token = -jax.lax.stop_gradient(jnp.minimum(coef, eh)) * a * lp
+        low, high = jnp.zeros_like(coef, bool), coef > eh
+    elif loss_type == "sapo":
+        tau = jnp.where(a > 0, sapo[0], sapo[1])
+        per_token = -a * jax.nn.sigmoid(tau * (coef - 1)) * 4 / tau
+        low, high = jnp.zeros_like(coef, bool), jnp.zeros_like(coef, bool)
+    else:
+        c1 = coef if delta is None else jnp.minimum(coef, delta)
+        per_token = -jnp.minimum(c1 * a, jnp.clip(coef, 1 - epsilon, 1 + eh) * a)
+        low, high = coef < 1 - epsilon, coef > 1 + eh
+    if sampler is not None:
+        per_token = per_token * (sampler if sampler.ndim == 2 else sampler[:, None])
+    kl = jnp.full(lp.shape, jnp.nan, lp.dtype)
+    if ref is not None:
+        kl = jnp.exp(ref - lp) - (ref - lp) - 1
+        if kl_correction:
+            kl = kl * coef
+        per_token = per_token + beta * kl
+    per_token = per_token - entropy_coef * ent
+    per_token = jnp.broadcast_to(per_token, lp.shape)
+    b, total = lp.shape[0], jnp.maximum(jnp.sum(m), 1)
+    if loss_type in ("grpo", "sapo"):
+        loss = jnp.mean(jnp.sum(per_token * m, -1) / jnp.maximum(jnp.sum(m, -1), 1))
+    elif loss_type == "bnpo":
+        loss = jnp.sum(per_token * m) / total
+    elif loss_type == "dr_grpo":
+        loss = jnp.sum(per_token * m) / (b * max_len)
+    elif loss_type in ("dapo", "cispo"):
+        loss = jnp.sum(per_token * m) / (total if num_items is None else max(num_items, 1))
+    else:  # luspo: each completion's token sum, over B
+        loss = jnp.sum(jnp.sum(per_token * m, -1)) / b
+    clip_low, clip_high = low & (a < 0), high & (a > 0)
+    terms = (kl, ent, clip_low, clip_high, clip_low | clip_high, coef)
+    means = tuple(jnp.sum(jnp.broadcast_to(x, lp.shape).astype(lp.dtype) * m) / total for x in terms)
+    return loss, means

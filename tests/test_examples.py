@@ -52,6 +52,9 @@ def test_policy_gradient_smoke():
         float(line.split("reward (rate of 'self') ")[1].split()[0]) for line in lines if line.startswith("rl step")
     ]
     assert rewards and all(0.0 <= r <= 1.0 for r in rewards)
+    for line in (line for line in lines if line.startswith("rl step")):  # linear_policy_loss's metrics
+        kl, clipped = (float(line.split(f"{name} ")[1].split()[0]) for name in ("kl", "clipped"))
+        assert kl >= 0.0 and 0.0 <= clipped <= 1.0
     first, last = (float(x) for x in lines[-1].split("reward ")[1].split(" in ")[0].split(" -> "))
     assert 0.0 <= first <= 1.0 and 0.0 <= last <= 1.0
 
