@@ -371,27 +371,49 @@ def memory_table(d, vocab, tokens, dtype) -> list[dict]:
 
 POLICY_PEER = "plain h@W + log_softmax (autodiff)"
 DISTILL_PEER = "plain matmuls + log_softmax (autodiff)"
+POLICY_LENGTH = 256  # tokens per completion
+BETA = 0.04
 
 
-def policy_impls() -> dict[str, Callable]:
-    """value_and_grad wrt (h, W) of ``-mean(A log p_y) - 0.01 mean(H)``."""
+def _grpo_terms(lp, lp_ref, a, old, mask):
+    """DAPO's clipped objective with a k3 KL penalty, written out as a user would (TRL's formula)."""
+    r = jnp.exp(lp - old)
+    adv = a[:, None]
+    pg = -jnp.minimum(r * adv, jnp.clip(r, 0.8, 1.2) * adv)
+    x = lp_ref - lp
+    loss = pg + BETA * (jnp.exp(x) - x - 1)
+    m = mask.astype(lp.dtype)
+    return jnp.sum(loss * m) / jnp.maximum(jnp.sum(m), 1)
 
-    def objective(lp, ent, a):
-        return -jnp.mean(a * lp) - 0.01 * jnp.mean(ent)
 
-    def autodiff(h, w, y, a):
+def policy_impls(fused_reference: bool) -> dict[str, Callable]:
+    """value_and_grad wrt (h, W) of DAPO with beta = 0.04: the reference's log-probabilities given
+    (args ``h, w, y, a, old, mask, ref_lp``), or from the reference's head (``..., h_ref, w_ref``)."""
+
+    def plain(h, w, y, a, old, mask, *ref):
         ls = jax.nn.log_softmax(h @ w, axis=-1)
-        lp = jnp.take_along_axis(ls, y[:, None], axis=-1)[:, 0]
-        return objective(lp, -jnp.sum(jnp.exp(ls) * ls, axis=-1), a)
+        lp = jnp.take_along_axis(ls, y[..., None], axis=-1)[..., 0]
+        if fused_reference:
+            h_ref, w_ref = ref
+            ls_ref = jax.nn.log_softmax(jax.lax.stop_gradient(h_ref @ w_ref), axis=-1)
+            lp_ref = jnp.take_along_axis(ls_ref, y[..., None], axis=-1)[..., 0]
+        else:
+            (lp_ref,) = ref
+        return _grpo_terms(lp, lp_ref, a, old, mask)
+
+    def by_hand(h, w, y, a, old, mask, *ref):
+        lp = jaxsce.linear_log_probs(h, w, y)
+        lp_ref = jaxsce.linear_log_probs(*ref, y) if fused_reference else ref[0]
+        return _grpo_terms(lp, jax.lax.stop_gradient(lp_ref), a, old, mask)
+
+    def fused(h, w, y, a, old, mask, *ref):
+        refs = dict(ref_hidden=ref[0], ref_weight=ref[1]) if fused_reference else dict(ref_log_probs=ref[0])
+        return jaxsce.linear_policy_loss(h, w, y, a, where=mask, old_log_probs=old, beta=BETA, loss_type="dapo", **refs)
 
     impls = {
-        "jaxsce linear_log_probs": lambda h, w, y, a: objective(
-            *jaxsce.linear_log_probs(h, w, y, return_entropy=True), a
-        ),
-        "plain h@W + jaxsce.log_probs": lambda h, w, y, a: objective(
-            *jaxsce.log_probs(h @ w, y, return_entropy=True), a
-        ),
-        POLICY_PEER: autodiff,
+        "jaxsce linear_policy_loss": fused,
+        "jaxsce linear_log_probs + GRPO by hand": by_hand,
+        POLICY_PEER: plain,
     }
     return {k: jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for k, f in impls.items()}
 
@@ -405,19 +427,91 @@ def _head_case(t_, d, v, dtype, heads: int):
     return out, rng
 
 
-def bench_policy(shapes, dtype, repeats, progress) -> list[Row]:
+def liger_grpo():
+    """Liger-Kernel's chunked ``LigerFusedLinearGRPOLoss`` (pure torch: runs on CPU), or None if not installed."""
+    if torch is None:
+        return None
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearGRPOLoss
+
+
+def _liger_call(grpo, args, fused_reference: bool, compiled: bool):
+    """Liger's step on the same data; its weight is ``[V, d]`` and its gradient is returned as ``[d, V]``."""
+    h, w, y, a, old, mask, *ref = (np.asarray(x) for x in args)
+    module = grpo(beta=BETA, compiled=compiled, chunk_size=1, loss_type="dapo", epsilon_low=0.2, epsilon_high=0.2)
+    ht = torch.tensor(h, requires_grad=True)
+    wt = torch.tensor(np.ascontiguousarray(w.T), requires_grad=True)
+    fixed = (torch.tensor(y).long(), torch.tensor(mask).long(), torch.tensor(a))
+    kw = dict(old_per_token_logps=torch.tensor(old))
+    if fused_reference:
+        kw.update(ref_input=torch.tensor(ref[0]), ref_weight=torch.tensor(np.ascontiguousarray(ref[1].T)))
+    else:
+        kw.update(ref_per_token_logps=torch.tensor(ref[0]))
+
+    def step():
+        ht.grad = wt.grad = None
+        loss, _ = module(ht, wt, *fixed, **kw)
+        loss.backward()
+        return loss, (ht.grad, wt.grad.T)
+
+    return step
+
+
+def bench_policy(shapes, dtype, repeats, progress, *, fused_reference: bool = False, liger_compiled: bool = False):
+    """DAPO (beta = 0.04) from the head: jaxsce's fused loss, the same objective by hand on
+    ``linear_log_probs``, plain autodiff, and Liger-Kernel's fused GRPO where installed (float32)."""
     rows = []
-    impls = policy_impls()
+    impls = policy_impls(fused_reference)
+    grpo = liger_grpo() if dtype == jnp.float32 else None
     for t_, d, v in shapes:
+        length = min(POLICY_LENGTH, t_)
+        b = t_ // length
         (h, w), rng = _head_case(t_, d, v, dtype, 1)
-        y = jnp.asarray(rng.integers(0, v, size=t_), jnp.int32)
-        a = jnp.asarray(rng.normal(size=t_), jnp.float32)
-        rows += _section(
-            "policy", f"{t_}x{d}x{v}", impls, (h, w, y, a), repeats, progress,
-            peer=POLICY_PEER, ref=POLICY_PEER, tol=lambda g: 10 * grad_tolerance(g), tokens=t_,
-            extra_calls=_matmul_call(h, w), rates=_matmul_rates(t_, d, v),
+        h = h.reshape(b, length, d)
+        y = jnp.asarray(rng.integers(0, v, size=(b, length)), jnp.int32)
+        a = jnp.asarray(rng.normal(size=b), jnp.float32)
+        base = -math.log(v)
+        old = jnp.asarray(base + 0.1 * rng.normal(size=(b, length)), jnp.float32)
+        mask = jnp.asarray(rng.uniform(size=(b, length)) < 0.9)
+        if fused_reference:
+            ref = (_normal(rng, (b, length, d), dtype), _normal(rng, (d, v), dtype, 1 / math.sqrt(d)))
+        else:
+            ref = (jnp.asarray(base + 0.1 * rng.normal(size=(b, length)), jnp.float32),)
+        args = (h, w, y, a, old, mask) + ref
+        extra = _matmul_call(h.reshape(t_, d), w)
+        if grpo is not None:
+            extra[LIGER] = _liger_call(grpo, args, fused_reference, liger_compiled)
+        part = _section(
+            "policy_ref" if fused_reference else "policy", f"{b}x{length}x{d}x{v}", impls, args, repeats,
+            progress, peer=POLICY_PEER, ref=POLICY_PEER, tol=lambda g: 10 * grad_tolerance(g), tokens=t_,
+            extra_calls=extra, rates=_passes(3 + fused_reference),
         )  # fmt: skip
+        liger_ms = next((r.median_ms for r in part if r.impl == LIGER), None)
+        matmul_ms = part[0].extra["matmul_ms"]
+        for r in part:
+            r.extra["ratio_to_liger"] = None if liger_ms is None else r.median_ms / liger_ms
+        if liger_ms is not None:
+            # No fused loss can go below its matmul passes: the floor of the ratio to Liger.
+            for r in part:
+                r.extra["floor_ratio_to_liger"] = (3 + fused_reference) * matmul_ms / liger_ms
+        rows += part
     return rows
+
+
+LIGER = "torch Liger-Kernel LigerFusedLinearGRPOLoss (chunked)"
+
+
+def _passes(n: int):
+    """``rates``: time over ``n`` ``h @ W`` matmuls (a fused loss's floor: its matmul passes)."""
+
+    def rates(roofs, ms):
+        matmul = roofs["roofline: h@W matmul"]
+        return ms / (n * matmul), {"matmul_ms": matmul}
+
+    return rates
 
 
 # --- distillation: KL between a student's and a teacher's head ----------------------

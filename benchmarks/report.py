@@ -62,9 +62,17 @@ SECTIONS = {
         roof="FLOP rate ÷ matmul's",
     ),
     "policy": dict(
-        title="Post-training: value_and_grad wrt (h, W) of -mean(A log p) - 0.01 mean(H)",
+        title="Policy optimization: value_and_grad wrt (h, W) of DAPO (clipped ratio, beta = 0.04, "
+        "reference log-probs given), completions of 256 tokens",
         peer="÷ plain autodiff",
-        roof="FLOP rate ÷ matmul's",
+        roof="÷ 3 matmuls",
+        extra=(("ratio_to_liger", "÷ Liger-Kernel"), ("floor_ratio_to_liger", "3 matmuls ÷ Liger-Kernel")),
+    ),
+    "policy_ref": dict(
+        title="Policy optimization with the reference model's head fused (ref_hidden, ref_weight)",
+        peer="÷ plain autodiff",
+        roof="÷ 4 matmuls",
+        extra=(("ratio_to_liger", "÷ Liger-Kernel"), ("floor_ratio_to_liger", "4 matmuls ÷ Liger-Kernel")),
     ),
     "distill": dict(
         title="Distillation: value_and_grad wrt the student's (h, W) of the mean KL(teacher || student)",

@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--fused", type=lambda s: _shapes(s, 3), help="fused shapes TxDxV,...")
     parser.add_argument(
         "--sections",
-        default="logits,step,fused,forward,policy,distill",
+        default="logits,step,fused,forward,policy,policy_ref,distill",
         help="comma-separated sections to run (default: all)",
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -112,7 +112,10 @@ def main(argv=None) -> dict:
         "step": lambda: bench_step(step, STEP_D, dtype, repeats, progress),
         "fused": lambda: bench_fused(fused, dtype, repeats, progress),
         "forward": lambda: bench_fused(fused, dtype, repeats, progress, mode="jvp"),
-        "policy": lambda: bench_policy(fused, dtype, repeats, progress),
+        "policy": lambda: bench_policy(fused, dtype, repeats, progress, liger_compiled=args.full),
+        "policy_ref": lambda: bench_policy(
+            fused, dtype, repeats, progress, fused_reference=True, liger_compiled=args.full
+        ),
         "distill": lambda: bench_distill(fused, dtype, repeats, progress),
     }
     unknown = sections - set(runs)

@@ -40,8 +40,13 @@ def test_benchmark_runs_and_every_gradient_matches(tmp_path):
         "jaxsce fused",
         "plain h@W + jaxsce",
     } <= impls
-    policy = {r["impl"] for r in rows if r["section"] == "policy"}
-    assert {"jaxsce linear_log_probs", "plain h@W + log_softmax (autodiff)"} <= policy
+    for section in ("policy", "policy_ref"):
+        policy = {r["impl"] for r in rows if r["section"] == section}
+        assert {
+            "jaxsce linear_policy_loss",
+            "jaxsce linear_log_probs + GRPO by hand",
+            "plain h@W + log_softmax (autodiff)",
+        } <= policy
     distill = {r["impl"] for r in rows if r["section"] == "distill"}
     assert {"jaxsce linear_distillation_loss", "plain matmuls + log_softmax (autodiff)"} <= distill
     step = [r for r in rows if r["section"] == "step"]
@@ -59,5 +64,12 @@ def test_benchmark_runs_and_every_gradient_matches(tmp_path):
     assert (tmp_path / "results.md").read_text().count("|") > 20
     assert (tmp_path / "results.png").stat().st_size > 1000
     table = (tmp_path / "results.md").read_text()
-    for title in ("Logit level", "Training step", "Fused linear", "forward mode", "Post-training", "Distillation"):
+    for title in (
+        "Logit level",
+        "Training step",
+        "Fused linear",
+        "forward mode",
+        "Policy optimization",
+        "Distillation",
+    ):
         assert title in table

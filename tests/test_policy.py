@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hlo import collective_sizes
 from jax.sharding import PartitionSpec as P
 from marks import CountingJit, fast_cases
 from reference import naive_policy_loss
@@ -494,3 +495,33 @@ def test_vocabulary_and_data_parallel_equal_unsharded(fn, loss_type, level, chec
     got = jax.jit(jax.value_and_grad(sharded, (0, 1), has_aux=True))(*args)
     want = jax.value_and_grad(call, (0, 1), has_aux=True)(*args)
     _close(got, want)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
+def test_sharded_policy_loss_communicates_per_token_only():
+    """No collective in value_and_grad moves more than a few numbers per token (the largest
+    allowed is a quarter of one device's logits block; a logits- or weight-sized one would fail)."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    b, n, vocab, d = 8, 32, 1024, 16
+    limit = (b * n // 2) * (vocab // 4) // 4
+
+    def loss(h, w, y, a, old, hr, wr):
+        return jaxsce.linear_policy_loss(
+            h, w, y, a, old_log_probs=old, ref_hidden=hr, ref_weight=wr, beta=0.04, loss_type="grpo",
+            importance_sampling_level="sequence", axis_name="model", batch_axis_name="data",
+        )  # fmt: skip
+
+    f = jax.shard_map(
+        loss,
+        mesh=mesh,
+        in_specs=(P("data"), P(None, "model"), P("data"), P("data"), P("data"), P("data"), P(None, "model")),
+        out_specs=P(),
+    )
+    s = jax.ShapeDtypeStruct
+    args = (
+        s((b, n, d), jnp.float32), s((d, vocab), jnp.float32), s((b, n), jnp.int32), s((b,), jnp.float32),
+        s((b, n), jnp.float32), s((b, n, d), jnp.float32), s((d, vocab), jnp.float32),
+    )  # fmt: skip
+    hlo = jax.jit(jax.value_and_grad(f, (0, 1))).lower(*args).compile().as_text()
+    sizes = collective_sizes(hlo)
+    assert sizes and max(sizes) <= limit, (sizes, limit)

@@ -1,13 +1,13 @@
 """Vocabulary- and data-parallel losses on 8 virtual CPU devices equal the unsharded ones."""
 
 import functools
-import re
 
 import compat
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hlo import collective_sizes
 from jax.sharding import PartitionSpec as P
 from marks import fast_cases
 
@@ -258,20 +258,6 @@ def test_label_smoothing_uses_global_vocab_size_megatron_737():
     assert abs(float(f(d["logits"])) - bug) > 1e-2
 
 
-COLLECTIVE = re.compile(
-    r"=\s*(\([^)]*\)|\S+)\s+(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\("
-)
-SHAPE = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
-
-
-def _collective_sizes(hlo: str) -> list[int]:
-    sizes = []
-    for match in COLLECTIVE.finditer(hlo):
-        for dims in SHAPE.findall(match.group(1)):
-            sizes.append(int(np.prod([int(x) for x in dims.split(",") if x])) if dims else 1)
-    return sizes
-
-
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
 def test_no_collective_moves_tokens_times_local_vocab(mesh_shape, check_vma):
@@ -297,7 +283,7 @@ def test_no_collective_moves_tokens_times_local_vocab(mesh_shape, check_vma):
             )
         )
     )
-    sizes = _collective_sizes(f.lower(x, y, w).compile().as_text())
+    sizes = collective_sizes(f.lower(x, y, w).compile().as_text())
     if mesh_shape != (1, 1):
         assert sizes, "expected collectives in a sharded program"
     assert max(sizes) < limit, (sizes, limit)
@@ -311,7 +297,7 @@ def test_no_collective_moves_tokens_times_local_vocab(mesh_shape, check_vma):
             argnums=(0, 1),
         )
     )
-    sizes = _collective_sizes(g.lower(h, wp, y).compile().as_text())
+    sizes = collective_sizes(g.lower(h, wp, y).compile().as_text())
     assert max(sizes) < limit, (sizes, limit)
 
 
@@ -328,7 +314,7 @@ def test_collective_parser_sees_a_logits_sized_all_gather():
             check_vma=False,
         )
     )
-    sizes = _collective_sizes(f.lower(x).compile().as_text())
+    sizes = collective_sizes(f.lower(x).compile().as_text())
     assert max(sizes) >= 64 * 256 // 8
 
 
@@ -434,7 +420,7 @@ def test_linear_log_probs_communicate_per_token_only():
         jax.ShapeDtypeStruct((tokens,), jnp.float32),
     )
     g = jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a)), (0, 1)))
-    sizes = _collective_sizes(g.lower(*shapes).compile().as_text())
+    sizes = collective_sizes(g.lower(*shapes).compile().as_text())
     assert sizes and max(sizes) < limit, (sizes, limit)
 
 
