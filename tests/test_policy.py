@@ -111,7 +111,8 @@ def _close(a, b, rtol=1e-10, atol=1e-12):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
-@fast_cases(lambda p: p["option"] == "kl+correction+delta+sampler" or (p["fn"] == "linear" and p["option"] == "kl"))
+# Fast set: each loss type with one option set (in turn), both levels and both entry points.
+@fast_cases(lambda p: p["option"] == list(OPTIONS)[LOSS_TYPES.index(p["loss_type"]) % len(OPTIONS)])
 @pytest.mark.parametrize("option", list(OPTIONS))
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
@@ -165,7 +166,18 @@ def _liger_case(p):
     return not (level == "sequence" and lt in ("cispo", "sapo")) and not (delta and lt in ("cispo", "sapo"))
 
 
-@fast_cases(lambda p: p["case"][2:] in ((0.04, None, True, 0.7), (0.0, 1.5, False, 1.0)))
+# Fast set: each loss type at the token level (alternately with the KL, sampler weights and a
+# temperature, or none), and GRPO at the sequence level with delta.
+@fast_cases(
+    lambda p: (
+        (
+            p["case"][1] == "token"
+            and p["case"][2:]
+            == ((0.04, None, True, 0.7) if LOSS_TYPES.index(p["case"][0]) % 2 else (0.0, None, False, 1.0))
+        )
+        or p["case"] == ("grpo", "sequence", 0.04, 1.5, False, 1.0)
+    )
+)
 @pytest.mark.parametrize("case", [c for c in LIGER_GRID if _liger_case(c)], ids=lambda c: "-".join(map(str, c)))
 def test_equals_liger_kernel_fused_linear_grpo(case):
     """Liger-Kernel 0.8.5's LigerFusedLinearGRPOLoss (its chunked, pure-torch path) on the same float64
@@ -455,7 +467,7 @@ def test_memory_stays_far_below_the_logits():
 
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
-@fast_cases(lambda p: p["check_vma"])
+@fast_cases(lambda p: p["check_vma"] and (p["fn"] == "logits") == (p["loss_type"] == "dapo"))
 @pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
 @pytest.mark.parametrize("fn", ["logits", "linear"])
 @pytest.mark.parametrize("loss_type,level", [("grpo", "sequence"), ("dapo", "token"), ("luspo", "token")])
