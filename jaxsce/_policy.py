@@ -234,6 +234,27 @@ class Settings(NamedTuple):
     num_items: Any
 
 
+#: The options :func:`_settings` checks, shared by both public functions (by name).
+SETTINGS = (
+    "loss_type",
+    "importance_sampling_level",
+    "epsilon",
+    "epsilon_high",
+    "delta",
+    "beta",
+    "kl_importance_correction",
+    "num_items_in_batch",
+    "max_completion_length",
+    "sapo_temperatures",
+    "temperature",
+    "logit_softcap",
+    "entropy_coef",
+    "return_aux",
+    "axis_name",
+    "batch_axis_name",
+)
+
+
 def _settings(
     *,
     loss_type,
@@ -521,26 +542,9 @@ def policy_loss(
       >>> print(f"{loss:.4f}")  # -(3 * 1 + 3 * -1) / 6
       0.0000
     """
+    options = locals()
     _labels.check_host_labels(labels)
-    st = _settings(
-        loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level,
-        epsilon=epsilon,
-        epsilon_high=epsilon_high,
-        delta=delta,
-        beta=beta,
-        kl_importance_correction=kl_importance_correction,
-        num_items_in_batch=num_items_in_batch,
-        max_completion_length=max_completion_length,
-        sapo_temperatures=sapo_temperatures,
-        temperature=temperature,
-        logit_softcap=logit_softcap,
-        entropy_coef=entropy_coef,
-        return_aux=return_aux,
-        axis_name=axis_name,
-        batch_axis_name=batch_axis_name,
-        has_reference=ref_log_probs is not None,
-    )
+    st = _settings(**{k: v for k, v in options.items() if k in SETTINGS}, has_reference=ref_log_probs is not None)
     data = (advantages, old_log_probs, ref_log_probs, sampler_weights)
     axis = _options.hashable_axes(axis, "axis")
     return _policy_loss(logits, labels, where, data, st.consts, st.num_items, axis=axis, **st.static)
@@ -681,6 +685,7 @@ def linear_policy_loss(
       >>> print(f"{loss:.4f} {aux.clip_ratio:.2f} {aux.ratio_mean:.4f}")  # -(1.2 * 3 - 1.6487 * 3) / 6
       0.2244 0.50 1.6487
     """
+    options = locals()
     _labels.check_host_labels(labels)
     if (ref_hidden is None) != (ref_weight is None):
         raise ValueError("A reference head needs both ref_hidden and ref_weight (and optionally ref_bias).")
@@ -689,22 +694,7 @@ def linear_policy_loss(
     if ref_hidden is not None and ref_log_probs is not None:
         raise ValueError("Pass either ref_log_probs or the reference head (ref_hidden, ref_weight), not both.")
     st = _settings(
-        loss_type=loss_type,
-        importance_sampling_level=importance_sampling_level,
-        epsilon=epsilon,
-        epsilon_high=epsilon_high,
-        delta=delta,
-        beta=beta,
-        kl_importance_correction=kl_importance_correction,
-        num_items_in_batch=num_items_in_batch,
-        max_completion_length=max_completion_length,
-        sapo_temperatures=sapo_temperatures,
-        temperature=temperature,
-        logit_softcap=logit_softcap,
-        entropy_coef=entropy_coef,
-        return_aux=return_aux,
-        axis_name=axis_name,
-        batch_axis_name=batch_axis_name,
+        **{k: v for k, v in options.items() if k in SETTINGS},
         has_reference=ref_log_probs is not None or ref_hidden is not None,
     )
     fused = _options.fused(
