@@ -657,11 +657,8 @@ def linear_policy_loss(
       ref_hidden: ``[B, L, d_ref]``, the reference model's hidden states.
       ref_weight: the reference model's head, ``[d_ref, V]`` or ``[V, d_ref]``.
       ref_bias: optional ``[V]``.
-      where, old_log_probs, ref_log_probs, loss_type, importance_sampling_level,
-      epsilon, epsilon_high, delta, beta, kl_importance_correction,
-      sampler_weights, num_items_in_batch, max_completion_length,
-      sapo_temperatures, temperature, logit_softcap, entropy_coef,
-      return_aux, batch_axis_name: as in :func:`jaxsce.policy_loss`
+      where: and every option from ``old_log_probs`` to ``return_aux``, and
+        ``batch_axis_name``: as in :func:`jaxsce.policy_loss`
         (``ref_log_probs`` or the reference head, not both).
       token_block, vocab_block, memory_budget: as in :func:`jaxsce.linear_cross_entropy`.
       axis_name: mesh axis splitting the vocabulary of the heads inside ``jax.shard_map``.
