@@ -190,9 +190,13 @@ def check_head(hidden, weight, bias, layout: str, prefix: str = "", linear: str 
     d = hidden.shape[-1]
     wd, v_local = (weight.shape[0], weight.shape[1]) if layout == "dv" else (weight.shape[1], weight.shape[0])
     if wd != d:
+        other = "vd" if layout == "dv" else "dv"
+        other_d = weight.shape[1] if layout == "dv" else weight.shape[0]
+        looks = "a [V, d] table (an embedding's layout)" if other == "vd" else "a [d, V] matrix"
+        hint = f" It looks like {looks}: pass weight_layout={other!r}." if other_d == d else ""
         raise ValueError(
             f"{names[0]} has feature size {d} (shape {hidden.shape}) but {names[1]} of shape "
-            f"{weight.shape} with weight_layout={layout!r} has input size {wd}."
+            f"{weight.shape} with weight_layout={layout!r} has input size {wd}.{hint}"
         )
     if v_local == 0:
         raise ValueError(f"{names[1]} of shape {weight.shape} (weight_layout={layout!r}) has no classes.")

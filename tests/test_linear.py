@@ -316,6 +316,9 @@ def test_forward_mode_keeps_the_logits_out_of_memory():
         (dict(hidden=jnp.ones((T, D), jnp.int32)), TypeError, "int32"),
         (dict(linear_bias=jnp.ones((V + 1,))), ValueError, r"\(301,\)"),
         (dict(weight_layout="dV"), ValueError, "weight_layout"),
+        # A [V, d] table (an embedding) without weight_layout: the error says which layout to pass.
+        (dict(linear_weight=jnp.ones((V, D))), ValueError, "pass weight_layout='vd'"),
+        (dict(linear_weight=jnp.ones((D, V)), weight_layout="vd"), ValueError, "pass weight_layout='dv'"),
         (dict(vocab_block=0), ValueError, "vocab_block"),
         (dict(derivative="forward"), ValueError, "derivative"),
     ],
