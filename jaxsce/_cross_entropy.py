@@ -12,6 +12,7 @@ from . import _front, _labels, _logit_ce, _options, _reduce, _spmd, _validate
 AxisName = str | tuple[str, ...] | None
 
 
+@_options.keyword_checked
 def cross_entropy(
     logits: jax.Array,
     labels: jax.Array,

@@ -198,6 +198,7 @@ def _reduced(outputs, valid, reduction, batch_axis_name, batch_shape):
     return _reduce.reduce_loss(loss, valid.astype(loss.dtype), reduction, batch_axis_name, valid)
 
 
+@_options.keyword_checked
 def distillation_loss(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
@@ -310,6 +311,7 @@ def _consts_in(consts: DistillConsts, ct, divergence: str) -> DistillConsts:
     return DistillConsts(transform, jnp.where((beta > 0) & (beta < 1), beta, jnp.nan))
 
 
+@_options.keyword_checked
 def linear_distillation_loss(
     student_hidden: jax.Array,
     student_weight: jax.Array,

@@ -217,6 +217,7 @@ def check_class_ids(labels, batch_shape, hidden_shape):
     return labels
 
 
+@_options.keyword_checked
 def linear_cross_entropy(
     hidden: jax.Array,
     linear_weight: jax.Array,

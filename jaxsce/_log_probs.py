@@ -155,6 +155,7 @@ class LogProbRows(_stream.RowLoss):
         return jnp.where(hit, g[:, None], 0) - p * coef
 
 
+@_options.keyword_checked
 def log_probs(
     logits: jax.Array,
     labels: jax.Array,
@@ -269,6 +270,7 @@ def _log_probs(logits, labels, where, tp: Transform, *, axis, return_entropy, ax
     return _outputs(outputs, batch_shape, return_entropy)
 
 
+@_options.keyword_checked
 def linear_log_probs(
     hidden: jax.Array,
     linear_weight: jax.Array,

@@ -16,9 +16,12 @@ then calls a jitted implementation:
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
 import operator
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +32,36 @@ from ._targets import Options
 from ._transform import Transform
 
 REDUCTIONS = ("mean", "sum", "none")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def keyword_checked(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn`` whose error for an unknown keyword option suggests the nearest valid names.
+
+    Python's own error (``got an unexpected keyword argument``) does not say
+    what was meant; with thirty options a typo such as ``label_smothing``
+    deserves the answer.
+    """
+    params = tuple(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        check_keywords(fn.__name__, kwargs, params)
+        return fn(*args, **kwargs)
+
+    return checked
+
+
+def check_keywords(fn_name: str, given, valid) -> None:
+    """A ``TypeError`` for the first name of ``given`` not in ``valid``, suggesting the nearest valid ones."""
+    for name in given:
+        if name not in valid:
+            close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.7)
+            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise TypeError(f"{fn_name}() got an unexpected keyword argument {name!r}.{hint}")
+
+
 DERIVATIVES = ("vjp", "jvp")
 
 

@@ -426,6 +426,7 @@ def _check_batch_shape(batch_shape, name: str, full_shape):
 # --- public functions ------------------------------------------------------------------------
 
 
+@_options.keyword_checked
 def policy_loss(
     logits: jax.Array,
     labels: jax.Array,
@@ -593,6 +594,7 @@ def _policy_loss(
     return _finish(value, metrics, total, return_aux, data[2] is not None, batch_axis_name)
 
 
+@_options.keyword_checked
 def linear_policy_loss(
     hidden: jax.Array,
     linear_weight: jax.Array,

@@ -20,14 +20,20 @@ logits' or the weight's size is ever communicated):
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import jax
 from jax.sharding import Mesh, PartitionSpec
 
+from . import _options
 from ._cross_entropy import cross_entropy
 from ._linear import linear_cross_entropy
 from ._reduce import LossAux
+
+# The options the wrappers pass on (a mistyped one is named up front, with the nearest valid names).
+_FORWARDED_CE = tuple(inspect.signature(cross_entropy).parameters)
+_FORWARDED_LINEAR = tuple(inspect.signature(linear_cross_entropy).parameters)
 
 AxisNames = str | Sequence[str] | None
 
@@ -112,6 +118,7 @@ def sharded_cross_entropy(
     """
     if "axis" in options or "axis_name" in options or "batch_axis_name" in options:
         raise ValueError("sharded_cross_entropy takes vocab_axis/batch_axes; the class axis is the last axis.")
+    _options.check_keywords("sharded_cross_entropy", options, _FORWARDED_CE)
     vocab, batch = _axes(vocab_axis), _axes(batch_axes)
     _check_mesh(mesh, vocab, batch)
     rest = (None,) * (logits.ndim - 2)
@@ -166,6 +173,7 @@ def sharded_linear_cross_entropy(
     shard, and the shards combine a few floats per token. ``check_vma`` is
     passed to ``jax.shard_map`` (results and gradients are the same either way).
     """
+    _options.check_keywords("sharded_linear_cross_entropy", options, _FORWARDED_LINEAR)
     if "axis_name" in options or "batch_axis_name" in options:
         raise ValueError("sharded_linear_cross_entropy takes vocab_axis/batch_axes.")
     vocab, batch = _axes(vocab_axis), _axes(batch_axes)

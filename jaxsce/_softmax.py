@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _validate
+from . import _options, _validate
 
 Axis = int | tuple[int, ...] | None
 
@@ -122,6 +122,7 @@ def _logsumexp_jvp(axes, primals, tangents):
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))
+@_options.keyword_checked
 def softmax(x: jax.Array, axis: Axis = -1, where: jax.Array | None = None) -> jax.Array:
     r"""Numerically stable softmax.
 
@@ -159,6 +160,7 @@ def softmax(x: jax.Array, axis: Axis = -1, where: jax.Array | None = None) -> ja
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))
+@_options.keyword_checked
 def log_softmax(x: jax.Array, axis: Axis = -1, where: jax.Array | None = None) -> jax.Array:
     r"""Numerically stable log-softmax.
 
@@ -195,6 +197,7 @@ def log_softmax(x: jax.Array, axis: Axis = -1, where: jax.Array | None = None) -
 
 
 @functools.partial(jax.jit, static_argnames=("axis", "keepdims"))
+@_options.keyword_checked
 def logsumexp(
     x: jax.Array,
     axis: Axis = -1,

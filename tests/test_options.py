@@ -249,3 +249,29 @@ def test_property_options_in_low_precision(names, soft, reduction, derivative, d
     assert g.dtype == x.dtype
     tol = 2e-3 if dtype == np.float32 else 1e-1
     np.testing.assert_allclose(np.asarray(g, np.float64), g_ref, rtol=tol, atol=tol * 1e-2)
+
+
+_Z, _Y, _A = jnp.zeros((2, 3)), jnp.zeros((2,), jnp.int32), jnp.zeros((2,))
+_H, _W = jnp.zeros((2, 1, 3)), jnp.zeros((3, 4))
+
+
+@pytest.mark.parametrize(
+    "call,typo,meant",
+    [
+        (lambda **kw: jaxsce.cross_entropy(_Z, _Y, **kw), "label_smothing", "label_smoothing"),
+        (lambda **kw: jaxsce.linear_cross_entropy(_Z, _W.T, _Y, **kw), "weight_layot", "weight_layout"),
+        (lambda **kw: jaxsce.log_probs(_Z, _Y, **kw), "return_entropies", "return_entropy"),
+        (lambda **kw: jaxsce.linear_log_probs(_Z, _W.T, _Y, **kw), "temprature", "temperature"),
+        (lambda **kw: jaxsce.distillation_loss(_Z, _Z, **kw), "divergance", "divergence"),
+        (lambda **kw: jaxsce.linear_distillation_loss(_Z, _W.T, _Z, _W.T, **kw), "reductions", "reduction"),
+        (lambda **kw: jaxsce.policy_loss(_H @ _W, _Y[:, None], _A, **kw), "loss_typ", "loss_type"),
+        (lambda **kw: jaxsce.linear_policy_loss(_H, _W, _Y[:, None], _A, **kw), "epsilon_hi", "epsilon_high"),
+        (lambda **kw: jaxsce.softmax(_Z, **kw), "axes", "axis"),
+        (lambda **kw: jaxsce.sharded_cross_entropy(_Z, _Y, mesh=None, **kw), "z_los", "z_loss"),
+        (lambda **kw: jaxsce.sharded_linear_cross_entropy(_Z, _W.T, _Y, mesh=None, **kw), "chunk_size", None),
+    ],
+)
+def test_a_mistyped_option_is_named_with_the_nearest_valid_name(call, typo, meant):
+    hint = f" Did you mean '{meant}'" if meant else r"$"
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{typo}'.{hint}"):
+        call(**{typo: 1})
