@@ -141,8 +141,8 @@ class RowLoss:
 
     #: Number of linear heads (logits matrices) the loss reads; gradients flow to head 0.
     heads: ClassVar[int] = 1
-    #: How many heads (from head 0) :meth:`grad` reads; the backward recomputes
-    #: only their blocks (None: all).
+    #: How many heads (from head 0) :meth:`grad` reads; the backward and the
+    #: forward-mode tangent pass recompute only their blocks (None: all).
     grad_heads: ClassVar[int | None] = None
     #: Indices of the outputs that carry cotangents.
     differentiable: ClassVar[tuple[int, ...]] = (0,)

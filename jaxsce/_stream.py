@@ -160,6 +160,12 @@ def _whole_second_pass(loss: RowLoss, s, stats: Stats, col0, rows_data, cols, co
     return _sum_shards(loss, acc2, consts)
 
 
+def _grad_heads(loss: RowLoss, heads: tuple):
+    """The heads whose blocks ``loss.grad`` reads (``RowLoss.grad_heads``): the passes that only feed
+    ``grad`` (the backward, the forward-mode tangent pass) recompute no others."""
+    return heads[: loss.grad_heads or len(heads)]
+
+
 def _block_tangent(tangents, h_blk, w_blk, dh_blk, v0, vb: int, layout: str, ct):
     """Head 0's logits-block tangent ``dh W_b + h dW_b + db_b`` for vocabulary columns ``v0 : v0 + vb``
     (``tangents = (dh, dW, db)``, None entries zero; ``dh_blk`` is ``dh``'s token block)."""
@@ -294,7 +300,7 @@ def _stream_bwd(st: Static, saved, cts):
     layout = layouts[0]
     op = operand_dtype(h0)
 
-    used = heads[: loss.grad_heads or len(heads)]  # the heads whose blocks loss.grad reads
+    used = _grad_heads(loss, heads)
 
     def vocab_block(j, carry):
         dh, dw, db = carry
@@ -395,9 +401,11 @@ def _tangent_pass(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static
     dh_all = tangents[0]
     like = (heads, valid, rows, cols, norm, res, tangents)
 
+    used = _grad_heads(loss, heads)
+
     def token_block(i, outs):
         t0, tfresh0 = clamped(i, tb, t_total)
-        h_blks = [token_rows(hd.hidden, valid, t0, tb) for hd in heads]
+        h_blks = [token_rows(hd.hidden, valid, t0, tb) for hd in used]
         dh_blk = None if dh_all is None else token_rows(dh_all, valid, t0, tb)
         sl = lambda x: slice_tree(x, t0, tb)  # noqa: E731
         rows_blk, norm_blk, res_blk = sl(rows), sl(norm), sl(res)
@@ -405,7 +413,7 @@ def _tangent_pass(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static
         def vocab_block(j, acc):
             v0, fresh0 = clamped(j, vb, v_local)
             fresh = lax.broadcasted_iota(jnp.int32, (1, vb), 1) + v0 >= fresh0
-            w_blks, b_blks = head_blocks(heads, v0, vb, layouts)
+            w_blks, b_blks = head_blocks(used, v0, vb, layouts)
             s = block_logits(loss, h_blks, w_blks, b_blks, layouts, consts, ct)
             dz = jnp.where(fresh, _block_tangent(tangents, h_blks[0], w_blks[0], dh_blk, v0, vb, layouts[0], ct), 0)
             gblk = _grad_block(s, norm_blk, v0 + shard0, rows_blk, slice_tree(cols, v0, vb))
