@@ -245,10 +245,8 @@ def _outputs(outputs, batch_shape, return_entropy: bool):
     return out if return_entropy else out[0]
 
 
-@_front.implementation
-def _log_probs(logits, labels, where, tp: Transform, *, axis, return_entropy, axis_name, check_labels, derivative):
-    logits = _validate.check_floating(logits, "logits")
-    z, batch_shape, _ = _validate.class_rows(logits, axis, "logits")
+def check_logit_labels(labels, logits, axis, batch_shape):
+    """Integer class ids of the logits' batch shape (``logits.shape`` without the class axis)."""
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype} with shape {labels.shape}.")
@@ -257,6 +255,14 @@ def _log_probs(logits, labels, where, tp: Transform, *, axis, return_entropy, ax
             f"labels have shape {labels.shape}, but logits of shape {logits.shape} with class axis "
             f"{axis} need shape {batch_shape}."
         )
+    return labels
+
+
+@_front.implementation
+def _log_probs(logits, labels, where, tp: Transform, *, axis, return_entropy, axis_name, check_labels, derivative):
+    logits = _validate.check_floating(logits, "logits")
+    z, batch_shape, _ = _validate.class_rows(logits, axis, "logits")
+    labels = check_logit_labels(labels, logits, axis, batch_shape)
     _spmd.check_split_axes("logits", logits, labels, "labels", axis_name, None)
     n, local_classes = z.shape
     num_classes = local_classes * _spmd.axis_size(axis_name)

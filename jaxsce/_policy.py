@@ -46,7 +46,7 @@ from jax import lax
 
 from . import _front, _labels, _options, _spmd, _stream, _transform, _validate
 from ._linear import check_class_ids, check_head
-from ._log_probs import LogProbRows
+from ._log_probs import LogProbRows, check_logit_labels
 from ._stream import DEFAULT_MEMORY_BUDGET
 from ._transform import Transform
 
@@ -175,6 +175,13 @@ def _vjp_terms(obj: Objective, lp, h, ref, d: TokenData, c: PolicyConsts, shape)
     return value.reshape(-1), d_lp.reshape(-1), flat(d_h), tuple(x.reshape(-1) for x in metrics)
 
 
+def _split(outputs, entropy: bool, reference: bool, data: TokenData):
+    """``(log p, H or None, the reference's log p or None)`` from the per-row outputs of
+    :class:`~jaxsce._log_probs.LogProbRows` (a streamed reference head) or the given ``data.ref``."""
+    h = outputs[1] if entropy else None
+    return outputs[0], h, outputs[-1] if reference else data.ref
+
+
 class PolicyRowData(NamedTuple):
     """Per-row data of the fused loss: the sampled tokens and the objective's per-token data."""
 
@@ -199,9 +206,7 @@ class PolicyRows(LogProbRows):
         return _transform.chain(s, ds, c.transform)
 
     def scalar(self, outputs, rows: PolicyRowData, c: PolicyConsts):
-        lp = outputs[0]
-        h = outputs[1] if self.entropy else None
-        ref = outputs[-1] if self.reference else rows.data.ref
+        lp, h, ref = _split(outputs, self.entropy, self.reference, rows.data)
         shape = (lp.shape[0] // self.row_group, self.row_group)
         value, d_lp, d_h, metrics = _vjp_terms(self.objective, lp, h, ref, rows.data, c, shape)
         cts = (d_lp,) + ((d_h,) if self.entropy else ()) + ((None,) if self.reference else ())
@@ -408,9 +413,7 @@ def _finish(value_sum, metric_sums, total, return_aux: bool, has_reference: bool
 def _from_outputs(obj, outputs, entropy: bool, reference: bool, data: TokenData, c, batch_shape):
     """The loss's sums from per-token outputs (``[T]``), differentiated by JAX (the streaming path)."""
     shape = lambda x: None if x is None else x.reshape(batch_shape)  # noqa: E731
-    lp = shape(outputs[0])
-    h = shape(outputs[1]) if entropy else None
-    ref = shape(outputs[-1]) if reference else data.ref
+    lp, h, ref = _split(tuple(shape(x) for x in outputs), entropy, reference, data)
     value, metrics = objective(obj, lp, h, ref, data, c)
     return jnp.sum(value), tuple(jnp.sum(x) for x in metrics)
 
@@ -570,11 +573,7 @@ def _policy_loss(
     logits = _validate.check_floating(logits, "logits")
     z, batch_shape, _ = _validate.class_rows(logits, axis, "logits")
     _check_batch_shape(batch_shape, "logits", logits.shape)
-    labels = jnp.asarray(labels)
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype} with shape {labels.shape}.")
-    if labels.shape != batch_shape:
-        raise ValueError(f"labels have shape {labels.shape}, but logits of shape {logits.shape} need {batch_shape}.")
+    labels = check_logit_labels(labels, logits, axis, batch_shape)
     _spmd.check_split_axes("logits", logits, labels, "labels", axis_name, batch_axis_name)
     n, local_classes = z.shape
     num_classes = local_classes * _spmd.axis_size(axis_name)
