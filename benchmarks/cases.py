@@ -490,13 +490,11 @@ def bench_policy(shapes, dtype, repeats, progress, *, fused_reference: bool = Fa
             extra_calls=extra, rates=_passes(3 + fused_reference),
         )  # fmt: skip
         liger_ms = next((r.median_ms for r in part if r.impl == LIGER), None)
-        matmul_ms = part[0].extra["matmul_ms"]
+        # No fused loss can go below its matmul passes: the floor of the ratio to Liger.
+        floor_ms = (3 + fused_reference) * part[0].extra["matmul_ms"]
         for r in part:
             r.extra["ratio_to_liger"] = None if liger_ms is None else r.median_ms / liger_ms
-        if liger_ms is not None:
-            # No fused loss can go below its matmul passes: the floor of the ratio to Liger.
-            for r in part:
-                r.extra["floor_ratio_to_liger"] = (3 + fused_reference) * matmul_ms / liger_ms
+            r.extra["floor_ratio_to_liger"] = None if liger_ms is None else floor_ms / liger_ms
         rows += part
     return rows
 
