@@ -7,12 +7,13 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from . import _front, _labels, _logit_ce, _options, _reduce, _spmd, _validate
+from . import _auto, _front, _labels, _logit_ce, _options, _reduce, _spmd, _validate
 
 AxisName = str | tuple[str, ...] | None
 
 
 @_options.keyword_checked
+@_auto.spmd(logits=_auto.CLASSES, labels=_auto.LABELS, where=_auto.ROWS, weight=_auto.VOCAB, sample_weight=_auto.ROWS)
 def cross_entropy(
     logits: jax.Array,
     labels: jax.Array,
@@ -32,6 +33,7 @@ def cross_entropy(
     axis_name: AxisName = None,
     batch_axis_name: AxisName = None,
     check_labels: bool = False,
+    num_classes: int | None = None,
 ) -> jax.Array | tuple[jax.Array, _reduce.LossAux]:
     r"""Softmax cross-entropy with an analytic gradient.
 
@@ -113,6 +115,12 @@ def cross_entropy(
         ``jax.custom_jvp``; needed for ``jax.jvp``, ``jax.jacfwd`` and
         ``jax.linearize`` of the loss. Reverse mode then keeps
         ``softmax``-sized intermediates.
+      num_classes: the number of real classes :math:`C` when the class axis
+        is padded (a vocabulary padded to divide a mesh or to a multiple of
+        128): columns at or beyond it, counted over all shards, are left out
+        of the softmax, the smoothing, the class weights and the argmax, and
+        get exactly 0 gradient; labels must lie in ``[0, num_classes)``.
+        None: every column is a class.
       axis_name: mesh axis (inside ``jax.shard_map``) over which the class
         axis is split; ``logits`` is then the local slice, ``labels`` hold
         global class ids and ``weight`` is the local slice of the class
@@ -186,6 +194,7 @@ def cross_entropy(
             axis_name=axis_name,
             batch_axis_name=batch_axis_name,
             check_labels=check_labels,
+            num_classes=num_classes,
         ),
     )
     fl = _options.floats(
@@ -212,11 +221,12 @@ def _cross_entropy(
     axis_name,
     batch_axis_name,
     check_labels,
+    num_classes,
 ):
     logits = _validate.check_floating(logits, "logits")
     z, batch_shape, flatten = _validate.class_rows(logits, axis, "logits")
     n, local_classes = z.shape
-    num_classes = local_classes * _spmd.axis_size(axis_name)
+    num_classes, padding = _options.class_count(num_classes, local_classes, axis_name, "the logits' class axis")
 
     labels = jnp.asarray(labels)
     if jnp.issubdtype(labels.dtype, jnp.integer):
@@ -250,6 +260,7 @@ def _cross_entropy(
     if not soft:
         target, valid = _labels.label_validity(target, num_classes, valid, ignore_index, check_labels)
     class_weight = None if weight is None else _options.check_class_weight(weight, local_classes)
+    class_weight = _options.real_class_weight(class_weight, padding, axis_name)
 
     ct = _validate.compute_dtype(z.dtype)
     sw = _options.sample_weights(sample_weight, batch_shape, "the batch shape: logits.shape without axis", ct)
@@ -261,6 +272,7 @@ def _cross_entropy(
         axis_name=axis_name,
         return_aux=return_aux,
         is_unchecked=_spmd.unchecked(axis_name),
+        padded=padding is not None,
     )
     kernel = _logit_ce.ce_vjp if derivative == "vjp" else _logit_ce.ce_jvp
     outputs = kernel(z, target, valid, class_weight, opts)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _front, _options, _reduce, _spmd, _stream, _transform, _validate
+from . import _auto, _front, _options, _reduce, _spmd, _stream, _transform, _validate
 from ._linear import check_head
 from ._stream import DEFAULT_MEMORY_BUDGET
 from ._transform import Transform
@@ -199,6 +199,7 @@ def _reduced(outputs, valid, reduction, batch_axis_name, batch_shape):
 
 
 @_options.keyword_checked
+@_auto.spmd(student_logits=_auto.CLASSES, teacher_logits=_auto.CLASSES, where=_auto.ROWS)
 def distillation_loss(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
@@ -212,6 +213,7 @@ def distillation_loss(
     axis_name: AxisName = None,
     batch_axis_name: AxisName = None,
     derivative: str = "vjp",
+    num_classes: int | None = None,
 ) -> jax.Array:
     r"""Divergence between the student's and the teacher's softmax, with analytic gradients.
 
@@ -250,6 +252,10 @@ def distillation_loss(
         over must be named by ``axis_name`` or ``batch_axis_name`` (a
         ``ValueError`` says which is missing): a split class axis computed
         as if whole would give each device the divergence of its shard.
+      num_classes: the number of real classes when the class axis of both
+        logits is padded: columns at or beyond it (over all shards) are left
+        out of both distributions, with exactly 0 gradient, as in
+        :func:`jaxsce.cross_entropy`.
         Under ``check_vma=False`` JAX tracks no such types and the caller
         must name them.
       derivative: ``"vjp"`` (default, reverse mode) or ``"jvp"`` (forward
@@ -275,6 +281,7 @@ def distillation_loss(
         axis_name=_options.hashable_axes(axis_name, "axis_name"),
         batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
         derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
+        num_classes=_options.size(num_classes, "num_classes"),
     )
     divergence, consts = _options_of(divergence, beta, temperature)
     return _distillation_loss(student_logits, teacher_logits, where, consts, divergence=divergence, **static)
@@ -282,7 +289,7 @@ def distillation_loss(
 
 @_front.implementation
 def _distillation_loss(
-    student, teacher, where, consts, *, divergence, axis, reduction, axis_name, batch_axis_name, derivative
+    student, teacher, where, consts, *, divergence, axis, reduction, axis_name, batch_axis_name, derivative, num_classes
 ):
     student = _validate.check_floating(student, "student_logits")
     teacher = _validate.check_floating(teacher, "teacher_logits")
@@ -296,7 +303,10 @@ def _distillation_loss(
     valid = _front.counted(where, batch_shape, "the batch shape: logits.shape without axis")
     ct = _validate.compute_dtype(_validate.promote(student.dtype, teacher.dtype))
     consts = _consts_in(consts, ct, divergence)
-    loss = DistillRows(divergence=divergence, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name))
+    _, padding = _options.class_count(num_classes, s_rows.shape[1], axis_name, "the logits' class axis")
+    loss = DistillRows(
+        divergence=divergence, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name), classes=padding
+    )
     z = (s_rows, lax.stop_gradient(flat(teacher)))
     outputs = _front.whole(loss, z, valid, None, None, consts, derivative)
     return _reduced(outputs, valid, reduction, batch_axis_name, batch_shape)
@@ -312,6 +322,15 @@ def _consts_in(consts: DistillConsts, ct, divergence: str) -> DistillConsts:
 
 
 @_options.keyword_checked
+@_auto.spmd(
+    student_hidden=_auto.HIDDEN,
+    student_weight=_auto.weight("weight_layout"),
+    teacher_hidden=_auto.HIDDEN,
+    teacher_weight=_auto.weight("teacher_weight_layout", "weight_layout"),
+    student_bias=_auto.VOCAB,
+    teacher_bias=_auto.VOCAB,
+    where=_auto.ROWS,
+)
 def linear_distillation_loss(
     student_hidden: jax.Array,
     student_weight: jax.Array,
@@ -332,6 +351,8 @@ def linear_distillation_loss(
     axis_name: AxisName = None,
     batch_axis_name: AxisName = None,
     derivative: str = "vjp",
+    num_classes: int | None = None,
+    teacher_weight_layout: str | None = None,
 ) -> jax.Array:
     r"""Fused :func:`jaxsce.distillation_loss` of two linear heads that never builds either's logits.
 
@@ -353,9 +374,14 @@ def linear_distillation_loss(
       student_hidden: ``[..., d_s]`` floating.
       student_weight: ``[d_s, V]`` (``weight_layout="dv"``) or ``[V, d_s]`` (``"vd"``).
       teacher_hidden: ``[..., d_t]``, the student's batch shape.
-      teacher_weight: ``[d_t, V]`` or ``[V, d_t]``, the same layout.
+      teacher_weight: ``[d_t, V]`` or ``[V, d_t]`` (``teacher_weight_layout``).
       student_bias, teacher_bias: optional ``[V]``.
-      weight_layout: ``"dv"`` or ``"vd"``, for both weights.
+      weight_layout: ``"dv"`` or ``"vd"``, the student's weight layout (and
+        the teacher's unless ``teacher_weight_layout``).
+      teacher_weight_layout: the teacher's layout when it differs (a tied
+        ``[V, d]`` student table distilled from an untied ``[d, V]`` teacher
+        kernel): each head's blocks are sliced from its own layout, nothing
+        is transposed or copied. None: ``weight_layout``.
       divergence, beta, temperature, where, reduction: as in
         :func:`jaxsce.distillation_loss`.
       token_block, vocab_block, memory_budget: as in
@@ -368,6 +394,8 @@ def linear_distillation_loss(
         over the whole batch.
       derivative: ``"vjp"`` (default) or ``"jvp"`` (forward mode, one more
         streaming pass for the tangents), as in :func:`jaxsce.linear_log_probs`.
+      num_classes: the real vocabulary size when both weights are padded, as
+        in :func:`jaxsce.distillation_loss`.
 
     Returns:
       As :func:`jaxsce.distillation_loss`.
@@ -391,6 +419,12 @@ def linear_distillation_loss(
         axis_name=_options.hashable_axes(axis_name, "axis_name"),
         batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
         derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
+        num_classes=_options.size(num_classes, "num_classes"),
+        teacher_weight_layout=_options.choice(
+            weight_layout if teacher_weight_layout is None else teacher_weight_layout,
+            "teacher_weight_layout",
+            ("dv", "vd"),
+        ),
     )
     _front.check_forward_mode(derivative, "linear_distillation_loss", student_hidden, student_weight, student_bias)
     divergence, consts = _options_of(divergence, beta, temperature)
@@ -418,9 +452,11 @@ def _linear_distillation_loss(
     axis_name,
     batch_axis_name,
     derivative,
+    num_classes,
+    teacher_weight_layout,
 ):
     student, v_s = check_head(hs, ws, bs, weight_layout, prefix="student_", linear="")
-    teacher, v_t = check_head(ht, wt, bt, weight_layout, prefix="teacher_", linear="")
+    teacher, v_t = check_head(ht, wt, bt, teacher_weight_layout, prefix="teacher_", linear="")
     batch_shape = hs.shape[:-1]
     if ht.shape[:-1] != batch_shape:
         raise ValueError(
@@ -429,8 +465,8 @@ def _linear_distillation_loss(
         )
     if v_t != v_s:
         raise ValueError(
-            f"teacher_weight of shape {wt.shape} has {v_t} classes but student_weight of shape {ws.shape} "
-            f"has {v_s} (weight_layout={weight_layout!r})."
+            f"teacher_weight of shape {wt.shape} (teacher_weight_layout={teacher_weight_layout!r}) has {v_t} "
+            f"classes but student_weight of shape {ws.shape} (weight_layout={weight_layout!r}) has {v_s}."
         )
     for prefix, w, h in (("student", ws, hs), ("teacher", wt, ht)):
         _spmd.check_split_axes(f"{prefix}_weight", w, h, f"{prefix}_hidden", axis_name, batch_axis_name)
@@ -439,7 +475,10 @@ def _linear_distillation_loss(
     heads = (student, teacher)
     ct = _stream.acc_dtype(*student, *teacher)
     consts = _consts_in(consts, ct, divergence)
-    loss = DistillRows(divergence=divergence, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name))
+    _, padding = _options.class_count(num_classes, v_s, axis_name, "student_weight's vocabulary")
+    loss = DistillRows(
+        divergence=divergence, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name), classes=padding
+    )
     out = _front.fused(
         loss,
         heads,
@@ -447,7 +486,7 @@ def _linear_distillation_loss(
         None,
         None,
         consts,
-        (weight_layout, weight_layout),
+        (weight_layout, teacher_weight_layout),
         n_outputs=1,
         scalar=reduction != "none",
         token_block=token_block,

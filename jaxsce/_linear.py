@@ -35,7 +35,7 @@ from typing import NamedTuple, cast
 import jax
 import jax.numpy as jnp
 
-from . import _front, _labels, _options, _reduce, _spmd, _stream, _targets, _transform, _validate
+from . import _auto, _front, _labels, _options, _reduce, _spmd, _stream, _targets, _transform, _validate
 from ._logit_ce import in_range, total_weight
 from ._stream import DEFAULT_MEMORY_BUDGET, Head
 from ._targets import Options
@@ -218,6 +218,15 @@ def check_class_ids(labels, batch_shape, hidden_shape):
 
 
 @_options.keyword_checked
+@_auto.spmd(
+    hidden=_auto.HIDDEN,
+    linear_weight=_auto.weight("weight_layout"),
+    labels=_auto.ROWS,
+    linear_bias=_auto.VOCAB,
+    weight=_auto.VOCAB,
+    sample_weight=_auto.ROWS,
+    where=_auto.ROWS,
+)
 def linear_cross_entropy(
     hidden: jax.Array,
     linear_weight: jax.Array,
@@ -241,6 +250,7 @@ def linear_cross_entropy(
     axis_name: str | tuple[str, ...] | None = None,
     batch_axis_name: str | tuple[str, ...] | None = None,
     check_labels: bool = False,
+    num_classes: int | None = None,
     derivative: str = "vjp",
 ) -> jax.Array | tuple[jax.Array, _reduce.LossAux]:
     r"""Fused ``cross_entropy(hidden @ linear_weight + linear_bias, labels)`` that never builds the logits.
@@ -282,6 +292,8 @@ def linear_cross_entropy(
         ``weight``) is then the local shard.
       batch_axis_name: as in :func:`jaxsce.cross_entropy`.
       check_labels: as in :func:`jaxsce.cross_entropy`.
+      num_classes: the real vocabulary size when ``linear_weight`` is padded,
+        as in :func:`jaxsce.cross_entropy`.
       token_block, vocab_block: block sizes (static); by default chosen from
         the shapes so that the block temporaries stay within ``memory_budget``.
       memory_budget: bytes of compiled temporaries to aim for (default
@@ -352,6 +364,7 @@ def linear_cross_entropy(
             axis_name=axis_name,
             batch_axis_name=batch_axis_name,
             check_labels=check_labels,
+            num_classes=num_classes,
         ),
     )
     _front.check_forward_mode(derivative, "linear_cross_entropy", hidden, linear_weight, linear_bias)
@@ -384,6 +397,7 @@ def _linear_cross_entropy(
     batch_axis_name,
     check_labels,
     derivative,
+    num_classes,
 ):
     layout = weight_layout
     head, v_local = check_head(hidden, weight, bias, layout)
@@ -392,7 +406,7 @@ def _linear_cross_entropy(
     _spmd.check_split_axes("linear_weight", weight, labels, "labels", axis_name, batch_axis_name)
 
     n = math.prod(batch_shape)
-    num_classes = v_local * _spmd.axis_size(axis_name)
+    num_classes, padding = _options.class_count(num_classes, v_local, axis_name, "linear_weight's vocabulary")
     h2, weight, bias = head
     valid = _front.counted(where, batch_shape, "hidden.shape[:-1]")
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, ignore_index, check_labels)
@@ -400,6 +414,7 @@ def _linear_cross_entropy(
     # Class weights in the accumulation dtype: sums of bf16 weights (the
     # smoothing mass) would round in bf16.
     cw = None if class_weight is None else _options.check_class_weight(class_weight, v_local).astype(ct)
+    cw = _options.real_class_weight(cw, padding, axis_name)
     sw = _options.sample_weights(sample_weight, batch_shape, "hidden.shape[:-1]", ct)
     fl = _options.in_dtype(fl, ct)
     opts = _options.make_options(
@@ -409,6 +424,7 @@ def _linear_cross_entropy(
         axis_name=axis_name,
         return_aux=return_aux,
         is_unchecked=_spmd.unchecked(axis_name),
+        padded=padding is not None,
     )
     done = functools.partial(
         _reduce.finish_cross_entropy,
@@ -419,7 +435,7 @@ def _linear_cross_entropy(
         batch_axis_name=batch_axis_name,
         batch_shape=batch_shape,
     )
-    loss = CrossEntropyRows(vocab_axis=axis_name, unchecked=opts.vocab_unchecked, argmax=return_aux)
+    loss = CrossEntropyRows(vocab_axis=axis_name, unchecked=opts.vocab_unchecked, argmax=return_aux, classes=padding)
     # "none" and the aux outputs need per-token outputs: never the single pass.
     out = _front.fused(
         loss,

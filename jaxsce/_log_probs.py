@@ -35,7 +35,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import _front, _labels, _options, _spmd, _stream, _transform, _validate
+from . import _auto, _front, _labels, _options, _spmd, _stream, _transform, _validate
 from ._linear import check_class_ids, check_head
 from ._stream import DEFAULT_MEMORY_BUDGET
 from ._targets import block_hits, label_entry
@@ -156,6 +156,7 @@ class LogProbRows(_stream.RowLoss):
 
 
 @_options.keyword_checked
+@_auto.spmd(logits=_auto.CLASSES, labels=_auto.ROWS, where=_auto.ROWS)
 def log_probs(
     logits: jax.Array,
     labels: jax.Array,
@@ -168,6 +169,7 @@ def log_probs(
     axis_name: AxisName = None,
     check_labels: bool = False,
     derivative: str = "vjp",
+    num_classes: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Log-probability of each label, and optionally the entropy, with analytic gradients.
 
@@ -204,6 +206,10 @@ def log_probs(
       check_labels: raise at run time on a counted label outside ``[0, C)``
         (as in :func:`jaxsce.cross_entropy`); without it such an example
         gives NaN.
+      num_classes: the number of real classes when the class axis is padded:
+        columns at or beyond it (over all shards) are left out of the
+        softmax and the entropy, with exactly 0 gradient, as in
+        :func:`jaxsce.cross_entropy`.
       derivative: ``"vjp"`` (default): the ``jax.custom_vjp`` above, for
         reverse mode (``jax.grad``; ``jax.jvp`` of it raises JAX's
         ``custom_vjp`` error). ``"jvp"``: a ``jax.custom_jvp`` whose rule
@@ -235,6 +241,7 @@ def log_probs(
         axis_name=_options.hashable_axes(axis_name, "axis_name"),
         check_labels=_options.flag(check_labels, "check_labels"),
         derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
+        num_classes=_options.size(num_classes, "num_classes"),
     )
     tp = _options.transform(logit_softcap, temperature)
     return _options.run(_log_probs, (logits, labels, where, tp), static)
@@ -259,24 +266,37 @@ def check_logit_labels(labels, logits, axis, batch_shape):
 
 
 @_front.implementation
-def _log_probs(logits, labels, where, tp: Transform, *, axis, return_entropy, axis_name, check_labels, derivative):
+def _log_probs(
+    logits, labels, where, tp: Transform, *, axis, return_entropy, axis_name, check_labels, derivative, num_classes
+):
     logits = _validate.check_floating(logits, "logits")
     z, batch_shape, _ = _validate.class_rows(logits, axis, "logits")
     labels = check_logit_labels(labels, logits, axis, batch_shape)
     _spmd.check_split_axes("logits", logits, labels, "labels", axis_name, None)
     n, local_classes = z.shape
-    num_classes = local_classes * _spmd.axis_size(axis_name)
+    num_classes, padding = _options.class_count(num_classes, local_classes, axis_name, "the logits' class axis")
     valid = _front.counted(where, batch_shape, "the batch shape: logits.shape without axis")
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, None, check_labels)
     tp = _options.in_dtype(tp, _validate.compute_dtype(z.dtype))
     loss = LogProbRows(
-        num_classes=num_classes, entropy=return_entropy, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name)
+        num_classes=num_classes,
+        entropy=return_entropy,
+        vocab_axis=axis_name,
+        unchecked=_spmd.unchecked(axis_name),
+        classes=padding,
     )
     outputs = _front.whole(loss, (z,), valid, y, None, tp, derivative)
     return _outputs(outputs, batch_shape, return_entropy)
 
 
 @_options.keyword_checked
+@_auto.spmd(
+    hidden=_auto.HIDDEN,
+    linear_weight=_auto.weight("weight_layout"),
+    labels=_auto.ROWS,
+    linear_bias=_auto.VOCAB,
+    where=_auto.ROWS,
+)
 def linear_log_probs(
     hidden: jax.Array,
     linear_weight: jax.Array,
@@ -294,6 +314,7 @@ def linear_log_probs(
     axis_name: AxisName = None,
     check_labels: bool = False,
     derivative: str = "vjp",
+    num_classes: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Fused :func:`jaxsce.log_probs` of ``hidden @ linear_weight + linear_bias`` that never builds the logits.
 
@@ -315,7 +336,7 @@ def linear_log_probs(
       labels: integer class ids (the sampled tokens) of ``hidden.shape[:-1]``.
       linear_bias: optional ``[V]``.
       weight_layout: ``"dv"`` or ``"vd"``.
-      temperature, logit_softcap, where, return_entropy, check_labels: as in
+      temperature, logit_softcap, where, return_entropy, check_labels, num_classes: as in
         :func:`jaxsce.log_probs`.
       token_block, vocab_block, memory_budget: as in
         :func:`jaxsce.linear_cross_entropy`.
@@ -357,6 +378,7 @@ def linear_log_probs(
         axis_name=_options.hashable_axes(axis_name, "axis_name"),
         check_labels=_options.flag(check_labels, "check_labels"),
         derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
+        num_classes=_options.size(num_classes, "num_classes"),
     )
     _front.check_forward_mode(derivative, "linear_log_probs", hidden, linear_weight, linear_bias)
     tp = _options.transform(logit_softcap, temperature)
@@ -381,19 +403,24 @@ def _linear_log_probs(
     axis_name,
     check_labels,
     derivative,
+    num_classes,
 ):
     head, v_local = check_head(hidden, weight, bias, weight_layout)
     batch_shape = hidden.shape[:-1]
     labels = check_class_ids(labels, batch_shape, hidden.shape)
     _spmd.check_split_axes("linear_weight", weight, labels, "labels", axis_name, None)
     n = head.hidden.shape[0]
-    num_classes = v_local * _spmd.axis_size(axis_name)
+    num_classes, padding = _options.class_count(num_classes, v_local, axis_name, "linear_weight's vocabulary")
     valid = _front.counted(where, batch_shape, "hidden.shape[:-1]")
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, None, check_labels)
     ct = _stream.acc_dtype(*head)
     tp = _options.in_dtype(tp, ct)
     loss = LogProbRows(
-        num_classes=num_classes, entropy=return_entropy, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name)
+        num_classes=num_classes,
+        entropy=return_entropy,
+        vocab_axis=axis_name,
+        unchecked=_spmd.unchecked(axis_name),
+        classes=padding,
     )
     outputs = _front.fused(
         loss,

@@ -67,8 +67,9 @@ def _forward(z, target, valid, class_weight, opts: Options, keep_exp: bool = Fal
     sum was taken of, which the backward turns into ``p`` with one multiply.
     """
     ct = compute_dtype(z.dtype)
-    s = _transform.apply(z.astype(ct), opts.transform)
     col0 = shard_col0(z.shape[-1], opts)
+    # Padding columns (num_classes) are -inf: out of the log-sum-exp, the argmax and every probability.
+    s = _targets.keep_real(_transform.apply(z.astype(ct), opts.transform), opts, col0, -jnp.inf)
     cw = None if class_weight is None else class_weight.astype(ct)
     kept = partials = None
     if opts.argmax or opts.soft or opts.vocab_axis is not None or keep_exp:
@@ -88,7 +89,7 @@ def _forward(z, target, valid, class_weight, opts: Options, keep_exp: bool = Fal
         m, sumexp, pos_inf = _label_shift(s, target, valid)
 
     if opts.soft:
-        q = _targets.soft_target(target.astype(ct), cw, opts)
+        q = _targets.keep_real(_targets.soft_target(target.astype(ct), cw, opts), opts, col0)
         mass, q_dot_t = _targets.soft_partials(s - m[:, None], q)
         sumexp, mass, q_dot_t = psum_rows(sumexp, mass, q_dot_t, opts=opts)
         lse_shift = jnp.log(sumexp)
@@ -215,10 +216,10 @@ def in_range(labels, opts: Options):
 def _logit_grad(p, g_ce, g_lse, target, valid, class_weight, mass, opts: Options):
     """``d(g_ce * ce + g_lse * lse) / ds`` for counted rows (``[N, V]``), from ``p = softmax(s)``."""
     cw = None if class_weight is None else class_weight.astype(p.dtype)
-    if opts.soft:
-        q = _targets.soft_target(target.astype(p.dtype), cw, opts)
-        return p * (g_ce * mass + g_lse)[:, None] - g_ce[:, None] * q
     col0 = shard_col0(p.shape[-1], opts)
+    if opts.soft:
+        q = _targets.keep_real(_targets.soft_target(target.astype(p.dtype), cw, opts), opts, col0)
+        return p * (g_ce * mass + g_lse)[:, None] - g_ce[:, None] * q
     w_y = _targets.target_weight(target, cw, col0, opts)
     # A counted row with a label outside [0, C) gets a NaN gradient: set
     # through its [N] coefficients (p * NaN is NaN even where p is 0) rather
@@ -307,8 +308,10 @@ def _ce_bwd(residuals, cotangents):
 
     hi, lo = _targets.split_lse(m, lse_shift)
 
+    col0 = shard_col0(kept.shape[-1], opts)
+
     def from_logits(z):
-        s = _transform.apply(z.astype(ct), opts.transform)
+        s = _targets.keep_real(_transform.apply(z.astype(ct), opts.transform), opts, col0, -jnp.inf)
         p = jnp.exp((s - hi[:, None]) - lo[:, None])
         ds = _logit_grad(p, g_ce, g_lse, target, valid, class_weight, mass, opts)
         return _transform.chain(s, ds, opts.transform)
@@ -321,13 +324,14 @@ def _ce_bwd(residuals, cotangents):
         ds = lax.platform_dependent(kept, cpu=from_exp, default=from_logits)
     else:
         ds = from_logits(kept)
-    dz = jnp.where(valid[:, None], ds, 0).astype(kept.dtype)
+    # Padding columns get exactly 0 (the soft cap's chain rule is not finite at -inf).
+    dz = _targets.keep_real(jnp.where(valid[:, None], ds, 0), opts, col0).astype(kept.dtype)
     d_target = None
     if opts.soft:
         s = _transform.apply(kept.astype(ct), opts.transform)
         cw = None if class_weight is None else class_weight.astype(ct)
         d_target = _targets.soft_target_cotangent(g_ce, lo, s - hi[:, None], target.astype(ct), cw, opts)
-        d_target = jnp.where(valid[:, None], d_target, 0).astype(target.dtype)
+        d_target = _targets.keep_real(jnp.where(valid[:, None], d_target, 0), opts, col0).astype(target.dtype)
     # Class weights and masks are constants (as in PyTorch, whose weight has no
     # gradient); the public functions apply stop_gradient to make that visible.
     return dz, d_target, None, None, None
@@ -355,13 +359,16 @@ def _ce_jvp_rule(primals, tangents):
     dzf = jnp.where(valid[:, None], dz.astype(ct), 0)
     hi, lo = _targets.split_lse(m, lse_shift)
     p = jnp.exp((s - hi[:, None]) - lo[:, None])
+    col0 = shard_col0(s.shape[-1], opts)
     g = _transform.chain(s, _logit_grad(p, ones, zeros, target, valid, class_weight, mass, opts), opts.transform)
-    p = _transform.chain(s, p, opts.transform)
+    g = _targets.keep_real(g, opts, col0)
+    p = _targets.keep_real(_transform.chain(s, p, opts.transform), opts, col0)
     d_ce = jnp.sum(g * dzf, axis=-1)
     d_lse = jnp.sum(jnp.where(p == 0, 0, p * dzf), axis=-1)
     if opts.soft and not _is_symbolic_zero(d_target):
         cw = None if class_weight is None else class_weight.astype(ct)
         gt = _targets.soft_target_cotangent(ones, lo, s - hi[:, None], target.astype(ct), cw, opts)
+        gt = _targets.keep_real(gt, opts, col0)
         d_ce = d_ce + jnp.sum(jnp.where(gt == 0, 0, gt * d_target.astype(ct)), axis=-1)
     d_ce, d_lse = psum_rows(d_ce, d_lse, opts=opts)
     ce, lse_out, correct, w_y = outputs

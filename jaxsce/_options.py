@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _labels, _validate
+from . import _labels, _spmd, _validate
 from ._targets import Options
 from ._transform import Transform
 
@@ -131,9 +131,12 @@ def hashable_axes(value: Any, name: str):
     return static(value, name)
 
 
-def shared(*, reduction, ignore_index, return_aux, derivative, axis_name, batch_axis_name, check_labels) -> dict:
+def shared(
+    *, reduction, ignore_index, return_aux, derivative, axis_name, batch_axis_name, check_labels, num_classes
+) -> dict:
     """The static options every loss takes, checked; returned by name."""
     return dict(
+        num_classes=size(num_classes, "num_classes"),
         reduction=choice(reduction, "reduction", REDUCTIONS),
         ignore_index=ignored_class(ignore_index),
         return_aux=flag(return_aux, "return_aux"),
@@ -250,11 +253,43 @@ def traced_in_dtype(x, dtype, bounds: tuple) -> jax.Array:
     return jnp.where(ok, x, jnp.nan)
 
 
+def class_count(num_classes: int | None, local: int, axis_name, what: str) -> tuple[int, int | None]:
+    """``(C, padding)`` for a class axis of ``local`` columns per shard of ``axis_name``.
+
+    ``C`` is the number of real classes: ``num_classes``, or every column over
+    all shards. ``padding`` is ``C`` again when the columns from ``C`` on are
+    padding (the engine's ``RowLoss.classes``), else None.
+    """
+    width = local * _spmd.axis_size(axis_name)
+    if num_classes is None:
+        return width, None
+    if num_classes > width:
+        shards = "" if axis_name is None else f" ({local} per shard x {width // local} shards of {axis_name!r})"
+        raise ValueError(f"num_classes={num_classes} exceeds the {width} columns of {what}{shards}.")
+    return num_classes, (num_classes if num_classes < width else None)
+
+
+def real_class_weight(weight, padding: int | None, axis_name):
+    """Per-class weights ``[C_local]`` with the padding columns' set to 0 (``weight`` itself without padding)."""
+    if weight is None or padding is None:
+        return weight
+    col = jnp.arange(weight.shape[0], dtype=jnp.int32) + _spmd.shard_col0(weight.shape[0], axis_name)
+    return jnp.where(col < padding, weight, 0)
+
+
 def make_options(
-    fl: Floats, *, num_classes: int, soft: bool, axis_name, return_aux: bool, is_unchecked: bool
+    fl: Floats,
+    *,
+    num_classes: int,
+    soft: bool,
+    axis_name,
+    return_aux: bool,
+    is_unchecked: bool,
+    padded: bool = False,
 ) -> Options:
     """The kernels' options from the checked public ones (floats in the compute dtype)."""
     return Options(
+        padded=padded,
         num_classes=num_classes,
         soft=soft,
         vocab_axis=axis_name,

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _front, _labels, _options, _spmd, _stream, _transform, _validate
+from . import _auto, _front, _labels, _options, _spmd, _stream, _transform, _validate
 from ._linear import check_class_ids, check_head
 from ._log_probs import LogProbRows, check_logit_labels
 from ._stream import DEFAULT_MEMORY_BUDGET
@@ -257,6 +257,7 @@ SETTINGS = (
     "return_aux",
     "axis_name",
     "batch_axis_name",
+    "num_classes",
 )
 
 
@@ -278,6 +279,7 @@ def _settings(
     return_aux,
     axis_name,
     batch_axis_name,
+    num_classes,
     has_reference: bool,
 ) -> Settings:
     loss_type = _options.choice(loss_type, "loss_type", LOSS_TYPES)
@@ -328,6 +330,7 @@ def _settings(
         return_aux=_options.flag(return_aux, "return_aux"),
         axis_name=_options.hashable_axes(axis_name, "axis_name"),
         batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
+        num_classes=_options.size(num_classes, "num_classes"),
     )
     return Settings(static, consts, num_items)
 
@@ -400,6 +403,7 @@ def _token_data(obj: Objective, valid, batch_shape, data, num_items, max_len, ba
 
 def _finish(value_sum, metric_sums, total, return_aux: bool, has_reference: bool, batch_axis_name):
     """The loss (summed over ``batch_axis_name``) and, with ``return_aux``, the :class:`PolicyAux`."""
+    _spmd.check_batch_named(value_sum, batch_axis_name)
     loss = _psum(value_sum, batch_axis_name)
     if not return_aux:
         return loss
@@ -430,6 +434,16 @@ def _check_batch_shape(batch_shape, name: str, full_shape):
 
 
 @_options.keyword_checked
+@_auto.spmd(
+    leading=True,
+    logits=_auto.CLASSES,
+    labels=_auto.ROWS,
+    advantages=_auto.ROWS,
+    where=_auto.ROWS,
+    old_log_probs=_auto.ROWS,
+    ref_log_probs=_auto.ROWS,
+    sampler_weights=_auto.ROWS,
+)
 def policy_loss(
     logits: jax.Array,
     labels: jax.Array,
@@ -456,6 +470,7 @@ def policy_loss(
     axis: int | Sequence[int] = -1,
     axis_name: AxisName = None,
     batch_axis_name: AxisName = None,
+    num_classes: int | None = None,
 ) -> jax.Array | tuple[jax.Array, PolicyAux]:
     r"""Policy-optimization loss of the GRPO family (GRPO, DAPO, Dr. GRPO, BNPO, GSPO, CISPO, SAPO, LUSPO).
 
@@ -525,6 +540,8 @@ def policy_loss(
       axis_name: mesh axis splitting the classes inside ``jax.shard_map``.
       batch_axis_name: mesh axes splitting the completions inside
         ``jax.shard_map``: the loss and its normalizers are global.
+      num_classes: the number of real classes when the class axis is padded,
+        as in :func:`jaxsce.log_probs`.
 
     All float options may be traced (a schedule compiles once); a traced
     value out of range makes the loss NaN.
@@ -569,6 +586,7 @@ def _policy_loss(
     axis,
     axis_name,
     batch_axis_name,
+    num_classes,
 ):
     logits = _validate.check_floating(logits, "logits")
     z, batch_shape, _ = _validate.class_rows(logits, axis, "logits")
@@ -576,7 +594,7 @@ def _policy_loss(
     labels = check_logit_labels(labels, logits, axis, batch_shape)
     _spmd.check_split_axes("logits", logits, labels, "labels", axis_name, batch_axis_name)
     n, local_classes = z.shape
-    num_classes = local_classes * _spmd.axis_size(axis_name)
+    num_classes, padding = _options.class_count(num_classes, local_classes, axis_name, "the logits' class axis")
     valid = _front.counted(where, batch_shape, "[B, L]: logits.shape without axis")
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, None, False)
     ct = _validate.compute_dtype(z.dtype)
@@ -586,7 +604,11 @@ def _policy_loss(
         objective, valid, batch_shape, data, num_items, max_completion_length, batch_axis_name, ct
     )
     loss = LogProbRows(
-        num_classes=num_classes, entropy=entropy, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name)
+        num_classes=num_classes,
+        entropy=entropy,
+        vocab_axis=axis_name,
+        unchecked=_spmd.unchecked(axis_name),
+        classes=padding,
     )
     outputs = _front.whole(loss, (z,), valid, y, None, consts.transform, "vjp")
     value, metrics = _from_outputs(objective, outputs, entropy, False, tokens, consts, batch_shape)
@@ -594,6 +616,21 @@ def _policy_loss(
 
 
 @_options.keyword_checked
+@_auto.spmd(
+    leading=True,
+    hidden=_auto.HIDDEN,
+    linear_weight=_auto.weight("weight_layout"),
+    labels=_auto.ROWS,
+    advantages=_auto.ROWS,
+    linear_bias=_auto.VOCAB,
+    ref_hidden=_auto.HIDDEN,
+    ref_weight=_auto.weight("weight_layout"),
+    ref_bias=_auto.VOCAB,
+    where=_auto.ROWS,
+    old_log_probs=_auto.ROWS,
+    ref_log_probs=_auto.ROWS,
+    sampler_weights=_auto.ROWS,
+)
 def linear_policy_loss(
     hidden: jax.Array,
     linear_weight: jax.Array,
@@ -628,6 +665,7 @@ def linear_policy_loss(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     axis_name: AxisName = None,
     batch_axis_name: AxisName = None,
+    num_classes: int | None = None,
 ) -> jax.Array | tuple[jax.Array, PolicyAux]:
     r"""Fused :func:`jaxsce.policy_loss` of ``hidden @ linear_weight + linear_bias`` that never builds the logits.
 
@@ -658,8 +696,8 @@ def linear_policy_loss(
       ref_hidden: ``[B, L, d_ref]``, the reference model's hidden states.
       ref_weight: the reference model's head, ``[d_ref, V]`` or ``[V, d_ref]``.
       ref_bias: optional ``[V]``.
-      where: and every option from ``old_log_probs`` to ``return_aux``, and
-        ``batch_axis_name``: as in :func:`jaxsce.policy_loss`
+      where: and every option from ``old_log_probs`` to ``return_aux``,
+        ``batch_axis_name`` and ``num_classes``: as in :func:`jaxsce.policy_loss`
         (``ref_log_probs`` or the reference head, not both).
       token_block, vocab_block, memory_budget: as in :func:`jaxsce.linear_cross_entropy`.
       axis_name: mesh axis splitting the vocabulary of the heads inside ``jax.shard_map``.
@@ -721,6 +759,7 @@ def _linear_policy_loss(
     memory_budget,
     axis_name,
     batch_axis_name,
+    num_classes,
 ):
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias = heads
     head, v_local = check_head(hidden, weight, bias, weight_layout)
@@ -745,7 +784,7 @@ def _linear_policy_loss(
         ref_head = _stream.Head(*(None if x is None else lax.stop_gradient(x) for x in ref_head))  # type: ignore[arg-type]
         all_heads = (head, ref_head)
     n = head.hidden.shape[0]
-    num_classes = v_local * _spmd.axis_size(axis_name)
+    num_classes, padding = _options.class_count(num_classes, v_local, axis_name, "linear_weight's vocabulary")
     valid = _front.counted(where, batch_shape, "hidden.shape[:-1]")
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, None, False)
     ct = _stream.acc_dtype(*(x for hd in all_heads for x in hd))
@@ -762,6 +801,7 @@ def _linear_policy_loss(
         row_group=batch_shape[1] if objective.level == "sequence" else 1,
         vocab_axis=axis_name,
         unchecked=_spmd.unchecked(axis_name),
+        classes=padding,
     )
     flat_tokens = jax.tree.map(lambda x: x.reshape(n), tokens)
     out = _front.fused(

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from . import _spmd
+
 
 class LossAux(NamedTuple):
     """Auxiliary outputs of a loss, computed in the same pass as the loss.
@@ -54,6 +56,7 @@ def reduce_loss(per_example: jax.Array, normalizer: jax.Array, reduction: str, b
     if reduction == "none":
         return per_example
     total = jnp.sum(per_example)
+    _spmd.check_batch_named(total, batch_axes)
     if reduction == "sum":
         return _psum(total, batch_axes)
     denom = jnp.sum(normalizer.astype(total.dtype))

@@ -132,12 +132,18 @@ class RowLoss:
         this many consecutive rows (a completion of a policy loss), so that
         :meth:`scalar` may combine a group's rows; the token count must be
         a multiple of it, or the streaming path is taken.
+      classes: the number of real classes when the last columns (over all
+        shards) are padding (``num_classes``): the engine leaves columns at
+        or beyond it out of every block a loss sees (as it does stale
+        columns, through ``Block.fresh``) and gives them exactly 0 gradient.
+        None: every column is a class.
     """
 
     vocab_axis: str | tuple[str, ...] | None = None
     unchecked: bool = False
     argmax: bool = False
     row_group: int = 1
+    classes: int | None = None
 
     #: Number of linear heads (logits matrices) the loss reads; gradients flow to head 0.
     heads: ClassVar[int] = 1

@@ -24,12 +24,11 @@ import inspect
 from collections.abc import Sequence
 
 import jax
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
-from . import _options
+from . import _auto, _options
 from ._cross_entropy import cross_entropy
 from ._linear import linear_cross_entropy
-from ._reduce import LossAux
 
 # The options the wrappers pass on (a mistyped one is named up front, with the nearest valid names).
 _FORWARDED_CE = tuple(inspect.signature(cross_entropy).parameters)
@@ -45,41 +44,6 @@ def _axes(names: AxisNames):
         return names
     names = tuple(names)
     return names[0] if len(names) == 1 else names
-
-
-def _check_mesh(mesh: Mesh, *names):
-    for name in names:
-        for n in (name,) if isinstance(name, str) else (name or ()):
-            if n not in mesh.axis_names:
-                raise ValueError(f"axis {n!r} is not an axis of the mesh {dict(mesh.shape)}.")
-
-
-def _run(fn, mesh: Mesh, specs, out_specs, args, check_vma: bool):
-    # Optional arguments left as None take no spec.
-    in_specs = tuple(None if a is None else spec for a, spec in zip(args, specs))
-    # Meshes with Explicit axes require inputs already laid out as in_specs;
-    # Auto meshes let shard_map reshard inside jit.
-    explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
-    if explicit:
-        reshard = getattr(jax.sharding, "reshard", None)
-        if reshard is None:
-            raise NotImplementedError(
-                f"meshes with Explicit axes need jax >= 0.7, where explicit sharding is public (this is jax "
-                f"{jax.__version__}); build the mesh with axis_types=(jax.sharding.AxisType.Auto, ...)."
-            )
-        args = tuple(
-            a if s is None else reshard(a, jax.sharding.NamedSharding(mesh, s)) for a, s in zip(args, in_specs)
-        )
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check_vma)(*args)
-
-
-def _out_specs(reduction: str, return_aux: bool, batch_spec: PartitionSpec):
-    loss = batch_spec if reduction == "none" else PartitionSpec()
-    if not return_aux:
-        return loss
-    # LossAux as a pytree of specs, one per field.
-    aux_specs = LossAux._make((batch_spec, batch_spec, PartitionSpec(), PartitionSpec()))
-    return (loss, aux_specs)
 
 
 def sharded_cross_entropy(
@@ -119,30 +83,22 @@ def sharded_cross_entropy(
     if "axis" in options or "axis_name" in options or "batch_axis_name" in options:
         raise ValueError("sharded_cross_entropy takes vocab_axis/batch_axes; the class axis is the last axis.")
     _options.check_keywords("sharded_cross_entropy", options, _FORWARDED_CE)
-    vocab, batch = _axes(vocab_axis), _axes(batch_axes)
-    _check_mesh(mesh, vocab, batch)
-    rest = (None,) * (logits.ndim - 2)
-    logit_spec = PartitionSpec(batch, *rest, vocab)
-    soft = jax.numpy.issubdtype(jax.numpy.asarray(labels).dtype, jax.numpy.floating)
-    batch_spec = PartitionSpec(batch, *rest)
-    specs = (logit_spec, logit_spec if soft else batch_spec, batch_spec, PartitionSpec(vocab), batch_spec)
-
-    def local(z, y, mask, w, sw):
-        return cross_entropy(
-            z,
-            y,
-            where=mask,
-            weight=w,
-            sample_weight=sw,
-            reduction=reduction,
-            return_aux=return_aux,
-            axis_name=vocab,
-            batch_axis_name=batch,
-            **options,
-        )
-
-    args = (logits, labels, where, weight, sample_weight)
-    return _run(local, mesh, specs, _out_specs(reduction, return_aux, batch_spec), args, check_vma)
+    return _auto.call_over(
+        cross_entropy,
+        "sharded_cross_entropy",
+        mesh,
+        _axes(vocab_axis),
+        _axes(batch_axes),
+        check_vma,
+        logits,
+        labels,
+        where=where,
+        weight=weight,
+        sample_weight=sample_weight,
+        reduction=reduction,
+        return_aux=return_aux,
+        **options,
+    )
 
 
 def sharded_linear_cross_entropy(
@@ -176,37 +132,22 @@ def sharded_linear_cross_entropy(
     _options.check_keywords("sharded_linear_cross_entropy", options, _FORWARDED_LINEAR)
     if "axis_name" in options or "batch_axis_name" in options:
         raise ValueError("sharded_linear_cross_entropy takes vocab_axis/batch_axes.")
-    vocab, batch = _axes(vocab_axis), _axes(batch_axes)
-    _check_mesh(mesh, vocab, batch)
-    rest = (None,) * (hidden.ndim - 2)
-    batch_spec = PartitionSpec(batch, *rest)
-    w_spec = PartitionSpec(None, vocab) if weight_layout == "dv" else PartitionSpec(vocab, None)
-    specs = (
-        PartitionSpec(batch, *rest, None),
-        w_spec,
-        batch_spec,
-        batch_spec,
-        PartitionSpec(vocab),
-        PartitionSpec(vocab),
-        batch_spec,
+    return _auto.call_over(
+        linear_cross_entropy,
+        "sharded_linear_cross_entropy",
+        mesh,
+        _axes(vocab_axis),
+        _axes(batch_axes),
+        check_vma,
+        hidden,
+        linear_weight,
+        labels,
+        linear_bias=linear_bias,
+        weight=weight,
+        sample_weight=sample_weight,
+        where=where,
+        weight_layout=weight_layout,
+        reduction=reduction,
+        return_aux=return_aux,
+        **options,
     )
-    args = (hidden, linear_weight, labels, where, linear_bias, weight, sample_weight)
-
-    def local(h, w, y, mask, b, cw, sw):
-        return linear_cross_entropy(
-            h,
-            w,
-            y,
-            linear_bias=b,
-            weight=cw,
-            sample_weight=sw,
-            where=mask,
-            weight_layout=weight_layout,
-            reduction=reduction,
-            return_aux=return_aux,
-            axis_name=vocab,
-            batch_axis_name=batch,
-            **options,
-        )
-
-    return _run(local, mesh, specs, _out_specs(reduction, return_aux, batch_spec), args, check_vma)

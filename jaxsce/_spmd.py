@@ -176,3 +176,16 @@ def check_named_axes(name: str, x, axis_name: AxisName, batch_axis_name: AxisNam
             f"batch_axis_name names: pass axis_name={axis!r} if that axis splits the classes, or "
             f"batch_axis_name={axis!r} if it splits the examples."
         )
+
+
+def check_batch_named(total, batch_axis_name: AxisName):
+    """Inside ``shard_map``: a reduced loss that still varies over a mesh axis splits the examples over it
+    without ``batch_axis_name``, and would be each device's own mean. Only visible under ``check_vma=True``."""
+    extra = varying_axes(total) - set(axis_names(batch_axis_name))
+    if extra:
+        axis = sorted(extra)[0]
+        raise ValueError(
+            f"the examples vary over the mesh axes {sorted(extra)} inside shard_map, which batch_axis_name does "
+            f"not name: pass batch_axis_name={axis!r} (the axis that splits the examples) for the loss over the "
+            f"whole batch, or reduction='none' for per-example losses."
+        )

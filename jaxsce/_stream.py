@@ -68,6 +68,20 @@ __all__ = ["DEFAULT_MEMORY_BUDGET", "Acc", "Block", "GradBlock", "Head", "RowLos
 # --- the forward pass ----------------------------------------------------------------
 
 
+def _real(loss: RowLoss, col0, width: int, mask=None):
+    """``mask`` (``[1, width]``, or all) and-ed with "column ``col0 + j`` is a real class"
+    (``RowLoss.classes``); None when every column is real and no mask was given."""
+    if loss.classes is None:
+        return mask
+    real = lax.broadcasted_iota(jnp.int32, (1, width), 1) + col0 < loss.classes
+    return real if mask is None else mask & real
+
+
+def _keep(x, mask):
+    """``x`` where ``mask`` (broadcast), 0 elsewhere; ``x`` itself without a mask."""
+    return x if mask is None else jnp.where(mask, x, 0)
+
+
 def _online_step(loss: RowLoss, s_heads, m, se, am, acc, fresh, col0, fresh_col0, rows, cols, consts, ds):
     """One block's update of the running max, sums of exponentials, argmax and the loss's sums."""
     s_new = [jnp.where(fresh, s, -jnp.inf) for s in s_heads]
@@ -155,7 +169,7 @@ def _whole_second_pass(loss: RowLoss, s, stats: Stats, col0, rows_data, cols, co
         return None
     ct = s[0].dtype
     gblk = _grad_block(s, _norm(stats), col0, rows_data, cols)
-    fresh = jnp.ones((1, s[0].shape[1]), bool)
+    fresh = _real(loss, col0, s[0].shape[1], jnp.ones((1, s[0].shape[1]), bool))
     acc2 = loss.accumulate2(loss.init2(s[0].shape[0], ct, consts), gblk, fresh, consts)
     return _sum_shards(loss, acc2, consts)
 
@@ -209,7 +223,7 @@ def _forward(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, tan
         def vocab_block(j, carry):
             m, se, am, acc = carry
             v0, fresh0 = clamped(j, vb, v_local)
-            fresh = lax.broadcasted_iota(jnp.int32, (1, vb), 1) + v0 >= fresh0
+            fresh = _real(loss, v0 + shard0, vb, lax.broadcasted_iota(jnp.int32, (1, vb), 1) + v0 >= fresh0)
             w_blks, b_blks = head_blocks(heads, v0, vb, layouts)
             s_heads = block_logits(loss, h_blks, w_blks, b_blks, layouts, consts, ct)
             ds = None
@@ -253,7 +267,7 @@ def _second_pass(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static,
 
         def vocab_block(j, acc2):
             v0, fresh0 = clamped(j, vb, v_local)
-            fresh = lax.broadcasted_iota(jnp.int32, (1, vb), 1) + v0 >= fresh0
+            fresh = _real(loss, v0 + shard0, vb, lax.broadcasted_iota(jnp.int32, (1, vb), 1) + v0 >= fresh0)
             s = block_logits(loss, h_blks, *head_blocks(heads, v0, vb, layouts), layouts, consts, ct)
             gblk = _grad_block(s, norm_blk, v0 + shard0, rows_blk, slice_tree(cols, v0, vb))
             return loss.accumulate2(acc2, gblk, fresh, consts)
@@ -306,6 +320,7 @@ def _stream_bwd(st: Static, saved, cts):
         dh, dw, db = carry
         v0, fresh0 = clamped(j, vb, v_local)
         fresh_col = lax.broadcasted_iota(jnp.int32, (1, vb), 1) + v0 >= fresh0
+        real = _real(loss, v0 + shard0, vb)
         w_blks, b_blks = head_blocks(used, v0, vb, layouts)
         cols_blk = slice_tree(cols, v0, vb)
 
@@ -322,7 +337,7 @@ def _stream_bwd(st: Static, saved, cts):
             ds = loss.transform_grad(s[0], loss.grad(gblk, sl(res), blk_cts, consts), 0, consts)
             # Rows not counted (masked, ignored, or repeated by a clamped
             # block) contribute exactly 0, even if their hidden state is NaN.
-            ds = jnp.where(ok[:, None], ds, 0)
+            ds = _keep(jnp.where(ok[:, None], ds, 0), real)  # padding columns: exactly 0
             # Columns shared with the previous block are already in d_hidden;
             # d_W's block is rewritten whole.
             ds_h = jnp.where(fresh_col, ds, 0)
@@ -412,7 +427,7 @@ def _tangent_pass(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static
 
         def vocab_block(j, acc):
             v0, fresh0 = clamped(j, vb, v_local)
-            fresh = lax.broadcasted_iota(jnp.int32, (1, vb), 1) + v0 >= fresh0
+            fresh = _real(loss, v0 + shard0, vb, lax.broadcasted_iota(jnp.int32, (1, vb), 1) + v0 >= fresh0)
             w_blks, b_blks = head_blocks(used, v0, vb, layouts)
             s = block_logits(loss, h_blks, w_blks, b_blks, layouts, consts, ct)
             dz = jnp.where(fresh, _block_tangent(tangents, h_blks[0], w_blks[0], dh_blk, v0, vb, layouts[0], ct), 0)
@@ -501,8 +516,8 @@ def _whole_forward(z_heads, valid, rows_data, cols, consts, loss: RowLoss):
     s = tuple(loss.transform(z.astype(ct), n, consts) for n, z in enumerate(z_heads))
     n_rows, width = z_heads[0].shape
     m, se, am, acc = _initial(loss, n_rows, ct, consts, False)
-    fresh = jnp.ones((1, width), bool)
     col0 = _spmd.shard_col0(width, loss.vocab_axis)
+    fresh = _real(loss, col0, width, jnp.ones((1, width), bool))
     m, se, am, acc = _online_step(loss, s, m, se, am, acc, fresh, col0, col0, rows_data, cols, consts, None)
     stats, acc = _stats(loss, m, se, am, acc, consts)
     second = _whole_second_pass(loss, s, stats, col0, rows_data, cols, consts)
@@ -531,7 +546,8 @@ def _whole_bwd(loss: RowLoss, saved, cts):
     s = tuple(loss.transform(z.astype(ct), n, consts) for n, z in enumerate(z_heads))
     col0 = _spmd.shard_col0(z_heads[0].shape[1], loss.vocab_axis)
     ds = loss.grad(_grad_block(s, norm, col0, rows_data, cols), res, cts, consts)
-    dz = jnp.where(valid[:, None], loss.transform_grad(s[0], ds, 0, consts), 0).astype(z_heads[0].dtype)
+    ds = _keep(jnp.where(valid[:, None], loss.transform_grad(s[0], ds, 0, consts), 0), _real(loss, col0, s[0].shape[1]))
+    dz = ds.astype(z_heads[0].dtype)
     return (dz,) + tuple(None for _ in z_heads[1:]), None, None, None, None
 
 
@@ -551,8 +567,8 @@ def _whole_jvp_rule(loss: RowLoss, primals, tangents):
     if dz is None or isinstance(dz, jax.custom_derivatives.SymbolicZero):
         return outputs, tuple(jnp.zeros_like(o) for o in outputs)
     ct = s[0].dtype
-    dz = jnp.where(valid[:, None], dz.astype(ct), 0)
     col0 = _spmd.shard_col0(z_heads[0].shape[1], loss.vocab_axis)
+    dz = _keep(jnp.where(valid[:, None], dz.astype(ct), 0), _real(loss, col0, dz.shape[1]))
     gblk = _grad_block(s, norm, col0, rows_data, cols)
     d_out = _sum_shards(loss, _output_tangents(loss, gblk, res, dz, len(outputs), consts), consts)
     d_out = tuple(_spmd.vary_like(jnp.where(valid, t, 0).astype(o.dtype), o) for t, o in zip(d_out, outputs))
@@ -589,7 +605,7 @@ def _total_forward(heads: tuple[Head, ...], valid, rows_data, cols, consts, st: 
         weights, biases = tuple(hd.weight for hd in heads), tuple(hd.bias for hd in heads)
         s = block_logits(loss, h_blks, weights, biases, layouts, consts, ct)
         m, se, am, acc = _initial(loss, tb, ct, consts, False)
-        fresh = jnp.ones((1, width), bool)
+        fresh = _real(loss, 0, width, jnp.ones((1, width), bool))
         rows_blk = sl(rows_data)
         m, se, am, acc = _online_step(loss, s, m, se, am, acc, fresh, 0, 0, rows_blk, cols, consts, None)
         stats, acc = _stats(loss, m, se, am, acc, consts)
@@ -602,7 +618,7 @@ def _total_forward(heads: tuple[Head, ...], valid, rows_data, cols, consts, st: 
         cts = tuple(None if g is None else jnp.where(ok, g, 0).astype(ct) for g in cts)
         gblk = _grad_block(s, _norm(stats), 0, rows_blk, cols)
         ds = loss.transform_grad(s[0], loss.grad(gblk, res, cts, consts), 0, consts)
-        ds = jnp.where(ok[:, None], ds, 0)
+        ds = _keep(jnp.where(ok[:, None], ds, 0), _real(loss, 0, width))
         w_contract = 1 if layout == "dv" else 0
         w = h0.weight
         dh_blk = lax.dot_general(ds.astype(op), w, (((1,), (w_contract,)), ((), ())), preferred_element_type=ct)
@@ -726,8 +742,8 @@ def single_pass(
     n_aux: int = 0,
 ):
     """``(total, normalizer, aux)`` of a scalar loss through :func:`single_pass_vjp`, or None when its
-    float32 ``d_W`` does not fit ``memory_budget``, the token count is symbolic, or no token block
-    holds a whole ``loss.row_group``."""
+    float32 ``d_W`` does not fit ``memory_budget``, the token count is symbolic, no token block
+    holds a whole ``loss.row_group``, or the weight is narrower than the hidden states."""
     n, d = heads[0].hidden.shape
     group = loss.row_group
     if not isinstance(n, int) or n % group:
@@ -735,9 +751,10 @@ def single_pass(
     vocab = vocab_size(heads[0], layouts[0])
     narrow = is_narrow_float(heads[0].hidden.dtype)
     if operand_dtype(heads[0]) != heads[0].weight.dtype:
-        # A 16-bit weight with wider hidden states: the d_hidden products
-        # read it in float32, a copy of its size.
-        memory_budget -= 4 * d * vocab
+        # A 16-bit weight with wider hidden states: the d_hidden products of
+        # this path would read it whole in float32, a copy of its size. The
+        # streaming path converts one block at a time.
+        return None
     tb = sum_path_token_block(n, d, vocab, memory_budget, token_block, narrow, len(heads) - 1)
     if tb is None or tb < group:
         return None

@@ -40,7 +40,7 @@ from ._transform import Transform
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["label_smoothing", "transform"],
-    meta_fields=["num_classes", "soft", "vocab_axis", "argmax", "vocab_unchecked"],
+    meta_fields=["num_classes", "soft", "vocab_axis", "argmax", "vocab_unchecked", "padded"],
 )
 @dataclasses.dataclass(frozen=True)
 class Options:
@@ -56,6 +56,7 @@ class Options:
     vocab_axis: str | tuple[str, ...] | None = None  # mesh axis splitting the classes
     argmax: bool = False  # also find each row's argmax (for the aux accuracy)
     vocab_unchecked: bool = False  # inside shard_map(check_vma=False) over vocab_axis
+    padded: bool = False  # columns at or beyond num_classes (global index) are padding
     label_smoothing: jax.Array | None = None  # eps, in the compute dtype
     transform: Transform = Transform()  # soft cap and temperature, in the compute dtype
 
@@ -63,6 +64,19 @@ class Options:
     def eps(self):
         """The label smoothing, 0 when off."""
         return 0.0 if self.label_smoothing is None else self.label_smoothing
+
+
+def real_columns(opts: Options, col0, width: int):
+    """``[1, width]`` boolean: column ``col0 + j`` is a real class (None when no column is padding)."""
+    if not opts.padded:
+        return None
+    return lax.broadcasted_iota(jnp.int32, (1, width), 1) + col0 < opts.num_classes
+
+
+def keep_real(x, opts: Options, col0, fill: float = 0.0):
+    """``x [N, width]`` with its padding columns set to ``fill`` (``x`` itself when there are none)."""
+    real = real_columns(opts, col0, x.shape[-1])
+    return x if real is None else jnp.where(real, x, fill)
 
 
 def max_and_argmax(s: jax.Array, col0):
@@ -150,7 +164,7 @@ def class_id_partials(s, labels, col0, class_weight_block, opts: Options, shift=
     if opts.label_smoothing is not None:
         t = s if shift is None else s - shift[:, None]
         wt = t if class_weight_block is None else t * class_weight_block[None, :]
-        smooth = jnp.sum(wt, axis=-1)
+        smooth = jnp.sum(keep_real(wt, opts, col0), axis=-1)
     else:
         smooth = jnp.zeros_like(t_y)
     return t_y, smooth

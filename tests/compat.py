@@ -20,3 +20,6 @@ set_mesh = jax.set_mesh if hasattr(jax, "set_mesh") else sharding.use_mesh  # ty
 
 # Reverse mode through linear_cross_entropy(derivative="jvp") needs jax >= 0.10.
 reverse_through_jvp = JAX >= (0, 10)
+
+# Explicit sharding (types that carry the mesh axes, jax.sharding.reshard) is public from jax 0.7.
+HAS_EXPLICIT = hasattr(sharding, "reshard")

@@ -10,10 +10,15 @@ COLLECTIVE = re.compile(
 SHAPE = re.compile(r"[a-z]+\d*\[([\d,]*)\]")
 
 
-def collective_sizes(hlo: str) -> list[int]:
-    """The element counts of every collective's operands in compiled HLO text."""
-    sizes = []
+def collectives(hlo: str) -> list[tuple[str, int]]:
+    """``(kind, element count)`` of every collective's operands in compiled HLO text."""
+    out = []
     for match in COLLECTIVE.finditer(hlo):
         for dims in SHAPE.findall(match.group(1)):
-            sizes.append(int(np.prod([int(x) for x in dims.split(",") if x])) if dims else 1)
-    return sizes
+            out.append((match.group(2), int(np.prod([int(x) for x in dims.split(",") if x])) if dims else 1))
+    return out
+
+
+def collective_sizes(hlo: str) -> list[int]:
+    """The element counts of every collective's operands in compiled HLO text."""
+    return [size for _, size in collectives(hlo)]
