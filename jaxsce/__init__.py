@@ -13,6 +13,9 @@ from ._log_probs import log_probs as log_probs
 from ._policy import PolicyAux as PolicyAux
 from ._policy import linear_policy_loss as linear_policy_loss
 from ._policy import policy_loss as policy_loss
+from ._preference import PreferenceAux as PreferenceAux
+from ._preference import linear_preference_loss as linear_preference_loss
+from ._preference import preference_loss as preference_loss
 from ._reduce import LossAux as LossAux
 from ._sharded import sharded_cross_entropy as sharded_cross_entropy
 from ._sharded import sharded_linear_cross_entropy as sharded_linear_cross_entropy
@@ -25,16 +28,19 @@ __version__ = "0.1.0"
 __all__ = [
     "LossAux",
     "PolicyAux",
+    "PreferenceAux",
     "cross_entropy",
     "distillation_loss",
     "linear_cross_entropy",
     "linear_distillation_loss",
     "linear_log_probs",
     "linear_policy_loss",
+    "linear_preference_loss",
     "log_probs",
     "log_softmax",
     "logsumexp",
     "policy_loss",
+    "preference_loss",
     "sharded_cross_entropy",
     "sharded_linear_cross_entropy",
     "softmax",

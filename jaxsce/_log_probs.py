@@ -155,6 +155,21 @@ class LogProbRows(_stream.RowLoss):
         return jnp.where(hit, g[:, None], 0) - p * coef
 
 
+def grouped_vjp(fn, args: tuple, shape: tuple):
+    """A per-token objective on a token block, for the single-pass path's :meth:`~jaxsce._rowloss.RowLoss.scalar`.
+
+    ``fn(*args)`` takes the flat ``[T]`` arrays ``args`` (None entries stay
+    None) reshaped to ``shape`` (whole groups of rows: completions, pairs)
+    and returns ``(per-token values, aux)``. Returns the values and the
+    cotangents of their sum for each of ``args``, flat, and ``aux`` as is.
+    """
+    group = lambda x: None if x is None else x.reshape(shape)  # noqa: E731
+    value, vjp, aux = jax.vjp(fn, *(group(a) for a in args), has_aux=True)
+    cotangents = vjp(jnp.ones_like(value))
+    flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
+    return value.reshape(-1), tuple(flat(g) for g in cotangents), aux
+
+
 @_options.keyword_checked
 @_auto.spmd(logits=_auto.CLASSES, labels=_auto.ROWS, where=_auto.ROWS)
 def log_probs(

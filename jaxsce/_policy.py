@@ -46,7 +46,7 @@ from jax import lax
 
 from . import _auto, _front, _labels, _options, _spmd, _stream, _transform, _validate
 from ._linear import check_class_ids, check_head
-from ._log_probs import LogProbRows, check_logit_labels
+from ._log_probs import LogProbRows, check_logit_labels, grouped_vjp
 from ._stream import DEFAULT_MEMORY_BUDGET
 from ._transform import Transform
 
@@ -167,12 +167,8 @@ def _vjp_terms(obj: Objective, lp, h, ref, d: TokenData, c: PolicyConsts, shape)
     flat ``[T]`` arrays grouped as ``shape``."""
     group = lambda x: None if x is None else x.reshape(shape)  # noqa: E731
     d = jax.tree.map(group, d)
-    value, vjp, metrics = jax.vjp(
-        lambda lp, h: objective(obj, lp, h, group(ref), d, c), group(lp), group(h), has_aux=True
-    )
-    d_lp, d_h = vjp(jnp.ones_like(value))
-    flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
-    return value.reshape(-1), d_lp.reshape(-1), flat(d_h), tuple(x.reshape(-1) for x in metrics)
+    value, (d_lp, d_h), metrics = grouped_vjp(lambda lp, h: objective(obj, lp, h, group(ref), d, c), (lp, h), shape)
+    return value, d_lp, d_h, tuple(x.reshape(-1) for x in metrics)
 
 
 def _split(outputs, entropy: bool, reference: bool, data: TokenData):

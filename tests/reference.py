@@ -307,3 +307,64 @@ def naive_policy_loss(
     terms = (kl, ent, clip_low, clip_high, clip_low | clip_high, coef)
     means = tuple(jnp.sum(jnp.broadcast_to(x, lp.shape).astype(lp.dtype) * m) / total for x in terms)
     return loss, means
+
+
+def naive_preference_loss(
+    chosen_logits,
+    rejected_logits,
+    chosen_labels,
+    rejected_labels,
+    chosen_mask,
+    rejected_mask,
+    *,
+    ref_chosen=None,
+    ref_rejected=None,
+    loss_type="sigmoid",
+    beta=0.1,
+    label_smoothing=0.0,
+    gamma=0.5,
+    nll_weight=0.0,
+    discopop_tau=0.05,
+    temperature=1.0,
+):
+    """DPO's family as TRL's ``DPOTrainer`` and Liger-Kernel's preference losses write them, over full
+    ``[P, L, V]`` logits (the float64 and ``jax.grad`` oracle): ``(loss, chosen_rewards, rejected_rewards)``."""
+    mean = loss_type in ("ipo", "simpo", "orpo")
+
+    def seq(logits, labels, mask):
+        mask = mask.astype(logits.dtype)
+        ls = jax.nn.log_softmax(logits / temperature, axis=-1)
+        tok = jnp.take_along_axis(ls, labels[..., None], axis=-1)[..., 0] * mask
+        total = jnp.sum(tok, -1)
+        return (total / jnp.sum(mask, -1) if mean else total), tok
+
+    chosen_mask = chosen_mask.astype(chosen_logits.dtype)
+    rejected_mask = rejected_mask.astype(rejected_logits.dtype)
+    c, tok_c = seq(chosen_logits, chosen_labels, chosen_mask)
+    r, _ = seq(rejected_logits, rejected_labels, rejected_mask)
+    rc = 0.0 if ref_chosen is None else ref_chosen / (jnp.sum(chosen_mask, -1) if mean else 1)
+    rr = 0.0 if ref_rejected is None else ref_rejected / (jnp.sum(rejected_mask, -1) if mean else 1)
+    a, b = c - rc, r - rr
+    z = beta * (a - b)
+    ls, sig, eps = jax.nn.log_sigmoid, jax.nn.sigmoid, label_smoothing
+    losses = {
+        "sigmoid": lambda: -(1 - eps) * ls(z) - eps * ls(-z),
+        "hinge": lambda: jnp.maximum(0, 1 - z),
+        "robust": lambda: (-(1 - eps) * ls(z) + eps * ls(-z)) / (1 - 2 * eps),
+        "exo_pair": lambda: sig(z) * (ls(z) - np.log1p(-eps)) + sig(-z) * (ls(-z) - np.log(eps)),
+        "nca_pair": lambda: -ls(beta * a) - 0.5 * ls(-beta * a) - 0.5 * ls(-beta * b),
+        "bco_pair": lambda: -ls(beta * a) - ls(-beta * b),
+        "sppo_hard": lambda: (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2,
+        "apo_zero": lambda: 1 - sig(beta * a) + sig(beta * b),
+        "apo_down": lambda: sig(beta * a) + 1 - sig(z),
+        "discopop": lambda: -ls(z) * (1 - sig(z / discopop_tau)) + jnp.exp(-z) * sig(z / discopop_tau),
+        "ipo": lambda: (a - b - 1 / (2 * beta)) ** 2,
+        "simpo": lambda: -(1 - eps) * ls(beta * (c - r) - gamma) - eps * ls(gamma - beta * (c - r)),
+        "cpo": lambda: -(1 - eps) * ls(beta * (c - r)) - eps * ls(-beta * (c - r)),
+        "orpo": lambda: -beta * ls((c - r) - (jnp.log1p(-jnp.exp(c)) - jnp.log1p(-jnp.exp(r)))),
+    }
+    loss = jnp.mean(losses[loss_type]())
+    if nll_weight:
+        loss = loss - nll_weight * jnp.sum(tok_c) / jnp.sum(chosen_mask)
+    free = loss_type in ("simpo", "cpo", "orpo")
+    return loss, beta * (c if free else a), beta * (r if free else b)
