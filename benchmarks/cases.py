@@ -547,3 +547,110 @@ def bench_distill(shapes, dtype, repeats, progress) -> list[Row]:
             extra_calls=_matmul_call(args[0], args[1]), rates=_four_matmuls,
         )  # fmt: skip
     return rows
+
+
+# --- preference optimization: DPO through the LM head ---------------------------------
+
+PREFERENCE_PEER = "plain h@W + log_softmax (autodiff)"
+PREFERENCE_LIGER = "torch Liger-Kernel LigerFusedLinearDPOLoss (chunked)"
+DPO_BETA = 0.1
+
+
+def _dpo_by_hand(c, r, ref_c, ref_r):
+    """DPO's sigmoid loss from sequence log-probabilities, as a user writes it (TRL's formula)."""
+    z = DPO_BETA * ((c - ref_c) - (r - ref_r))
+    return -jnp.mean(jax.nn.log_sigmoid(z))
+
+
+def preference_impls() -> dict[str, Callable]:
+    """value_and_grad wrt (chosen hidden, rejected hidden, W) of DPO (sigmoid) with the reference's
+    sequence log-probabilities given (args ``hc, hr, w, yc, yr, mc, mr, ref_c, ref_r``)."""
+
+    def plain(hc, hr, w, yc, yr, mc, mr, ref_c, ref_r):
+        def seq(h, y, m):
+            ls = jax.nn.log_softmax(h @ w, axis=-1)
+            return jnp.sum(jnp.take_along_axis(ls, y[..., None], axis=-1)[..., 0] * m.astype(ls.dtype), -1)
+
+        return _dpo_by_hand(seq(hc, yc, mc), seq(hr, yr, mr), ref_c, ref_r)
+
+    def by_hand(hc, hr, w, yc, yr, mc, mr, ref_c, ref_r):
+        def seq(h, y, m):
+            return jnp.sum(jnp.where(m, jaxsce.linear_log_probs(h, w, y), 0), -1)
+
+        return _dpo_by_hand(seq(hc, yc, mc), seq(hr, yr, mr), ref_c, ref_r)
+
+    def fused(hc, hr, w, yc, yr, mc, mr, ref_c, ref_r):
+        return jaxsce.linear_preference_loss(
+            hc, hr, w, yc, yr, chosen_where=mc, rejected_where=mr, ref_chosen_log_probs=ref_c,
+            ref_rejected_log_probs=ref_r, beta=DPO_BETA,
+        )  # fmt: skip
+
+    impls = {
+        "jaxsce linear_preference_loss": fused,
+        "jaxsce linear_log_probs + DPO by hand": by_hand,
+        PREFERENCE_PEER: plain,
+    }
+    return {k: jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))) for k, f in impls.items()}
+
+
+def liger_dpo():
+    """Liger-Kernel's chunked ``LigerFusedLinearDPOLoss`` (pure torch), or None if not installed."""
+    if torch is None:
+        return None
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+    except ImportError:
+        return None
+    return LigerFusedLinearDPOLoss
+
+
+def _liger_dpo_call(dpo, args, compiled: bool):
+    """Liger's DPO step on the same pairs (chosen rows first, masked labels -100, no reference model:
+    the benchmark's reference log-probabilities are 0, Liger's ``use_ref_model=False``)."""
+    hc, hr, w, yc, yr, mc, mr, _, _ = (np.asarray(x) for x in args)
+    module = dpo(beta=DPO_BETA, compiled=compiled, use_ref_model=False, chunk_size=1)
+    x = torch.tensor(np.concatenate([hc, hr]), requires_grad=True)
+    wt = torch.tensor(np.ascontiguousarray(w.T), requires_grad=True)
+    target = torch.tensor(np.concatenate([np.where(mc, yc, -100), np.where(mr, yr, -100)])).long()
+    p = hc.shape[0]
+
+    def step():
+        x.grad = wt.grad = None
+        loss, _ = module(wt, x, target)
+        loss.backward()
+        return loss, (x.grad[:p], x.grad[p:], wt.grad.T)
+
+    return step
+
+
+def bench_preference(shapes, dtype, repeats, progress, *, liger_compiled: bool = False) -> list[Row]:
+    """DPO (sigmoid) from the head over pairs of 256-token completions: jaxsce's fused loss, the same
+    loss by hand on ``linear_log_probs``, plain autodiff, and Liger-Kernel's fused DPO where installed."""
+    rows = []
+    impls = preference_impls()
+    dpo = liger_dpo() if dtype == jnp.float32 else None
+    for t_, d, v in shapes:
+        length = min(POLICY_LENGTH, t_ // 2)
+        pairs = max(t_ // (2 * length), 1)
+        rng = np.random.default_rng(0)
+        hc, hr = (_normal(rng, (pairs, length, d), dtype) for _ in range(2))
+        w = _normal(rng, (d, v), dtype, 1 / math.sqrt(d))
+        yc, yr = (jnp.asarray(rng.integers(0, v, size=(pairs, length)), jnp.int32) for _ in range(2))
+        mc, mr = (jnp.asarray(rng.uniform(size=(pairs, length)) < 0.9) for _ in range(2))
+        zero = jnp.zeros((pairs,), jnp.float32)
+        args = (hc, hr, w, yc, yr, mc, mr, zero, zero)
+        extra = _matmul_call(jnp.concatenate([hc, hr]).reshape(-1, d), w)
+        if dpo is not None:
+            extra[PREFERENCE_LIGER] = _liger_dpo_call(dpo, args, liger_compiled)
+        part = _section(
+            "preference", f"{pairs}x2x{length}x{d}x{v}", impls, args, repeats, progress,
+            peer=PREFERENCE_PEER, ref=PREFERENCE_PEER, tol=lambda g: 10 * grad_tolerance(g), tokens=2 * pairs * length,
+            extra_calls=extra, rates=_passes(3),
+        )  # fmt: skip
+        liger_ms = next((r.median_ms for r in part if r.impl == PREFERENCE_LIGER), None)
+        floor_ms = 3 * part[0].extra["matmul_ms"]
+        for r in part:
+            r.extra["ratio_to_liger"] = None if liger_ms is None else r.median_ms / liger_ms
+            r.extra["floor_ratio_to_liger"] = None if liger_ms is None else floor_ms / liger_ms
+        rows += part
+    return rows

@@ -74,6 +74,13 @@ SECTIONS = {
         roof="÷ 4 matmuls",
         extra=(("ratio_to_liger", "÷ Liger-Kernel"), ("floor_ratio_to_liger", "4 matmuls ÷ Liger-Kernel")),
     ),
+    "preference": dict(
+        title="Preference optimization: value_and_grad wrt (chosen h, rejected h, W) of DPO (sigmoid, beta = 0.1, "
+        "reference log-probs given), pairs of 256-token completions",
+        peer="÷ plain autodiff",
+        roof="÷ 3 matmuls",
+        extra=(("ratio_to_liger", "÷ Liger-Kernel"), ("floor_ratio_to_liger", "3 matmuls ÷ Liger-Kernel")),
+    ),
     "distill": dict(
         title="Distillation: value_and_grad wrt the student's (h, W) of the mean KL(teacher || student)",
         peer="÷ plain autodiff",

@@ -20,7 +20,7 @@ from dataclasses import asdict
 import jax.numpy as jnp
 
 from . import timing
-from .cases import bench_distill, bench_fused, bench_logits, bench_policy, bench_step, memory_table
+from .cases import bench_distill, bench_fused, bench_logits, bench_policy, bench_preference, bench_step, memory_table
 from .plot import plot
 from .report import environment, markdown
 from .timing import Row
@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--fused", type=lambda s: _shapes(s, 3), help="fused shapes TxDxV,...")
     parser.add_argument(
         "--sections",
-        default="logits,step,fused,forward,policy,policy_ref,distill",
+        default="logits,step,fused,forward,policy,policy_ref,preference,distill",
         help="comma-separated sections to run (default: all)",
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -116,6 +116,7 @@ def main(argv=None) -> dict:
         "policy_ref": lambda: bench_policy(
             fused, dtype, repeats, progress, fused_reference=True, liger_compiled=args.full
         ),
+        "preference": lambda: bench_preference(fused, dtype, repeats, progress, liger_compiled=args.full),
         "distill": lambda: bench_distill(fused, dtype, repeats, progress),
     }
     unknown = sections - set(runs)

@@ -415,6 +415,10 @@ def test_guide_recipes_communicate_no_weight_or_logits(name):
         assert size <= local_tokens * d or (kind == "all-reduce" and size == weight_shard), (name, kind, size)
 
 
+@pytest.mark.skipif(
+    compat.JAX < (0, 7),
+    reason="the XLA of jax 0.6 hoists the blocks' float32 conversion of the weight out of the loop (52 MiB here)",
+)
 def test_float32_hidden_states_make_no_float32_copy_of_a_16_bit_weight():
     """float32 hidden states with a bf16 weight once took the single-pass path, whose d_hidden products
     read the whole weight in float32 (a copy of twice its size, next to the float32 d_W): the streaming
