@@ -143,13 +143,14 @@ class CrossEntropyRows(_stream.RowLoss):
         ce = jnp.where(bad, jnp.nan, rel)
         hit = jnp.zeros(y.shape, bool) if stats.argmax is None else stats.argmax == y
         count = jnp.ones_like(ce) if wy is None else wy
-        outputs = (ce, lse, jnp.where(hit, 1, 0).astype(ce.dtype), count)
+        pred = jnp.full_like(ce, -1) if stats.argmax is None else stats.argmax.astype(ce.dtype)
+        outputs = (ce, lse, jnp.where(hit, 1, 0).astype(ce.dtype), count, pred)
         d_out = None
         if tan:
             d_se, d_sy, d_smooth = tan
             d_lse = d_se / stats.se[0]
             d_ce = jnp.where(bad, jnp.nan, _targets.class_id_loss(d_lse, d_sy, d_smooth, wy, mass, opts))
-            d_out = (d_ce, d_lse, jnp.zeros_like(ce), jnp.zeros_like(ce))
+            d_out = (d_ce, d_lse, jnp.zeros_like(ce), jnp.zeros_like(ce), jnp.zeros_like(ce))
         return outputs, (mass,), d_out
 
     def grad(self, blk: _stream.GradBlock, res, cts, c: CEConsts):
@@ -164,14 +165,14 @@ class CrossEntropyRows(_stream.RowLoss):
         return _targets.class_id_grad(blk.p[0], g_ce, g_lse, y, blk.col0, cw, w_y, mass, opts)
 
     def scalar(self, outputs, rows: CERows, c: CEConsts):
-        ce, lse, _, count = outputs
+        ce, lse, _, count, _ = outputs
         sw = rows.sample_weight
         value = ce if c.z_loss is None else ce + c.z_loss * jnp.square(lse)
         g_ce = jnp.ones_like(ce) if sw is None else sw.astype(ce.dtype)
         g_lse = None if c.z_loss is None else 2 * c.z_loss * lse * g_ce
         if sw is not None:
             value, count = value * g_ce, count * g_ce
-        return _stream.Scalar(value, count, (g_ce, g_lse, None, None))
+        return _stream.Scalar(value, count, (g_ce, g_lse, None, None, None))
 
 
 def check_head(hidden, weight, bias, layout: str, prefix: str = "", linear: str = "linear_") -> tuple[Head, int]:
@@ -445,7 +446,7 @@ def _linear_cross_entropy(
         cw,
         CEConsts(opts, fl.z_loss),
         (layout,),
-        n_outputs=4,
+        n_outputs=5,
         scalar=reduction != "none" and not return_aux,
         token_block=token_block,
         vocab_block=vocab_block,

@@ -185,6 +185,7 @@ def log_probs(
     check_labels: bool = False,
     derivative: str = "vjp",
     num_classes: int | None = None,
+    ignore_index: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Log-probability of each label, and optionally the entropy, with analytic gradients.
 
@@ -221,6 +222,8 @@ def log_probs(
       check_labels: raise at run time on a counted label outside ``[0, C)``
         (as in :func:`jaxsce.cross_entropy`); without it such an example
         gives NaN.
+      ignore_index: labels equal to it are not counted: what ``where=False``
+        gives there (0, and 0 gradient). None (default): every label is a class id.
       num_classes: the number of real classes when the class axis is padded:
         columns at or beyond it (over all shards) are left out of the
         softmax and the entropy, with exactly 0 gradient, as in
@@ -257,6 +260,7 @@ def log_probs(
         check_labels=_options.flag(check_labels, "check_labels"),
         derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
         num_classes=_options.size(num_classes, "num_classes"),
+        ignore_index=_options.ignored_class(ignore_index),
     )
     tp = _options.transform(logit_softcap, temperature)
     return _options.run(_log_probs, (logits, labels, where, tp), static)
@@ -282,7 +286,18 @@ def check_logit_labels(labels, logits, axis, batch_shape):
 
 @_front.implementation
 def _log_probs(
-    logits, labels, where, tp: Transform, *, axis, return_entropy, axis_name, check_labels, derivative, num_classes
+    logits,
+    labels,
+    where,
+    tp: Transform,
+    *,
+    axis,
+    return_entropy,
+    axis_name,
+    check_labels,
+    derivative,
+    num_classes,
+    ignore_index,
 ):
     logits = _validate.check_floating(logits, "logits")
     z, batch_shape, _ = _validate.class_rows(logits, axis, "logits")
@@ -291,7 +306,7 @@ def _log_probs(
     n, local_classes = z.shape
     num_classes, padding = _options.class_count(num_classes, local_classes, axis_name, "the logits' class axis")
     valid = _front.counted(where, batch_shape, "the batch shape: logits.shape without axis")
-    y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, None, check_labels)
+    y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, ignore_index, check_labels)
     tp = _options.in_dtype(tp, _validate.compute_dtype(z.dtype))
     loss = LogProbRows(
         num_classes=num_classes,
@@ -330,6 +345,7 @@ def linear_log_probs(
     check_labels: bool = False,
     derivative: str = "vjp",
     num_classes: int | None = None,
+    ignore_index: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Fused :func:`jaxsce.log_probs` of ``hidden @ linear_weight + linear_bias`` that never builds the logits.
 
@@ -351,7 +367,7 @@ def linear_log_probs(
       labels: integer class ids (the sampled tokens) of ``hidden.shape[:-1]``.
       linear_bias: optional ``[V]``.
       weight_layout: ``"dv"`` or ``"vd"``.
-      temperature, logit_softcap, where, return_entropy, check_labels, num_classes: as in
+      temperature, logit_softcap, where, return_entropy, check_labels, num_classes, ignore_index: as in
         :func:`jaxsce.log_probs`.
       token_block, vocab_block, memory_budget: as in
         :func:`jaxsce.linear_cross_entropy`.
@@ -394,6 +410,7 @@ def linear_log_probs(
         check_labels=_options.flag(check_labels, "check_labels"),
         derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
         num_classes=_options.size(num_classes, "num_classes"),
+        ignore_index=_options.ignored_class(ignore_index),
     )
     _front.check_forward_mode(derivative, "linear_log_probs", hidden, linear_weight, linear_bias)
     tp = _options.transform(logit_softcap, temperature)
@@ -419,6 +436,7 @@ def _linear_log_probs(
     check_labels,
     derivative,
     num_classes,
+    ignore_index,
 ):
     head, v_local = check_head(hidden, weight, bias, weight_layout)
     batch_shape = hidden.shape[:-1]
@@ -427,7 +445,7 @@ def _linear_log_probs(
     n = head.hidden.shape[0]
     num_classes, padding = _options.class_count(num_classes, v_local, axis_name, "linear_weight's vocabulary")
     valid = _front.counted(where, batch_shape, "hidden.shape[:-1]")
-    y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, None, check_labels)
+    y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, ignore_index, check_labels)
     ct = _stream.acc_dtype(*head)
     tp = _options.in_dtype(tp, ct)
     loss = LogProbRows(

@@ -1,14 +1,16 @@
 """Per-example cross-entropy over rows of logits, with analytic derivative rules.
 
 The kernel maps logits ``z [N, V]`` (``V`` may be one shard of the classes) and
-class ids ``[N]`` or probability targets ``[N, V]`` to four per-example
+class ids ``[N]`` or probability targets ``[N, V]`` to five per-example
 outputs:
 
 * ``ce``: the (weighted, smoothed) cross-entropy, 0 where not counted;
 * ``lse``: the log-sum-exp of the transformed logits ``softcap(z) / T``, 0 where not counted;
 * ``correct``: 1.0 where the label is the row's argmax (top-1 hit), else 0;
 * ``w_y``: what the example adds to the ``"mean"`` normalizer (its class
-  weight, or 1; 0 where not counted).
+  weight, or 1; 0 where not counted);
+* ``pred``: the row's first argmax (a class id, as a float), -1 where not
+  counted or without ``return_aux``.
 
 Reductions, z-loss and auxiliary outputs are computed from these ``[N]``
 arrays by ordinary JAX code; only this kernel touches ``[N, V]`` data, and its
@@ -121,6 +123,8 @@ def _forward(z, target, valid, class_weight, opts: Options, keep_exp: bool = Fal
         # same sharding type as the other outputs inside shard_map.
         jnp.where(valid & correct, 1, 0).astype(ce.dtype),
         jnp.where(valid, w_y, 0),
+        # The argmax's class id (exact in floating point below 2**24), -1 where not counted.
+        jnp.where(valid, -1 if argmax is None else argmax, -1).astype(ce.dtype),
     )
     return outputs, (s, (m, lse_shift), mass, kept)
 
@@ -300,7 +304,7 @@ def _ce_fwd(z, target, valid, class_weight, opts):
 
 def _ce_bwd(residuals, cotangents):
     kept, target, valid, class_weight, opts, m, lse_shift, mass = residuals
-    g_ce, g_lse, _, _ = cotangents
+    g_ce, g_lse = cotangents[:2]
     g_ce, g_lse = _spmd.row_cotangents(g_ce, g_lse, axis_name=opts.vocab_axis, is_unchecked=opts.vocab_unchecked)
     ct = compute_dtype(kept.dtype)
     g_ce = jnp.where(valid, g_ce, 0).astype(ct)
@@ -371,16 +375,11 @@ def _ce_jvp_rule(primals, tangents):
         gt = _targets.keep_real(gt, opts, col0)
         d_ce = d_ce + jnp.sum(jnp.where(gt == 0, 0, gt * d_target.astype(ct)), axis=-1)
     d_ce, d_lse = psum_rows(d_ce, d_lse, opts=opts)
-    ce, lse_out, correct, w_y = outputs
-    tangent_out = (
-        jnp.where(valid, d_ce, 0),
-        jnp.where(valid, d_lse, 0),
-        jnp.zeros_like(correct),
-        jnp.zeros_like(w_y),
+    tangent_out = (jnp.where(valid, d_ce, 0), jnp.where(valid, d_lse, 0)) + tuple(
+        jnp.zeros_like(o) for o in outputs[2:]
     )
     # Tangents carry their primals' sharding types (jax < 0.7 checks this).
-    d_ce, d_lse, d_hit, d_w = (_spmd.vary_like(t, p) for t, p in zip(tangent_out, outputs))
-    return outputs, (d_ce, d_lse, d_hit, d_w)
+    return outputs, tuple(_spmd.vary_like(t, p) for t, p in zip(tangent_out, outputs))
 
 
 def _is_symbolic_zero(x) -> bool:

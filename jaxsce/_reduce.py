@@ -29,12 +29,16 @@ class LossAux(NamedTuple):
         argmax class carries the target's largest probability.
       count: scalar number of counted examples (after ``where`` and
         ``ignore_index``), summed over ``batch_axis_name`` when given.
+      predictions: per-example argmax class id (int32, batch shape): the
+        first maximum, as ``accuracy`` breaks ties; -1 for examples that are
+        not counted.
     """
 
     lse: jax.Array
     z_loss: jax.Array
     accuracy: jax.Array
     count: jax.Array
+    predictions: jax.Array
 
 
 def _psum(x, axes):
@@ -67,13 +71,13 @@ def reduce_loss(per_example: jax.Array, normalizer: jax.Array, reduction: str, b
     return jnp.where(empty, 0, total / jnp.where(empty, 1, denom))
 
 
-def make_aux(lse, z_term, correct, valid, batch_axes) -> LossAux:
+def make_aux(lse, z_term, correct, valid, batch_axes, predictions) -> LossAux:
     hits = jnp.sum(correct.astype(jnp.float32))
     count = jnp.sum(valid.astype(jnp.float32))
     if batch_axes is not None:
         hits, count = lax.psum(jnp.stack([hits, count]), batch_axes)
     accuracy = hits / jnp.maximum(count, 1)
-    return LossAux(lse=lse, z_loss=z_term, accuracy=accuracy, count=count)
+    return LossAux(lse=lse, z_loss=z_term, accuracy=accuracy, count=count, predictions=predictions)
 
 
 def finish_cross_entropy(
@@ -81,14 +85,14 @@ def finish_cross_entropy(
 ):
     """Adds the z-loss to a kernel's per-example outputs, weights, reduces, builds the aux.
 
-    ``outputs`` are the kernels' ``(ce, lse, correct, w_y)`` over the
+    ``outputs`` are the kernels' ``(ce, lse, correct, w_y, pred)`` over the
     flattened examples; ``z_loss`` is None (off) or a 0-d array;
     ``sample_weight`` None or per-example weights ``s`` (constants): the
     loss is ``s * (ce + z-loss)`` and its share of the mean's denominator
     ``s * w_y``. An example that is not counted contributes exactly 0 whatever
     its sample weight (NaN included). The aux outputs are not weighted.
     """
-    ce, lse, correct, w_y = outputs
+    ce, lse, correct, w_y, pred = outputs
     z_term = jnp.zeros_like(lse) if z_loss is None else z_loss * jnp.square(lse)
     per_example = ce if z_loss is None else ce + z_term
     if sample_weight is not None:
@@ -99,7 +103,8 @@ def finish_cross_entropy(
         loss = loss.reshape(batch_shape)
     if not return_aux:
         return loss
-    aux = make_aux(lse.reshape(batch_shape), z_term.reshape(batch_shape), correct, valid, batch_axis_name)
+    predictions = jnp.where(valid, pred, -1).astype(jnp.int32).reshape(batch_shape)
+    aux = make_aux(lse.reshape(batch_shape), z_term.reshape(batch_shape), correct, valid, batch_axis_name, predictions)
     return loss, aux
 
 

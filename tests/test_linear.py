@@ -345,3 +345,25 @@ def test_exports_for_gpu_and_tpu_and_runs_the_same_on_cpu():
     assert loss == loss_ref
     for g, g_ref in zip(grads, grads_ref):
         np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(g_ref, np.float32))
+
+
+@pytest.mark.parametrize("path", ["logits", "fused", "fused streamed", "probabilities"])
+def test_aux_predictions_are_the_first_argmax(path):
+    """LossAux.predictions: each counted example's argmax (the first of equal maxima), -1 elsewhere."""
+    rng = np.random.default_rng(41)
+    h = jnp.asarray(rng.normal(size=(5, 6, 8)))
+    w = jnp.asarray(np.round(rng.normal(size=(8, 30)), 1))
+    w = w.at[:, 7].set(w[:, 3])  # ties: column 7 equals column 3, which comes first
+    y = jnp.asarray(rng.integers(0, 30, size=(5, 6)), jnp.int32)
+    m = jnp.asarray(rng.random((5, 6)) > 0.3)
+    z = h @ w
+    if path == "logits":
+        _, aux = jaxsce.cross_entropy(z, y, where=m, return_aux=True)
+    elif path == "probabilities":
+        _, aux = jaxsce.cross_entropy(z, jax.nn.softmax(z, axis=-1), where=m, return_aux=True)
+    else:
+        _, aux = jaxsce.linear_cross_entropy(
+            h, w, y, where=m, return_aux=True, vocab_block=8 if path == "fused streamed" else None
+        )
+    assert aux.predictions.dtype == jnp.int32
+    np.testing.assert_array_equal(aux.predictions, np.where(m, np.argmax(np.asarray(z), axis=-1), -1))

@@ -284,3 +284,27 @@ def test_policy_gradient_memory_stays_far_below_the_logits():
     compiled = jax.jit(jax.value_and_grad(objective, (0, 1))).lower(*args).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp <= 256 * 2**20, temp / 2**20
+
+
+@pytest.mark.parametrize("fn", ["logits", "linear"])
+def test_ignore_index_gives_what_where_gives(fn):
+    """-100 padding with ignore_index=-100: the values and gradients of where=False there (without it, NaN)."""
+    rng = np.random.default_rng(40)
+    h = jnp.asarray(rng.normal(size=(3, 7, 6)))
+    w = jnp.asarray(rng.normal(size=(6, 50)))
+    y = jnp.asarray(rng.integers(0, 50, size=(3, 7)), jnp.int32)
+    m = jnp.asarray(rng.random((3, 7)) > 0.3)
+    padded = jnp.where(m, y, -100)
+
+    def call(w, labels, **kw):
+        if fn == "logits":
+            return jaxsce.log_probs(h @ w, labels, return_entropy=True, **kw)
+        return jaxsce.linear_log_probs(h, w, labels, return_entropy=True, **kw)
+
+    got = call(w, padded, ignore_index=-100)
+    want = call(w, y, where=m)
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    assert np.isnan(np.asarray(call(w, padded)[0])).any()
+    g = jax.grad(lambda w: jnp.sum(jnp.stack(call(w, padded, ignore_index=-100))))(w)
+    np.testing.assert_array_equal(g, jax.grad(lambda w: jnp.sum(jnp.stack(call(w, y, where=m))))(w))
