@@ -375,11 +375,17 @@ def _ce_jvp_rule(primals, tangents):
         gt = _targets.keep_real(gt, opts, col0)
         d_ce = d_ce + jnp.sum(jnp.where(gt == 0, 0, gt * d_target.astype(ct)), axis=-1)
     d_ce, d_lse = psum_rows(d_ce, d_lse, opts=opts)
-    tangent_out = (jnp.where(valid, d_ce, 0), jnp.where(valid, d_lse, 0)) + tuple(
-        jnp.zeros_like(o) for o in outputs[2:]
+    _, _, correct, w_y, pred = outputs
+    tangent_out = (
+        jnp.where(valid, d_ce, 0),
+        jnp.where(valid, d_lse, 0),
+        jnp.zeros_like(correct),
+        jnp.zeros_like(w_y),
+        jnp.zeros_like(pred),
     )
     # Tangents carry their primals' sharding types (jax < 0.7 checks this).
-    return outputs, tuple(_spmd.vary_like(t, p) for t, p in zip(tangent_out, outputs))
+    d_ce, d_lse, d_hit, d_w, d_pred = (_spmd.vary_like(t, p) for t, p in zip(tangent_out, outputs))
+    return outputs, (d_ce, d_lse, d_hit, d_w, d_pred)
 
 
 def _is_symbolic_zero(x) -> bool:
