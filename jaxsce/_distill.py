@@ -35,9 +35,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _auto, _front, _options, _reduce, _spmd, _stream, _transform, _validate
-from ._linear import check_head
+from . import _auto, _front, _labels, _options, _reduce, _spmd, _stream, _transform, _validate
+from ._linear import check_class_ids, check_head
+from ._log_probs import in_block
 from ._stream import DEFAULT_MEMORY_BUDGET
+from ._targets import block_hits, label_entry
 from ._transform import Transform
 
 AxisName = str | tuple[str, ...] | None
@@ -47,6 +49,8 @@ DIVERGENCES = ("kl", "reverse_kl", "jsd")
 class DistillConsts(NamedTuple):
     transform: Transform = Transform()  # the temperature (no soft cap)
     beta: jax.Array | None = None
+    soft_weight: jax.Array | None = None  # None: 1
+    hard_weight: jax.Array | None = None  # the cross-entropy's weight (with labels)
 
 
 def _xlogy_terms(weight, diff):
@@ -77,9 +81,18 @@ def _mixture_gaps(log_ps, log_pt, beta):
 
 
 class WeightedSum(NamedTuple):
-    """``sum_c exp(w_c - m_w) (x_c - y_c)`` for the KLs: ``w`` the weighting head, relative to its running max."""
+    """``sum_c exp(w_c - m_w) (x_c - y_c)`` for the KLs: ``w`` the weighting head, relative to its running
+    max; for the hard-label term, the student's ``sum_c exp(T (s_c - m))`` (its untempered log-sum-exp,
+    relative to the same max) and its label's ``s_y``."""
 
     weighted: jax.Array | None = None
+    hard_se: jax.Array | None = None
+    label: jax.Array | None = None
+
+
+def _power(x, t):
+    """``x ** t`` for the temperature ``t`` (None: 1): rescales a sum of ``exp(s - m)`` to ``exp(T (s - m))``."""
+    return x if t is None else jnp.where(x > 0, x**t, 0)
 
 
 class MixtureSums(NamedTuple):
@@ -94,6 +107,8 @@ class DistillRows(_stream.RowLoss):
     """One output per row, the divergence; see the module docstring."""
 
     divergence: str
+    hard: bool = False  # a cross-entropy term on the student's labels (rows: the class ids)
+    num_classes: int = 0  # the labels' range, with ``hard``
     heads = 2
 
     @property
@@ -107,24 +122,31 @@ class DistillRows(_stream.RowLoss):
         return _transform.chain(s, ds, c.transform)
 
     def init(self, tb, ct, c, forward_mode: bool):
-        return _stream.Acc(WeightedSum(None if self.divergence == "jsd" else jnp.zeros((tb,), ct)))
+        zeros = jnp.zeros((tb,), ct)
+        weighted = None if self.divergence == "jsd" else zeros
+        return _stream.Acc(WeightedSum(weighted, *((zeros, zeros) if self.hard else (None, None))))
 
     def accumulate(self, acc, blk: _stream.Block, c):
-        a = acc.sums.weighted
-        if a is None:
-            return acc
-        s, t = blk.s
-        w = 1 if self.divergence == "kl" else 0  # the weighting head: the teacher for "kl"
-        e = blk.e[w]
-        diff = t - s if w == 1 else s - t
-        return _stream.Acc(WeightedSum(blk.rescale[w] * a + jnp.sum(_xlogy_terms(e, diff), axis=-1)))
+        a, hard_se, label = acc.sums
+        if a is not None:
+            s, t = blk.s
+            w = 1 if self.divergence == "kl" else 0  # the weighting head: the teacher for "kl"
+            diff = t - s if w == 1 else s - t
+            a = blk.rescale[w] * a + jnp.sum(_xlogy_terms(blk.e[w], diff), axis=-1)
+        if self.hard:
+            temp = c.transform.temperature
+            hard_se = _power(blk.rescale[0], temp) * hard_se + jnp.sum(_power(blk.e[0], temp), axis=-1)
+            y = blk.rows
+            label = label + jnp.where(in_block(y, blk), label_entry(blk.s[0], y, blk.col0), 0)
+        return _stream.Acc(WeightedSum(a, hard_se, label))
 
     def to_global(self, acc, sh: _stream.Shards, c):
-        a = acc.sums.weighted
-        if a is None:
-            return acc
-        w = 1 if self.divergence == "kl" else 0
-        return _stream.Acc(WeightedSum(sh.scale[w] * a))
+        a, hard_se, label = acc.sums
+        if a is not None:
+            a = sh.scale[1 if self.divergence == "kl" else 0] * a
+        if hard_se is not None:
+            hard_se = _power(sh.scale[0], c.transform.temperature) * hard_se
+        return _stream.Acc(WeightedSum(a, hard_se, label))
 
     def init2(self, tb, ct, c):
         zeros = jnp.zeros((tb,), ct)
@@ -139,13 +161,27 @@ class DistillRows(_stream.RowLoss):
         return MixtureSums(k_t, k_s)
 
     def finish(self, stats: _stream.Stats, acc, second, rows, cols, c: DistillConsts):
+        soft, res = self._soft(stats, acc, second, c)
+        if c.soft_weight is not None:
+            soft = c.soft_weight * soft
+        if not self.hard:
+            return (soft,), res, None
+        # The cross-entropy of the untempered student, T s: log sum_c exp(T (s_c - m)) - T (s_y - m).
+        temp = 1 if c.transform.temperature is None else c.transform.temperature
+        shift, log_se = stats.shift[0], jnp.log(acc.sums.hard_se)
+        bad = (rows < 0) | (rows >= self.num_classes) | (stats.m[0] == jnp.inf)
+        ce = jnp.where(bad, jnp.nan, log_se - temp * (acc.sums.label - shift))
+        return (soft + c.hard_weight * ce,), res + (shift, log_se), None
+
+    def _soft(self, stats: _stream.Stats, acc, second, c: DistillConsts):
+        """The divergence per row and the residuals its gradient needs."""
         # A +inf logit in either head has no defined distribution: NaN.
         bad = (stats.m[0] == jnp.inf) | (stats.m[1] == jnp.inf)
         if self.divergence == "jsd":
             k_t, k_s = second
             beta = cast(jax.Array, c.beta)
             jsd = jnp.maximum(beta * k_t + (1 - beta) * k_s, 0)
-            return (jnp.where(bad, jnp.nan, jsd),), (k_s,), None
+            return jnp.where(bad, jnp.nan, jsd), (k_s,)
         a = acc.sums.weighted
         # Row-max-relative: sum_c P_w (x_c - y_c) + (m_y - m_x) + (log se_y - log se_x),
         # with w the weighting head, x its logits and y the other head's. The
@@ -160,11 +196,23 @@ class DistillRows(_stream.RowLoss):
             mean_diff = a / se_s
             kl = mean_diff + ((m_t - m_s) + (ls_t - ls_s))
         # A divergence is never negative; rounding can make it -1e-7.
-        kl = jnp.where(bad, jnp.nan, jnp.maximum(kl, 0))
-        return (kl,), (mean_diff,), None
+        return jnp.where(bad, jnp.nan, jnp.maximum(kl, 0)), (mean_diff,)
 
     def grad(self, blk: _stream.GradBlock, res, cts, c: DistillConsts):
-        g = cts[0][:, None]
+        g = cts[0] if c.soft_weight is None else cts[0] * c.soft_weight
+        out = self._soft_grad(blk, res[:1], g[:, None], c)
+        if not self.hard:
+            return out
+        # d(hard_weight ce)/ds_c = hard_weight T (softmax(T s)_c - [c = y]).
+        shift, log_se = res[1:]
+        y = blk.rows
+        temp = 1 if c.transform.temperature is None else c.transform.temperature
+        g_h = jnp.where((y < 0) | (y >= self.num_classes), jnp.nan, cts[0] * c.hard_weight * temp)
+        s = blk.s[0]
+        q = jnp.exp(temp * (s - shift[:, None]) - log_se[:, None])
+        return out + g_h[:, None] * (q - jnp.where(block_hits(y, blk.col0, s.shape[-1]), 1, 0).astype(s.dtype))
+
+    def _soft_grad(self, blk: _stream.GradBlock, res, g, c: DistillConsts):
         (s, t), (p_s, p_t) = blk.s, blk.p
         if self.divergence == "kl":
             return g * (p_s - p_t)
@@ -315,10 +363,36 @@ def _distillation_loss(
 def _consts_in(consts: DistillConsts, ct, divergence: str) -> DistillConsts:
     """The traced options in the compute dtype; NaN where out of range (``0 < beta < 1`` for JSD)."""
     transform = _options.in_dtype(consts.transform, ct)
-    if consts.beta is None:
-        return DistillConsts(transform, None)
-    beta = lax.stop_gradient(jnp.asarray(consts.beta).astype(ct))
-    return DistillConsts(transform, jnp.where((beta > 0) & (beta < 1), beta, jnp.nan))
+    beta = consts.beta
+    if beta is not None:
+        beta = lax.stop_gradient(jnp.asarray(beta).astype(ct))
+        beta = jnp.where((beta > 0) & (beta < 1), beta, jnp.nan)
+    weights = (
+        None if x is None else _options.traced_in_dtype(x, ct, (0.0, None, False))
+        for x in (consts.soft_weight, consts.hard_weight)
+    )
+    return DistillConsts(transform, beta, *weights)
+
+
+def _hard_options(consts: DistillConsts, labels, hard_weight, soft_weight) -> tuple[DistillConsts, bool]:
+    """The hard-label term's weights in the consts, and whether there is one (labels and a weight)."""
+    hard = _options.float_option(hard_weight, "hard_weight", off_when_zero=True, bounds=(0.0, None, False))
+    soft = _options.float_option(soft_weight, "soft_weight", off_when_zero=False, bounds=(0.0, None, False))
+    if hard is not None and labels is None:
+        raise ValueError("hard_weight > 0 adds the cross-entropy of the student's labels: pass labels.")
+    if soft is not None and not _validate.is_tracer(soft_weight) and float(soft_weight) == 1.0:
+        soft = None
+    return consts._replace(soft_weight=soft, hard_weight=hard), hard is not None
+
+
+def _labels_in(labels, valid, batch_shape, num_classes: int, ignore_index, what: str):
+    """Class ids of the batch shape (0 where not counted) and the mask without ``ignore_index``."""
+    if labels is None:
+        if ignore_index is not None:
+            raise ValueError("ignore_index applies to labels: pass labels.")
+        return None, valid
+    labels = check_class_ids(labels, batch_shape, what)
+    return _labels.label_validity(labels.reshape(-1), num_classes, valid, ignore_index, False)
 
 
 @_options.keyword_checked
@@ -330,6 +404,7 @@ def _consts_in(consts: DistillConsts, ct, divergence: str) -> DistillConsts:
     student_bias=_auto.VOCAB,
     teacher_bias=_auto.VOCAB,
     where=_auto.ROWS,
+    labels=_auto.ROWS,
 )
 def linear_distillation_loss(
     student_hidden: jax.Array,
@@ -353,6 +428,10 @@ def linear_distillation_loss(
     derivative: str = "vjp",
     num_classes: int | None = None,
     teacher_weight_layout: str | None = None,
+    labels: jax.Array | None = None,
+    hard_weight: float | jax.Array = 0.0,
+    soft_weight: float | jax.Array = 1.0,
+    ignore_index: int | None = None,
 ) -> jax.Array:
     r"""Fused :func:`jaxsce.distillation_loss` of two linear heads that never builds either's logits.
 
@@ -396,6 +475,14 @@ def linear_distillation_loss(
         streaming pass for the tangents), as in :func:`jaxsce.linear_log_probs`.
       num_classes: the real vocabulary size when both weights are padded, as
         in :func:`jaxsce.distillation_loss`.
+      labels: integer class ids of the batch shape: with ``hard_weight``, the
+        loss per token is ``soft_weight * divergence + hard_weight * CE``, the
+        cross-entropy of the student's logits ``T s`` (untempered, as
+        Liger-Kernel's ``weight_hard_loss``/``weight_soft_loss``), read in the
+        same stream; tokens whose label is ``ignore_index`` are left out of
+        both terms.
+      hard_weight, soft_weight: the two terms' weights (``>= 0``, may be traced).
+      ignore_index: labels equal to it are not counted (None: off).
 
     Returns:
       As :func:`jaxsce.distillation_loss`.
@@ -428,8 +515,10 @@ def linear_distillation_loss(
     )
     _front.check_forward_mode(derivative, "linear_distillation_loss", student_hidden, student_weight, student_bias)
     divergence, consts = _options_of(divergence, beta, temperature)
-    args = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, where, consts)
-    return _linear_distillation_loss(*args, divergence=divergence, **static)
+    consts, hard = _hard_options(consts, labels, hard_weight, soft_weight)
+    args = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, where, labels)
+    ignore = _options.ignored_class(ignore_index)
+    return _linear_distillation_loss(*args, consts, divergence=divergence, hard=hard, ignore_index=ignore, **static)
 
 
 @_front.implementation
@@ -441,9 +530,12 @@ def _linear_distillation_loss(
     wt,
     bt,
     where,
+    labels,
     consts,
     *,
     divergence,
+    hard,
+    ignore_index,
     weight_layout,
     reduction,
     token_block,
@@ -475,15 +567,21 @@ def _linear_distillation_loss(
     heads = (student, teacher)
     ct = _stream.acc_dtype(*student, *teacher)
     consts = _consts_in(consts, ct, divergence)
-    _, padding = _options.class_count(num_classes, v_s, axis_name, "student_weight's vocabulary")
+    count, padding = _options.class_count(num_classes, v_s, axis_name, "student_weight's vocabulary")
+    y, valid = _labels_in(labels, valid, batch_shape, count, ignore_index, hs.shape)
     loss = DistillRows(
-        divergence=divergence, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name), classes=padding
+        divergence=divergence,
+        hard=hard,
+        num_classes=count,
+        vocab_axis=axis_name,
+        unchecked=_spmd.unchecked(axis_name),
+        classes=padding,
     )
     out = _front.fused(
         loss,
         heads,
         valid,
-        None,
+        y if hard else None,
         None,
         consts,
         (weight_layout, teacher_weight_layout),

@@ -228,3 +228,103 @@ def test_memory_of_both_heads_stays_within_384_mib():
         compiled = jax.jit(jax.value_and_grad(loss, (0, 1))).lower(*shapes).compile()
         temp = compiled.memory_analysis().temp_size_in_bytes
         assert temp <= 384 * 2**20, (divergence, temp / 2**20)
+
+
+# --- the hard-label term in the same stream ---------------------------------------------------
+
+
+def _hard_case(seed=50):
+    rng = np.random.default_rng(seed)
+    n, ds, dt, v = 12, 6, 5, 41
+    y = rng.integers(0, v, size=n)
+    y[[1, 7]] = -100
+    return dict(
+        hs=jnp.asarray(rng.normal(size=(n, ds))),
+        ws=jnp.asarray(rng.normal(size=(ds, v)) * 0.6),
+        ht=jnp.asarray(rng.normal(size=(n, dt))),
+        wt=jnp.asarray(rng.normal(size=(dt, v)) * 0.6),
+        y=jnp.asarray(y, jnp.int32),
+    )
+
+
+def _naive_hard(hs, ws, ht, wt, y, divergence, temperature, hard_weight, soft_weight, beta=0.5):
+    """Liger-Kernel's definition: over the tokens whose label is not -100, the mean of
+    soft_weight * D(student / T, teacher / T) + hard_weight * CE(student, y)."""
+    zs, zt = hs @ ws, ht @ wt
+    m = y != -100
+    per_row = naive_distillation(zs, zt, divergence, beta=beta, temperature=temperature)
+    ls = jax.nn.log_softmax(zs, axis=-1)
+    ce = -jnp.take_along_axis(ls, jnp.where(m, y, 0)[:, None], axis=-1)[:, 0]
+    total = soft_weight * per_row + hard_weight * ce
+    return jnp.sum(jnp.where(m, total, 0)) / jnp.sum(m).astype(total.dtype)
+
+
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("path", ["single pass", "streamed"])
+def test_hard_label_term_in_the_same_stream(divergence, temperature, path):
+    d = _hard_case()
+    blocks = dict(vocab_block=16) if path == "streamed" else {}
+
+    def ours(hs, ws):
+        return jaxsce.linear_distillation_loss(
+            hs, ws, d["ht"], d["wt"], divergence=divergence, temperature=temperature, labels=d["y"],
+            hard_weight=0.3, soft_weight=0.7, ignore_index=-100, **blocks,
+        )  # fmt: skip
+
+    def naive(hs, ws):
+        return _naive_hard(hs, ws, d["ht"], d["wt"], d["y"], divergence, temperature, 0.3, 0.7)
+
+    got, got_g = jax.value_and_grad(ours, argnums=(0, 1))(d["hs"], d["ws"])
+    want, want_g = jax.value_and_grad(naive, argnums=(0, 1))(d["hs"], d["ws"])
+    np.testing.assert_allclose(got, want, rtol=1e-11)
+    for g, w in zip(got_g, want_g):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-13)
+
+
+def test_hard_label_term_errors_and_soft_only():
+    d = _hard_case(51)
+    args = (d["hs"], d["ws"], d["ht"], d["wt"])
+    with pytest.raises(ValueError, match="pass labels"):
+        jaxsce.linear_distillation_loss(*args, hard_weight=0.5)
+    # labels with hard_weight 0: ignore_index masks the soft term only.
+    m = d["y"] != -100
+    got = jaxsce.linear_distillation_loss(*args, labels=d["y"], ignore_index=-100)
+    np.testing.assert_allclose(got, jaxsce.linear_distillation_loss(*args, where=m), rtol=1e-12)
+
+
+def _liger_jsd():
+    try:
+        import torch
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except ImportError:
+        return None
+    return torch, LigerFusedLinearJSDLoss
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("beta", [0.5, 0.2])
+def test_hard_label_jsd_equals_liger_kernel(temperature, beta):
+    """Liger-Kernel 0.8.5's LigerFusedLinearJSDLoss with weight_hard_loss and weight_soft_loss (chunked,
+    pure torch) on the same float64 inputs: the loss and the student's gradients (its logits are float32)."""
+    peer = _liger_jsd()
+    if peer is None:
+        pytest.skip("liger-kernel (and torch) not installed: pip install -e '.[liger]'")
+    torch, Jsd = peer
+    d = _hard_case(52)
+    t = lambda x: torch.tensor(np.asarray(x))  # noqa: E731
+    hs, ws = t(d["hs"]).requires_grad_(True), t(d["ws"].T).requires_grad_(True)
+    module = Jsd(weight_hard_loss=0.3, weight_soft_loss=0.7, beta=beta, temperature=temperature, compiled=False)
+    loss_t = module(hs, ws, t(d["ht"]), t(d["wt"].T), t(d["y"]).long())
+    loss_t.backward()
+
+    def ours(h, w):
+        return jaxsce.linear_distillation_loss(
+            h, w, d["ht"], d["wt"].T, weight_layout="vd", divergence="jsd", beta=beta, temperature=temperature,
+            labels=d["y"], hard_weight=0.3, soft_weight=0.7, ignore_index=-100,
+        )  # fmt: skip
+
+    loss, (g_h, g_w) = jax.value_and_grad(ours, argnums=(0, 1))(d["hs"], d["ws"].T)
+    np.testing.assert_allclose(float(loss), loss_t.item(), rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(g_h, hs.grad.numpy(), rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(g_w, ws.grad.numpy(), rtol=2e-5, atol=2e-6)
