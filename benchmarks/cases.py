@@ -654,3 +654,76 @@ def bench_preference(shapes, dtype, repeats, progress, *, liger_compiled: bool =
             r.extra["floor_ratio_to_liger"] = None if liger_ms is None else floor_ms / liger_ms
         rows += part
     return rows
+
+
+# --- distillation with the hard-label term: JSD + cross-entropy, as Liger-Kernel's JSD loss ------
+
+JSD_LIGER = "torch Liger-Kernel LigerFusedLinearJSDLoss (chunked)"
+HARD, SOFT = 0.5, 0.5  # Liger-Kernel's default weight_hard_loss, weight_soft_loss
+
+
+def distill_jsd_impls() -> dict[str, Callable]:
+    """value_and_grad wrt the student's (h, W) of 0.5 JSD(beta 0.5) + 0.5 CE(labels), mean over tokens."""
+
+    def autodiff(hs, ws, ht, wt, y):
+        ls = jax.nn.log_softmax(hs @ ws, axis=-1)
+        lt = jax.nn.log_softmax(jax.lax.stop_gradient(ht @ wt), axis=-1)
+        lm = jnp.log(0.5 * jnp.exp(lt) + 0.5 * jnp.exp(ls))
+        jsd = 0.5 * jnp.sum(jnp.exp(lt) * (lt - lm), -1) + 0.5 * jnp.sum(jnp.exp(ls) * (ls - lm), -1)
+        ce = -jnp.take_along_axis(ls, y[:, None], axis=-1)[:, 0]
+        return jnp.mean(SOFT * jsd + HARD * ce)
+
+    def fused(hs, ws, ht, wt, y):
+        return jaxsce.linear_distillation_loss(
+            hs, ws, ht, wt, divergence="jsd", labels=y, hard_weight=HARD, soft_weight=SOFT
+        )
+
+    impls = {"jaxsce linear_distillation_loss (jsd + hard labels)": fused, DISTILL_PEER: autodiff}
+    return {k: jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for k, f in impls.items()}
+
+
+def _liger_jsd_call(args, compiled: bool):
+    """Liger-Kernel's JSD step with the hard-label term, or None; its weights are ``[V, d]``."""
+    if torch is None:
+        return None
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except ImportError:
+        return None
+    hs, ws, ht, wt, y = (np.asarray(x) for x in args)
+    module = LigerFusedLinearJSDLoss(weight_hard_loss=HARD, weight_soft_loss=SOFT, beta=0.5, compiled=compiled)
+    h_t = torch.tensor(hs, requires_grad=True)
+    w_t = torch.tensor(np.ascontiguousarray(ws.T), requires_grad=True)
+    fixed = (torch.tensor(ht), torch.tensor(np.ascontiguousarray(wt.T)), torch.tensor(y).long())
+
+    def step():
+        h_t.grad = w_t.grad = None
+        loss = module(h_t, w_t, *fixed)
+        loss.backward()
+        return loss, (h_t.grad, w_t.grad.T)
+
+    return step
+
+
+def bench_distill_jsd(shapes, dtype, repeats, progress, *, liger_compiled: bool = False) -> list[Row]:
+    rows = []
+    impls = distill_jsd_impls()
+    for t_, d, v in shapes:
+        args, rng = _head_case(t_, d, v, dtype, 2)
+        args = args + (jnp.asarray(rng.integers(0, v, size=t_), jnp.int32),)
+        extra = _matmul_call(args[0], args[1])
+        liger = _liger_jsd_call(args, liger_compiled) if dtype == jnp.float32 else None
+        if liger is not None:
+            extra[JSD_LIGER] = liger
+        part = _section(
+            "distill_jsd", f"{t_}x{d}x{v}", impls, args, repeats, progress,
+            peer=DISTILL_PEER, ref=DISTILL_PEER, tol=lambda g: 10 * grad_tolerance(g), tokens=t_,
+            extra_calls=extra, rates=_four_matmuls,
+        )  # fmt: skip
+        liger_ms = next((r.median_ms for r in part if r.impl == JSD_LIGER), None)
+        floor_ms = 4 * part[0].extra["matmul_ms"]
+        for r in part:
+            r.extra["ratio_to_liger"] = None if liger_ms is None else r.median_ms / liger_ms
+            r.extra["floor_ratio_to_liger"] = None if liger_ms is None else floor_ms / liger_ms
+        rows += part
+    return rows

@@ -86,6 +86,13 @@ SECTIONS = {
         peer="÷ plain autodiff",
         roof="time ÷ 4 matmuls",
     ),
+    "distill_jsd": dict(
+        title="Distillation with the hard-label term: value_and_grad wrt the student's (h, W) of "
+        "0.5 JSD(beta = 0.5) + 0.5 cross-entropy (Liger-Kernel's defaults)",
+        peer="÷ plain autodiff",
+        roof="time ÷ 4 matmuls",
+        extra=(("ratio_to_liger", "÷ Liger-Kernel"), ("floor_ratio_to_liger", "4 matmuls ÷ Liger-Kernel")),
+    ),
 }
 
 

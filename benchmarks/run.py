@@ -20,7 +20,16 @@ from dataclasses import asdict
 import jax.numpy as jnp
 
 from . import timing
-from .cases import bench_distill, bench_fused, bench_logits, bench_policy, bench_preference, bench_step, memory_table
+from .cases import (
+    bench_distill,
+    bench_distill_jsd,
+    bench_fused,
+    bench_logits,
+    bench_policy,
+    bench_preference,
+    bench_step,
+    memory_table,
+)
 from .plot import plot
 from .report import environment, markdown
 from .timing import Row
@@ -57,7 +66,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--fused", type=lambda s: _shapes(s, 3), help="fused shapes TxDxV,...")
     parser.add_argument(
         "--sections",
-        default="logits,step,fused,forward,policy,policy_ref,preference,distill",
+        default="logits,step,fused,forward,policy,policy_ref,preference,distill,distill_jsd",
         help="comma-separated sections to run (default: all)",
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -118,6 +127,7 @@ def main(argv=None) -> dict:
         ),
         "preference": lambda: bench_preference(fused, dtype, repeats, progress, liger_compiled=args.full),
         "distill": lambda: bench_distill(fused, dtype, repeats, progress),
+        "distill_jsd": lambda: bench_distill_jsd(fused, dtype, repeats, progress, liger_compiled=args.full),
     }
     unknown = sections - set(runs)
     if unknown:
