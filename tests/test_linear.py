@@ -200,6 +200,9 @@ def test_forward_mode_matches_plain_path(opts, reduction, blocks):
     out, t_out = jax.jvp(fused, args, tans)
     out_ref, t_ref = jax.jvp(plain, args, tans)
     for x, x_ref in zip(jax.tree.leaves((out, t_out)), jax.tree.leaves((out_ref, t_ref))):
+        if x.dtype == jax.dtypes.float0:  # the tangent of LossAux.predictions (integer)
+            assert x_ref.dtype == x.dtype and x.shape == x_ref.shape
+            continue
         np.testing.assert_allclose(x, x_ref, rtol=2e-4, atol=2e-5)
     # Reverse mode also works in this mode (JAX transposes the JVP), on jax
     # >= 0.10: jax 0.6.2's scan transpose fails on it, so it is refused with
