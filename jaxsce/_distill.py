@@ -171,7 +171,8 @@ class DistillRows(_stream.RowLoss):
         shift, log_se = stats.shift[0], jnp.log(acc.sums.hard_se)
         bad = (rows < 0) | (rows >= self.num_classes) | (stats.m[0] == jnp.inf)
         ce = jnp.where(bad, jnp.nan, log_se - temp * (acc.sums.label - shift))
-        return (soft + c.hard_weight * ce,), res + (shift, log_se), None
+        hard_weight = cast(jax.Array, c.hard_weight)  # set whenever self.hard
+        return (soft + hard_weight * ce,), res + (shift, log_se), None
 
     def _soft(self, stats: _stream.Stats, acc, second, c: DistillConsts):
         """The divergence per row and the residuals its gradient needs."""

@@ -419,11 +419,7 @@ def _from_outputs(obj, outputs, entropy: bool, reference: bool, data: TokenData,
 
 
 def _check_batch_shape(batch_shape, name: str, full_shape):
-    if len(batch_shape) != 2:
-        raise ValueError(
-            f"{name} of shape {full_shape} must have the batch shape [B, L] (B completions of length L) "
-            f"besides its class/feature axis, got {batch_shape}."
-        )
+    _validate.check_two_axes(batch_shape, name, full_shape, "[B, L] (B completions of length L)")
 
 
 # --- public functions ------------------------------------------------------------------------

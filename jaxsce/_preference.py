@@ -348,11 +348,7 @@ def _pair_mask(wheres, labels_pair, ignore_index, shape):
 
 
 def _check_pairs(shape, name: str, full_shape):
-    if len(shape) != 2:
-        raise ValueError(
-            f"{name} of shape {full_shape} must have the batch shape [P, L] (P pairs of length L) "
-            f"besides its class/feature axis, got {shape}."
-        )
+    _validate.check_two_axes(shape, name, full_shape, "[P, L] (P pairs of length L)")
 
 
 # --- public functions ------------------------------------------------------------------------

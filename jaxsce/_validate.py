@@ -134,3 +134,13 @@ def class_rows(x: jax.Array, axis, name: str):
         return jnp.transpose(y, perm).reshape(n, classes)
 
     return flatten(x), batch_shape, flatten
+
+
+def check_two_axes(batch_shape, name: str, full_shape, what: str):
+    """A batch of sequences: ``batch_shape`` (``full_shape`` without its class or feature axis) is 2-D, as
+    ``what`` says (``"[B, L] (B completions of length L)"``)."""
+    if len(batch_shape) != 2:
+        raise ValueError(
+            f"{name} of shape {full_shape} must have the batch shape {what} besides its class/feature axis, "
+            f"got {batch_shape}."
+        )
