@@ -489,17 +489,22 @@ def bench_policy(shapes, dtype, repeats, progress, *, fused_reference: bool = Fa
             progress, peer=POLICY_PEER, ref=POLICY_PEER, tol=lambda g: 10 * grad_tolerance(g), tokens=t_,
             extra_calls=extra, rates=_passes(3 + fused_reference),
         )  # fmt: skip
-        liger_ms = next((r.median_ms for r in part if r.impl == LIGER), None)
-        # No fused loss can go below its matmul passes: the floor of the ratio to Liger.
-        floor_ms = (3 + fused_reference) * part[0].extra["matmul_ms"]
-        for r in part:
-            r.extra["ratio_to_liger"] = None if liger_ms is None else r.median_ms / liger_ms
-            r.extra["floor_ratio_to_liger"] = None if liger_ms is None else floor_ms / liger_ms
+        _liger_ratios(part, LIGER, 3 + fused_reference)
         rows += part
     return rows
 
 
 LIGER = "torch Liger-Kernel LigerFusedLinearGRPOLoss (chunked)"
+
+
+def _liger_ratios(part: list[Row], liger: str, passes: int) -> None:
+    """Adds each row's time over Liger-Kernel's (``liger``, None when it did not run) and the floor of
+    that ratio: no fused loss can go below its ``passes`` matmul passes."""
+    liger_ms = next((r.median_ms for r in part if r.impl == liger), None)
+    floor_ms = passes * part[0].extra["matmul_ms"]
+    for r in part:
+        r.extra["ratio_to_liger"] = None if liger_ms is None else r.median_ms / liger_ms
+        r.extra["floor_ratio_to_liger"] = None if liger_ms is None else floor_ms / liger_ms
 
 
 def _passes(n: int):
@@ -647,11 +652,7 @@ def bench_preference(shapes, dtype, repeats, progress, *, liger_compiled: bool =
             peer=PREFERENCE_PEER, ref=PREFERENCE_PEER, tol=lambda g: 10 * grad_tolerance(g), tokens=2 * pairs * length,
             extra_calls=extra, rates=_passes(3),
         )  # fmt: skip
-        liger_ms = next((r.median_ms for r in part if r.impl == PREFERENCE_LIGER), None)
-        floor_ms = 3 * part[0].extra["matmul_ms"]
-        for r in part:
-            r.extra["ratio_to_liger"] = None if liger_ms is None else r.median_ms / liger_ms
-            r.extra["floor_ratio_to_liger"] = None if liger_ms is None else floor_ms / liger_ms
+        _liger_ratios(part, PREFERENCE_LIGER, 3)
         rows += part
     return rows
 
@@ -720,10 +721,6 @@ def bench_distill_jsd(shapes, dtype, repeats, progress, *, liger_compiled: bool 
             peer=DISTILL_PEER, ref=DISTILL_PEER, tol=lambda g: 10 * grad_tolerance(g), tokens=t_,
             extra_calls=extra, rates=_four_matmuls,
         )  # fmt: skip
-        liger_ms = next((r.median_ms for r in part if r.impl == JSD_LIGER), None)
-        floor_ms = 4 * part[0].extra["matmul_ms"]
-        for r in part:
-            r.extra["ratio_to_liger"] = None if liger_ms is None else r.median_ms / liger_ms
-            r.extra["floor_ratio_to_liger"] = None if liger_ms is None else floor_ms / liger_ms
+        _liger_ratios(part, JSD_LIGER, 4)
         rows += part
     return rows

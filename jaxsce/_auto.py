@@ -184,6 +184,13 @@ def _logits_ndim(args: dict, roles: dict) -> int | None:
     return None
 
 
+def _row_count(args: dict, roles: dict, options: dict, logits_ndim) -> int:
+    """How many row dimensions the loss has: those of its logits or hidden states (else of any input)."""
+    given = [(role, args[n]) for n, role in roles.items() if args.get(n) is not None]
+    primary = [len(_dims(r, x, options, logits_ndim)[0]) for r, x in given if r.kind in ("classes", "hidden")]
+    return max(primary or [len(_dims(r, x, options, logits_ndim)[0]) for r, x in given] or [0])
+
+
 def _find_plan(fn_name: str, args: dict, roles: dict, options: dict, leading: bool) -> Plan | None:
     """The plan the inputs' visible shardings give (None when nothing is visibly sharded)."""
     seen = {name: _visible(args[name]) for name in roles if args.get(name) is not None}
@@ -199,25 +206,14 @@ def _find_plan(fn_name: str, args: dict, roles: dict, options: dict, leading: bo
                 f"{fn_name}: {name} is sharded over the mesh {dict(other.shape)} but {first} over "
                 f"{dict(mesh.shape)}: put every input on one mesh."
             )
-    if any(_traced(v) for v in args.values() if v is not None):
-        # Under jit the abstract mesh of a traced input (concrete constants may carry a concrete one).
-        traced = next((n for n in seen if _traced(args[n])), None)
-        if traced is not None:
-            mesh = meshes[traced]
+    # Under jit, the abstract mesh of a traced input (concrete constants may carry a concrete one).
+    traced = next((n for n in seen if _traced(args[n])), None)
+    if traced is not None:
+        mesh = meshes[traced]
     logits_ndim = _logits_ndim(args, roles)
     vocab: Axes | None = None
     vocab_from = ""
-    n_rows = 0
-    for name, role in roles.items():
-        if args.get(name) is None:
-            continue
-        r, _, _ = _dims(role, args[name], options, logits_ndim)
-        if role.kind in ("classes", "hidden"):
-            n_rows = max(n_rows, len(r))
-    n_rows = n_rows or max(
-        (len(_dims(role, args[n], options, logits_ndim)[0]) for n, role in roles.items() if args.get(n) is not None),
-        default=0,
-    )
+    n_rows = _row_count(args, roles, options, logits_ndim)
     rows: list[Axes] = [() for _ in range(n_rows)]
     order = sorted(roles, key=lambda n: roles[n].kind not in ("classes", "hidden"))
     for name in order:
@@ -421,11 +417,7 @@ def call_over(loss: Callable, name: str, mesh, vocab_axis, batch_axes, check_vma
     bound = inspect.signature(loss).bind(*args, **kwargs)
     bound.apply_defaults()
     given = dict(bound.arguments)
-    logits_ndim = _logits_ndim(given, roles)
-    n_rows = max(
-        (len(_dims(r, given[n], given, logits_ndim)[0]) for n, r in roles.items() if r.kind in ("classes", "hidden")),
-        default=1,
-    )
+    n_rows = max(_row_count(given, roles, given, _logits_ndim(given, roles)), 1)
     rows = (_as_axes(batch_axes),) + ((),) * (n_rows - 1)
     return run(loss, name, given, roles, Plan(mesh, _as_axes(vocab_axis), rows), check_vma=check_vma)
 
