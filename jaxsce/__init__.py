@@ -22,6 +22,8 @@ from ._sharded import sharded_linear_cross_entropy as sharded_linear_cross_entro
 from ._softmax import log_softmax as log_softmax
 from ._softmax import logsumexp as logsumexp
 from ._softmax import softmax as softmax
+from ._topk_distill import linear_topk_distillation_loss as linear_topk_distillation_loss
+from ._topk_distill import topk_distillation_loss as topk_distillation_loss
 
 __version__ = "0.1.0"
 
@@ -36,6 +38,7 @@ __all__ = [
     "linear_log_probs",
     "linear_policy_loss",
     "linear_preference_loss",
+    "linear_topk_distillation_loss",
     "log_probs",
     "log_softmax",
     "logsumexp",
@@ -44,4 +47,5 @@ __all__ = [
     "sharded_cross_entropy",
     "sharded_linear_cross_entropy",
     "softmax",
+    "topk_distillation_loss",
 ]

@@ -35,7 +35,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import _auto, _front, _labels, _options, _spmd, _stream, _transform, _validate
+from . import _auto, _front, _labels, _options, _sampler, _spmd, _stream, _transform, _validate
 from ._linear import check_class_ids, check_head
 from ._stream import DEFAULT_MEMORY_BUDGET
 from ._targets import block_hits, label_entry
@@ -64,11 +64,19 @@ def in_block(y, blk):
 
 class LogProbSums(NamedTuple):
     """Per-row sums: the label's ``s_y``, for the entropy ``A = sum_c exp(s_c - m)(s_c - m)``,
-    and a reference head's ``s_y``."""
+    a reference head's ``s_y``, and a sampler's candidates (:mod:`jaxsce._sampler`)."""
 
     label: jax.Array
     entropy: jax.Array | None = None
     reference: jax.Array | None = None
+    candidates: _sampler.Candidates | None = None
+
+
+class SampledRows(NamedTuple):
+    """Per-row data of sampler-matched log-probabilities: the labels and top-p's ``p`` (or None)."""
+
+    labels: jax.Array
+    top_p: jax.Array | None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,12 +85,16 @@ class LogProbRows(_stream.RowLoss):
 
     See the module docstring. With ``reference``, head 1 is a second model
     (a frozen reference policy) read in the same stream: its log-probability
-    of the same label is one more output, without a gradient.
+    of the same label is one more output, without a gradient. With
+    ``sampler``, both outputs are of the distribution a top-k / top-p
+    sampler drew from (:mod:`jaxsce._sampler`); its kept set is a constant
+    for differentiation, and the rows are :class:`SampledRows`.
     """
 
     num_classes: int
     entropy: bool
     reference: bool = False
+    sampler: _sampler.Sampler | None = None
     grad_heads = 1  # the reference head gets no gradient: the backward does not recompute it
 
     @property
@@ -94,8 +106,8 @@ class LogProbRows(_stream.RowLoss):
         return (0, 1) if self.entropy else (0,)
 
     def label_ids(self, rows):
-        """The class ids among the per-row data (all of it here)."""
-        return rows
+        """The class ids among the per-row data (all of it here, or :class:`SampledRows`)."""
+        return rows.labels if isinstance(rows, SampledRows) else rows
 
     def transform(self, z, head, c: Transform):
         return _transform.apply(z, c)
@@ -105,7 +117,9 @@ class LogProbRows(_stream.RowLoss):
 
     def init(self, tb, ct, c, forward_mode: bool):
         zeros = jnp.zeros((tb,), ct)
-        return _stream.Acc(LogProbSums(zeros, zeros if self.entropy else None, zeros if self.reference else None))
+        sp = self.sampler
+        cand = None if sp is None else _sampler.init(tb, sp.size, ct)
+        return _stream.Acc(LogProbSums(zeros, zeros if self.entropy else None, zeros if self.reference else None, cand))
 
     def accumulate(self, acc, blk: _stream.Block, c):
         sums, y = acc.sums, self.label_ids(blk.rows)
@@ -115,42 +129,66 @@ class LogProbRows(_stream.RowLoss):
         ref = sums.reference
         if ref is not None:
             ref = ref + jnp.where(hit, label_entry(blk.s[1], y, blk.col0), 0)
-        return _stream.Acc(LogProbSums(s_y, a, ref))
+        cand = sums.candidates
+        if cand is not None:
+            cand = _sampler.merge_block(cand, blk.s[0], blk.fresh)
+        return _stream.Acc(LogProbSums(s_y, a, ref, cand))
 
     def to_global(self, acc, sh: _stream.Shards, c):
         sums = acc.sums
-        if sums.entropy is None:
-            return acc
-        return _stream.Acc(sums._replace(entropy=entropy_to_global(sums.entropy, sh)))
+        if sums.entropy is not None:
+            sums = sums._replace(entropy=entropy_to_global(sums.entropy, sh))
+        if sums.candidates is not None:
+            sums = sums._replace(candidates=_sampler.shard_share(sums.candidates, self.vocab_axis))
+        return _stream.Acc(sums)
 
     def finish(self, stats: _stream.Stats, acc, second, rows, cols, c):
         sums, y = acc.sums, self.label_ids(rows)
         out_of_range = (y < 0) | (y >= self.num_classes)
         # Relative to the row max: (s_y - m) is exact, and log se is of order log V.
-        log_p = jnp.where(
-            out_of_range | (stats.m[0] == jnp.inf), jnp.nan, (sums.label - stats.shift[0]) - stats.log_se[0]
-        )
-        outputs, res = (log_p,), ()
-        if sums.entropy is not None:
-            se = stats.se[0]
-            h = jnp.log(se) - sums.entropy / se
+        log_z, a, sampled = stats.log_se[0], sums.entropy, ()
+        if self.sampler is not None:
+            assert sums.candidates is not None and isinstance(rows, SampledRows)
+            kept = _sampler.kept(self.sampler, sums.candidates, stats.shift[0], stats.se[0], rows.top_p)
+            label_kept = sums.label >= kept.threshold
+            log_z = jnp.where(kept.known, kept.log_z, jnp.nan)
+            if a is not None:
+                # Top-p alone, off for a row (p >= 1): the whole row's sum.
+                p = rows.top_p
+                a = jnp.where(p >= 1, a, kept.a) if p is not None and not self.sampler.top_k else kept.a
+            # The backward's residuals: the threshold, log(se / Z) and whether the label was kept.
+            sampled = (kept.threshold, stats.log_se[0] - log_z, label_kept)
+        log_p = jnp.where(out_of_range | (stats.m[0] == jnp.inf), jnp.nan, (sums.label - stats.shift[0]) - log_z)
+        if sampled:
+            log_p = jnp.where(sampled[2] | jnp.isnan(log_p), log_p, -jnp.inf)
+        outputs, res = (log_p,), sampled
+        if a is not None:
+            z = stats.se[0] if self.sampler is None else jnp.exp(log_z)
+            h = log_z - a / z
             h = jnp.where(stats.m[0] == jnp.inf, jnp.nan, h)
-            outputs, res = (log_p, h), (h,)
+            outputs, res = (log_p, h), (h,) + sampled
         if sums.reference is not None:
             bad_ref = out_of_range | (stats.m[1] == jnp.inf)
             outputs += (jnp.where(bad_ref, jnp.nan, (sums.reference - stats.shift[1]) - stats.log_se[1]),)
         return outputs, res, None
 
     def grad(self, blk: _stream.GradBlock, res, cts, c):
-        p, y = blk.p[0], self.label_ids(blk.rows)
+        p, log_p, y = blk.p[0], blk.log_p[0], self.label_ids(blk.rows)
         g = cts[0]
         # A counted row with a label outside [0, C) gets a NaN gradient.
         g = jnp.where((y < 0) | (y >= self.num_classes), jnp.nan, g)
+        if self.sampler is not None:
+            # The sampler's distribution on its kept set; a label it could not
+            # emit (log-prob -inf) has no gradient.
+            tau, r, label_kept = res[-3:]
+            log_p = log_p + r[:, None]
+            p = jnp.where(blk.s[0] >= tau[:, None], jnp.exp(log_p), 0)
+            g = jnp.where(label_kept, g, 0)
         hit = block_hits(y, blk.col0, p.shape[-1])
         coef = g[:, None]
         if self.entropy:
-            (h,), g_h = res, cts[1]
-            log_p = jnp.where(p == 0, 0, blk.log_p[0])  # 0 log 0 = 0
+            h, g_h = res[0], cts[1]
+            log_p = jnp.where(p == 0, 0, log_p)  # 0 log 0 = 0
             coef = coef + g_h[:, None] * (log_p + h[:, None])
         return jnp.where(hit, g[:, None], 0) - p * coef
 
@@ -171,7 +209,7 @@ def grouped_vjp(fn, args: tuple, shape: tuple):
 
 
 @_options.keyword_checked
-@_auto.spmd(logits=_auto.CLASSES, labels=_auto.ROWS, where=_auto.ROWS)
+@_auto.spmd(logits=_auto.CLASSES, labels=_auto.ROWS, where=_auto.ROWS, top_p=_auto.ROWS)
 def log_probs(
     logits: jax.Array,
     labels: jax.Array,
@@ -186,6 +224,9 @@ def log_probs(
     derivative: str = "vjp",
     num_classes: int | None = None,
     ignore_index: int | None = None,
+    top_k: int | None = None,
+    top_p: float | jax.Array | None = None,
+    top_p_candidates: int = _sampler.TOP_P_CANDIDATES,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Log-probability of each label, and optionally the entropy, with analytic gradients.
 
@@ -261,14 +302,25 @@ def log_probs(
         derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
         num_classes=_options.size(num_classes, "num_classes"),
         ignore_index=_options.ignored_class(ignore_index),
+        top_k=_options.top_k(top_k),
+        top_p_candidates=_options.size(top_p_candidates, "top_p_candidates", allow_none=False),
     )
     tp = _options.transform(logit_softcap, temperature)
-    return _options.run(_log_probs, (logits, labels, where, tp), static)
+    return _options.run(_log_probs, (logits, labels, where, _options.top_p(top_p), tp), static)
 
 
 def _outputs(outputs, batch_shape, return_entropy: bool):
     out = tuple(o.reshape(batch_shape) for o in outputs)
     return out if return_entropy else out[0]
+
+
+def _sampled(y, top_k, top_p, candidates: int, num_classes: int, batch_shape, ct):
+    """The sampler's filters (or None) and the per-row data: the labels, with top-p's ``p`` per row."""
+    sampler = _sampler.sampler(top_k, top_p is not None, num_classes, candidates)
+    if sampler is None:
+        return None, y
+    p = None if top_p is None else _options.top_p_rows(top_p, batch_shape, "the batch shape", ct)
+    return sampler, SampledRows(y, p)
 
 
 def check_logit_labels(labels, logits, axis, batch_shape):
@@ -289,6 +341,7 @@ def _log_probs(
     logits,
     labels,
     where,
+    top_p,
     tp: Transform,
     *,
     axis,
@@ -298,6 +351,8 @@ def _log_probs(
     derivative,
     num_classes,
     ignore_index,
+    top_k,
+    top_p_candidates,
 ):
     logits = _validate.check_floating(logits, "logits")
     z, batch_shape, _ = _validate.class_rows(logits, axis, "logits")
@@ -307,15 +362,18 @@ def _log_probs(
     num_classes, padding = _options.class_count(num_classes, local_classes, axis_name, "the logits' class axis")
     valid = _front.counted(where, batch_shape, "the batch shape: logits.shape without axis")
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, ignore_index, check_labels)
-    tp = _options.in_dtype(tp, _validate.compute_dtype(z.dtype))
+    ct = _validate.compute_dtype(z.dtype)
+    tp = _options.in_dtype(tp, ct)
+    sampler, rows = _sampled(y, top_k, top_p, top_p_candidates, num_classes, batch_shape, ct)
     loss = LogProbRows(
         num_classes=num_classes,
         entropy=return_entropy,
         vocab_axis=axis_name,
         unchecked=_spmd.unchecked(axis_name),
         classes=padding,
+        sampler=sampler,
     )
-    outputs = _front.whole(loss, (z,), valid, y, None, tp, derivative)
+    outputs = _front.whole(loss, (z,), valid, rows, None, tp, derivative)
     return _outputs(outputs, batch_shape, return_entropy)
 
 
@@ -326,6 +384,7 @@ def _log_probs(
     labels=_auto.ROWS,
     linear_bias=_auto.VOCAB,
     where=_auto.ROWS,
+    top_p=_auto.ROWS,
 )
 def linear_log_probs(
     hidden: jax.Array,
@@ -346,6 +405,9 @@ def linear_log_probs(
     derivative: str = "vjp",
     num_classes: int | None = None,
     ignore_index: int | None = None,
+    top_k: int | None = None,
+    top_p: float | jax.Array | None = None,
+    top_p_candidates: int = _sampler.TOP_P_CANDIDATES,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Fused :func:`jaxsce.log_probs` of ``hidden @ linear_weight + linear_bias`` that never builds the logits.
 
@@ -411,10 +473,12 @@ def linear_log_probs(
         derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
         num_classes=_options.size(num_classes, "num_classes"),
         ignore_index=_options.ignored_class(ignore_index),
+        top_k=_options.top_k(top_k),
+        top_p_candidates=_options.size(top_p_candidates, "top_p_candidates", allow_none=False),
     )
     _front.check_forward_mode(derivative, "linear_log_probs", hidden, linear_weight, linear_bias)
     tp = _options.transform(logit_softcap, temperature)
-    args = (hidden, linear_weight, labels, linear_bias, where, tp)
+    args = (hidden, linear_weight, labels, linear_bias, where, _options.top_p(top_p), tp)
     return _options.run(_linear_log_probs, args, static)
 
 
@@ -425,6 +489,7 @@ def _linear_log_probs(
     labels,
     bias,
     where,
+    top_p,
     tp: Transform,
     *,
     weight_layout,
@@ -437,6 +502,8 @@ def _linear_log_probs(
     derivative,
     num_classes,
     ignore_index,
+    top_k,
+    top_p_candidates,
 ):
     head, v_local = check_head(hidden, weight, bias, weight_layout)
     batch_shape = hidden.shape[:-1]
@@ -448,18 +515,20 @@ def _linear_log_probs(
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, ignore_index, check_labels)
     ct = _stream.acc_dtype(*head)
     tp = _options.in_dtype(tp, ct)
+    sampler, rows = _sampled(y, top_k, top_p, top_p_candidates, num_classes, batch_shape, ct)
     loss = LogProbRows(
         num_classes=num_classes,
         entropy=return_entropy,
         vocab_axis=axis_name,
         unchecked=_spmd.unchecked(axis_name),
         classes=padding,
+        sampler=sampler,
     )
     outputs = _front.fused(
         loss,
         (head,),
         valid,
-        y,
+        rows,
         None,
         tp,
         (weight_layout,),

@@ -124,6 +124,49 @@ def ignored_class(value: Any) -> int | None:
         raise TypeError(f"ignore_index must be an int or None, got {value!r}.") from None
 
 
+def top_k(value: Any) -> int | None:
+    """``top_k``: an int (``<= 0``: off, as vLLM's ``-1``) or None."""
+    if value is None:
+        return None
+    static(value, "top_k")
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"top_k must be an int or None, got {value!r}.")
+    try:
+        out = operator.index(value)
+    except TypeError:
+        raise TypeError(f"top_k must be an int or None, got {value!r}.") from None
+    return out if out > 0 else None
+
+
+def top_p(value: Any):
+    """``top_p``: None, a number in ``(0, 1]`` (1: off), or a floating array (concrete values are
+    range-checked; traced values outside ``(0, 1]`` give NaN where used). Its shape is checked by
+    :func:`top_p_rows`."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_, str, bytes)):
+        raise TypeError(f"top_p must be a number in (0, 1] or a floating array, got {value!r}.")
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        out = float(value)
+        if not 0 < out <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {out}.")
+        return None if out == 1 else jnp.asarray(out)
+    x = value if _validate.is_tracer(value) else jnp.asarray(value)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"top_p must be floating, got dtype {x.dtype} with shape {x.shape}.")
+    if not _validate.is_tracer(x) and x.size and not bool(jnp.all((x > 0) & (x <= 1))):
+        raise ValueError(f"top_p must be in (0, 1], got values from {float(x.min())} to {float(x.max())}.")
+    return x
+
+
+def top_p_rows(x, batch_shape: tuple, what: str, dtype):
+    """``top_p`` (shape ``()`` or ``batch_shape``) as one value per row, without a gradient."""
+    if x.shape not in ((), tuple(batch_shape)):
+        raise ValueError(f"top_p has shape {x.shape}: it must be a scalar or of {what}, {tuple(batch_shape)}.")
+    x = jax.lax.stop_gradient(x.astype(dtype))
+    return jnp.broadcast_to(x, batch_shape).reshape(-1)
+
+
 def hashable_axes(value: Any, name: str):
     """``axis`` or a mesh axis option: a name/int or a tuple of them (a list becomes a tuple)."""
     if isinstance(value, list):

@@ -120,7 +120,11 @@ def psum_rows(*rows: jax.Array, axis_name: AxisName):
     """Sums per-row partials over the vocabulary shards in one collective."""
     if len(rows) == 1:
         return rows[0] if axis_name is None else lax.psum(rows[0], axis_name)
-    return rows if axis_name is None else tuple(lax.psum(jnp.stack(rows), axis_name))
+    if axis_name is None:
+        return rows
+    if len({(x.shape, x.dtype) for x in rows}) > 1:  # e.g. a sampler's [rows, k] candidates
+        return tuple(lax.psum(tuple(rows), axis_name))
+    return tuple(lax.psum(jnp.stack(rows), axis_name))
 
 
 def row_cotangents(*cts, axis_name: AxisName, is_unchecked: bool):

@@ -1,0 +1,179 @@
+r"""Sampler-matched log-probabilities: the tokens a top-k / top-p sampler could emit.
+
+vLLM's sampler (``vllm/v1/sample/ops/topk_topp_sampler.py``) draws from the
+softmax of the (temperature-scaled) logits ``s`` after two filters, in this
+order:
+
+* top-k: entries below the k-th largest value ``t_k`` are removed (ties at
+  ``t_k`` are kept, so more than k may survive); ``k <= 0`` or ``k >= V`` is off;
+* top-p over what top-k kept: with ``q`` the softmax of the survivors, an
+  entry is removed when the mass of the survivors sorted below it, itself
+  included, is at most ``1 - p``; the largest always stays. Here ties at
+  the boundary stay together (vLLM's order among equal values is
+  unspecified): ``c`` is kept iff ``sum_{j: s_j > s_c} q_j < p``.
+
+The kept set ``K`` is ``{c : s_c >= tau}`` for one threshold ``tau`` per row;
+the sampler's distribution is ``pi_c = exp(s_c) / Z`` on it, ``Z = sum_{c in
+K} exp(s_c)``.
+
+While the vocabulary streams by, each row keeps its ``size`` largest values
+(a running top-k merged block by block, and across shards by one all-gather
+of ``size`` values per row) and how many more entries tie with the smallest
+of them. With top-k, ``size = k`` and the survivors are exactly those values
+and ties. With top-p alone, ``size`` is a candidate bound: the kept set is
+exact whenever the candidates hold at least ``p`` of the mass; a row whose
+nucleus is wider than the bound (a very flat row) gives NaN.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from . import _spmd
+
+#: The candidate bound of ``top_p`` without ``top_k``: rows whose nucleus holds more tokens give NaN.
+TOP_P_CANDIDATES = 256
+
+
+class Sampler(NamedTuple):
+    """Static configuration: the candidate buffer's ``size``, whether top-k filters to it, whether
+    a per-row top-p filters what top-k kept, and whether the buffer holds every class (``covered``)."""
+
+    size: int
+    top_k: bool
+    top_p: bool
+    covered: bool
+
+
+def sampler(top_k: int | None, top_p: bool, num_classes: int, candidates: int) -> Sampler | None:
+    """The filters in effect (None: the plain softmax): ``top_k`` None, ``<= 0`` or ``>= num_classes`` is off."""
+    k_on = top_k is not None and 0 < top_k < num_classes
+    if not k_on and not top_p:
+        return None
+    size = top_k if k_on else min(candidates, num_classes)
+    assert size is not None
+    return Sampler(size, k_on, top_p, covered=k_on or size >= num_classes)
+
+
+class Candidates(NamedTuple):
+    """Per row: the ``size`` largest values of ``s`` seen (descending; ``-inf`` until filled) and how
+    many further entries equal the smallest of them."""
+
+    values: jax.Array  # [rows, size]
+    ties: jax.Array  # [rows]
+
+
+def init(rows: int, size: int, dtype) -> Candidates:
+    return Candidates(jnp.full((rows, size), -jnp.inf, dtype), jnp.zeros((rows,), dtype))
+
+
+def _count(x, t):
+    return jnp.sum((x == t[:, None]).astype(t.dtype), axis=-1)
+
+
+def _merge(old: Candidates, new_values, new_ties, new_t) -> Candidates:
+    """Top ``size`` of ``old.values`` and ``new_values``, the latter's own ties at ``new_t`` counted."""
+    size = old.values.shape[1]
+    both = jnp.concatenate([old.values, new_values], axis=-1)
+    top = lax.top_k(both, size)[0]
+    # The smallest kept value as a min, not top[:, -1]: a slice of the result
+    # keeps XLA from rewriting the sort it lowers to into its TopK kernel.
+    t = jnp.min(top, axis=-1)
+    # Entries equal to the new smallest value: those seen (the lists, and the
+    # ties each side had already counted) minus those in the new list.
+    ties = _count(both, t) - _count(top, t)
+    ties = ties + jnp.where(old.values[:, -1] == t, old.ties, 0) + jnp.where(new_t == t, new_ties, 0)
+    return Candidates(top, ties)
+
+
+def merge_block(c: Candidates, s, fresh) -> Candidates:
+    """The candidates after one block ``s`` ``[rows, width]`` (columns where ``fresh`` is False left out)."""
+    s = jnp.where(fresh, s, -jnp.inf)
+    no_ties = jnp.zeros_like(c.ties)
+    return _merge(c, s, no_ties, jnp.full_like(c.ties, jnp.nan))
+
+
+def merge_shards(c: Candidates, axis_name) -> Candidates:
+    """Every shard's candidates merged into the global ones (on every shard): one all-gather of ``size``
+    values and one number per row."""
+    size = c.values.shape[1]
+    values = lax.all_gather(c.values, axis_name, axis=1, tiled=True)
+    ties = lax.all_gather(c.ties, axis_name, axis=1)
+    top = lax.top_k(values, size)[0]
+    t = jnp.min(top, axis=-1)
+    ends = values.reshape(values.shape[0], -1, size)[:, :, -1]
+    total = _count(values, t) + jnp.sum(jnp.where(ends == t[:, None], ties, 0), axis=-1)
+    return Candidates(top, total - _count(top, t))
+
+
+def shard_share(c: Candidates, axis_name) -> Candidates:
+    """The global candidates on the first shard and zeros on the others: their sum over the shards
+    (the engine's ``psum`` of a loss's sums) is the global candidates, exactly."""
+    g = merge_shards(c, axis_name)
+    first = lax.axis_index(_spmd.axis_names(axis_name)) == 0
+    return jax.tree.map(lambda x: jnp.where(first, x, 0), g)
+
+
+class Kept(NamedTuple):
+    """Per row: the threshold ``tau`` (kept iff ``s >= tau``), ``log Z`` of the kept set and
+    ``A = sum_{c in K} e_c (s_c - m)`` (for the entropy), both relative to the row max ``m``
+    (``e_c = exp(s_c - m)``), and whether the kept set is known (False: a top-p nucleus wider than
+    the candidates)."""
+
+    threshold: jax.Array
+    log_z: jax.Array
+    a: jax.Array
+    known: jax.Array
+
+
+def kept(sp: Sampler, c: Candidates, shift, se, top_p) -> Kept:
+    """The kept set from the global candidates, the row max ``shift`` and the full ``se = sum_c e_c``.
+
+    ``top_p``: the per-row ``p`` (None without top-p). ``p >= 1`` keeps what top-k kept; ``p <= 0``
+    or NaN gives NaN.
+    """
+    # A barrier: slices of the merged values here would otherwise reach the
+    # sort that top_k lowers to and keep XLA from using its TopK kernel.
+    v = lax.optimization_barrier(c.values)
+    m = shift[:, None]
+    e = jnp.exp(v - m)  # 0 at -inf
+    rel = jnp.where(e > 0, v - m, 0)
+    t_k = jnp.min(v, axis=-1)
+    e_ties = c.ties * jnp.exp(t_k - shift)
+    rel_ties = jnp.where(e_ties > 0, t_k - shift, 0)
+    listed, a_listed = jnp.sum(e, axis=-1), jnp.sum(e * rel, axis=-1)
+    # The mass top-p is taken over: the top-k survivors, or the whole row.
+    base = listed + e_ties if sp.top_k else se
+    low = jnp.full_like(shift, -jnp.inf)
+    if not sp.top_p:
+        return Kept(t_k, jnp.log(base), a_listed + e_ties * rel_ties, jnp.ones(shift.shape, bool))
+    assert top_p is not None
+    # Mass strictly above each candidate: the exclusive cumulative sum at the
+    # first entry of its group of equal values (values are sorted descending).
+    before = jnp.cumsum(e, axis=-1) - e
+    starts = jnp.concatenate([jnp.ones_like(v[:, :1], bool), v[:, 1:] != v[:, :-1]], axis=-1)
+    above = lax.cummax(jnp.where(starts, before, -jnp.inf), axis=1)
+    keep = (above < top_p[:, None] * base[:, None]) | (jnp.arange(v.shape[1]) == 0)[None]
+    last = keep[:, -1]  # the group at t_k (and its ties beyond the list) is kept
+    n_kept = jnp.sum(keep, axis=-1)
+    tau = jnp.take_along_axis(v, (n_kept - 1)[:, None], axis=1)[:, 0]
+    z = jnp.sum(jnp.where(keep, e, 0), axis=-1) + jnp.where(last, e_ties, 0)
+    a = jnp.sum(jnp.where(keep, e * rel, 0), axis=-1) + jnp.where(last, e_ties * rel_ties, 0)
+    known = jnp.ones(shift.shape, bool)
+    if not sp.covered:
+        # Entries below the candidates are kept iff the candidates (and their ties) hold less than p.
+        known = ~(last & (listed + e_ties < top_p * base))
+    off = top_p >= 1
+    plain_tau = t_k if sp.top_k else low
+    plain_a = a_listed + e_ties * rel_ties if sp.top_k else jnp.full_like(shift, jnp.nan)
+    bad = ~(top_p > 0)
+    return Kept(
+        jnp.where(off, plain_tau, tau),
+        jnp.where(bad, jnp.nan, jnp.where(off, jnp.log(base), jnp.log(z))),
+        jnp.where(off, plain_a, a),
+        jnp.where(off, True, known) & ~bad,
+    )
