@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _auto, _front, _labels, _options, _reduce, _spmd, _stream, _transform, _validate
+from . import _auto, _front, _labels, _options, _reduce, _sampler, _spmd, _stream, _transform, _validate
 from ._linear import check_class_ids, check_head
 from ._log_probs import in_block
 from ._stream import DEFAULT_MEMORY_BUDGET
@@ -88,6 +88,23 @@ class WeightedSum(NamedTuple):
     weighted: jax.Array | None = None
     hard_se: jax.Array | None = None
     label: jax.Array | None = None
+    candidates: _sampler.Candidates | None = None  # with top_k: the weighting head's largest values
+
+
+class TopKBins(NamedTuple):
+    """With ``top_k``, the second pass's sums: over the weighting head's top k (ties kept),
+    ``sum P_w (log P_w - log P_o)``; over the other classes, each head's mass (the tail bins)."""
+
+    inside: jax.Array
+    tail_w: jax.Array
+    tail_o: jax.Array
+
+
+class SecondRows(NamedTuple):
+    """The second pass's per-row data with ``top_k``: the first pass's and the top-k threshold."""
+
+    rows: Any
+    threshold: jax.Array
 
 
 def _power(x, t):
@@ -109,11 +126,22 @@ class DistillRows(_stream.RowLoss):
     divergence: str
     hard: bool = False  # a cross-entropy term on the student's labels (rows: the class ids)
     num_classes: int = 0  # the labels' range, with ``hard``
+    top_k: int | None = None  # bins: the weighting head's top k (ties kept) and a tail
     heads = 2
 
     @property
     def second_pass(self):  # type: ignore[override]
-        return self.divergence == "jsd"
+        return self.divergence == "jsd" or self.top_k is not None
+
+    @property
+    def _weighting(self) -> int:
+        """The head whose probabilities weight the KL (and whose top k are the bins): the teacher for "kl"."""
+        return 1 if self.divergence == "kl" else 0
+
+    @property
+    def _n_soft(self) -> int:
+        """How many residuals the divergence's gradient reads (those of the hard-label term follow)."""
+        return 4 if self.top_k is not None else 1
 
     def transform(self, z, head, c: DistillConsts):
         return _transform.apply(z, c.transform)
@@ -123,11 +151,14 @@ class DistillRows(_stream.RowLoss):
 
     def init(self, tb, ct, c, forward_mode: bool):
         zeros = jnp.zeros((tb,), ct)
-        weighted = None if self.divergence == "jsd" else zeros
-        return _stream.Acc(WeightedSum(weighted, *((zeros, zeros) if self.hard else (None, None))))
+        weighted = None if self.divergence == "jsd" or self.top_k is not None else zeros
+        cand = None if self.top_k is None else _sampler.init(tb, self.top_k, ct)
+        return _stream.Acc(WeightedSum(weighted, *((zeros, zeros) if self.hard else (None, None)), cand))
 
     def accumulate(self, acc, blk: _stream.Block, c):
-        a, hard_se, label = acc.sums
+        a, hard_se, label, cand = acc.sums
+        if cand is not None:
+            cand = _sampler.merge_block(cand, blk.s[self._weighting], blk.fresh)
         if a is not None:
             s, t = blk.s
             w = 1 if self.divergence == "kl" else 0  # the weighting head: the teacher for "kl"
@@ -138,21 +169,41 @@ class DistillRows(_stream.RowLoss):
             hard_se = _power(blk.rescale[0], temp) * hard_se + jnp.sum(_power(blk.e[0], temp), axis=-1)
             y = blk.rows
             label = label + jnp.where(in_block(y, blk), label_entry(blk.s[0], y, blk.col0), 0)
-        return _stream.Acc(WeightedSum(a, hard_se, label))
+        return _stream.Acc(WeightedSum(a, hard_se, label, cand))
 
     def to_global(self, acc, sh: _stream.Shards, c):
-        a, hard_se, label = acc.sums
+        a, hard_se, label, cand = acc.sums
         if a is not None:
-            a = sh.scale[1 if self.divergence == "kl" else 0] * a
+            a = sh.scale[self._weighting] * a
         if hard_se is not None:
             hard_se = _power(sh.scale[0], c.transform.temperature) * hard_se
-        return _stream.Acc(WeightedSum(a, hard_se, label))
+        if cand is not None:
+            cand = _sampler.shard_share(cand, self.vocab_axis)
+        return _stream.Acc(WeightedSum(a, hard_se, label, cand))
+
+    def second_rows(self, acc, rows):
+        cand = acc.sums.candidates
+        if cand is None:
+            return rows
+        return SecondRows(rows, jnp.min(cand.values, axis=-1))
 
     def init2(self, tb, ct, c):
         zeros = jnp.zeros((tb,), ct)
+        if self.top_k is not None:
+            return TopKBins(zeros, zeros, zeros)
         return MixtureSums(zeros, zeros)
 
     def accumulate2(self, acc2, blk: _stream.GradBlock, fresh, c: DistillConsts):
+        if self.top_k is not None:
+            w = self._weighting
+            inside = (blk.s[w] >= blk.rows.threshold[:, None]) & fresh
+            outside = fresh & ~inside
+            p_w, p_o, log_w, log_o = blk.p[w], blk.p[1 - w], blk.log_p[w], blk.log_p[1 - w]
+            return TopKBins(
+                acc2.inside + jnp.sum(jnp.where(inside, _xlogy_terms(p_w, log_w - log_o), 0), axis=-1),
+                acc2.tail_w + jnp.sum(jnp.where(outside, p_w, 0), axis=-1),
+                acc2.tail_o + jnp.sum(jnp.where(outside, p_o, 0), axis=-1),
+            )
         k_t, k_s = acc2
         (p_s, p_t), (log_ps, log_pt) = blk.p, blk.log_p
         gap_s, gap_t = _mixture_gaps(log_ps, log_pt, c.beta)
@@ -178,6 +229,12 @@ class DistillRows(_stream.RowLoss):
         """The divergence per row and the residuals its gradient needs."""
         # A +inf logit in either head has no defined distribution: NaN.
         bad = (stats.m[0] == jnp.inf) | (stats.m[1] == jnp.inf)
+        if self.top_k is not None:
+            bins = cast(TopKBins, second)
+            gap = jnp.log(bins.tail_w) - jnp.log(bins.tail_o)
+            kl = jnp.maximum(bins.inside + _xlogy_terms(bins.tail_w, gap), 0)
+            threshold = jnp.min(cast(_sampler.Candidates, acc.sums.candidates).values, axis=-1)
+            return jnp.where(bad, jnp.nan, kl), (threshold, bins.tail_w, bins.tail_o, kl)
         if self.divergence == "jsd":
             k_t, k_s = second
             beta = cast(jax.Array, c.beta)
@@ -201,11 +258,11 @@ class DistillRows(_stream.RowLoss):
 
     def grad(self, blk: _stream.GradBlock, res, cts, c: DistillConsts):
         g = cts[0] if c.soft_weight is None else cts[0] * c.soft_weight
-        out = self._soft_grad(blk, res[:1], g[:, None], c)
+        out = self._soft_grad(blk, res[: self._n_soft], g[:, None], c)
         if not self.hard:
             return out
         # d(hard_weight ce)/ds_c = hard_weight T (softmax(T s)_c - [c = y]).
-        shift, log_se = res[1:]
+        shift, log_se = res[self._n_soft :]
         y = blk.rows
         temp = 1 if c.transform.temperature is None else c.transform.temperature
         g_h = jnp.where((y < 0) | (y >= self.num_classes), jnp.nan, cts[0] * c.hard_weight * temp)
@@ -215,6 +272,17 @@ class DistillRows(_stream.RowLoss):
 
     def _soft_grad(self, blk: _stream.GradBlock, res, g, c: DistillConsts):
         (s, t), (p_s, p_t) = blk.s, blk.p
+        if self.top_k is not None:
+            # The bins are constants: for "kl", P_s - P_t inside the teacher's top k and P_s (1 -
+            # tail_t / tail_s) outside; for "reverse_kl", P_s (f_c - KL) with f_c = log P_s,c -
+            # log P_t,c inside the student's top k and log(tail_s / tail_t) outside.
+            threshold, tail_w, tail_o, kl = (x[:, None] for x in res)
+            inside = blk.s[self._weighting] >= threshold
+            if self.divergence == "kl":
+                ratio = jnp.where(tail_w == 0, 0, tail_w / tail_o)
+                return g * jnp.where(inside, p_s - p_t, p_s * (1 - ratio))
+            f = jnp.where(inside, blk.log_p[0] - blk.log_p[1], jnp.log(tail_w) - jnp.log(tail_o))
+            return g * _xlogy_terms(p_s, f - kl)
         if self.divergence == "kl":
             return g * (p_s - p_t)
         if self.divergence == "reverse_kl":
@@ -433,6 +501,7 @@ def linear_distillation_loss(
     hard_weight: float | jax.Array = 0.0,
     soft_weight: float | jax.Array = 1.0,
     ignore_index: int | None = None,
+    top_k: int | None = None,
 ) -> jax.Array:
     r"""Fused :func:`jaxsce.distillation_loss` of two linear heads that never builds either's logits.
 
@@ -484,6 +553,15 @@ def linear_distillation_loss(
         both terms.
       hard_weight, soft_weight: the two terms' weights (``>= 0``, may be traced).
       ignore_index: labels equal to it are not counted (None: off).
+      top_k: compare the heads on ``k + 1`` bins, as
+        :func:`jaxsce.topk_distillation_loss` does with a stored teacher:
+        ``"kl"`` on the teacher's top ``k`` classes, ``"reverse_kl"`` on the
+        student's, each plus one tail bin with the rest of each side's mass
+        (ties at the k-th value are kept; the bins are constants for
+        differentiation). The top ``k`` are found while the vocabulary
+        streams by (a running top-k), the bins' sums in one more streaming
+        pass. ``"jsd"`` with ``top_k`` is a ``ValueError``; None, ``<= 0`` or
+        ``>= V``: the full divergence.
 
     Returns:
       As :func:`jaxsce.distillation_loss`.
@@ -516,6 +594,12 @@ def linear_distillation_loss(
     )
     _front.check_forward_mode(derivative, "linear_distillation_loss", student_hidden, student_weight, student_bias)
     divergence, consts = _options_of(divergence, beta, temperature)
+    static["top_k"] = _options.top_k(top_k)
+    if static["top_k"] is not None and divergence == "jsd":
+        raise ValueError(
+            "top_k bins the teacher's top k for divergence='kl' and the student's for 'reverse_kl'; "
+            "'jsd' has no such bins: pass top_k=None or another divergence."
+        )
     consts, hard = _hard_options(consts, labels, hard_weight, soft_weight)
     args = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, where, labels)
     ignore = _options.ignored_class(ignore_index)
@@ -547,6 +631,7 @@ def _linear_distillation_loss(
     derivative,
     num_classes,
     teacher_weight_layout,
+    top_k,
 ):
     student, v_s = check_head(hs, ws, bs, weight_layout, prefix="student_", linear="")
     teacher, v_t = check_head(ht, wt, bt, teacher_weight_layout, prefix="teacher_", linear="")
@@ -574,6 +659,7 @@ def _linear_distillation_loss(
         divergence=divergence,
         hard=hard,
         num_classes=count,
+        top_k=top_k if top_k is not None and top_k < count else None,
         vocab_axis=axis_name,
         unchecked=_spmd.unchecked(axis_name),
         classes=padding,

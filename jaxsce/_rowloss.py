@@ -185,6 +185,11 @@ class RowLoss:
         """
         return acc
 
+    def second_rows(self, acc: Acc, rows):
+        """The per-row data the second pass sees (in ``GradBlock.rows``), from the first pass's global
+        sums ``acc`` (default: ``rows`` itself)."""
+        return rows
+
     def init2(self, tb, ct, consts):
         """Initial second-pass sums, a pytree of ``[tb]`` arrays (summed over blocks and shards)."""
         raise NotImplementedError(f"{type(self).__name__} has no second pass")

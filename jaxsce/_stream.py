@@ -243,7 +243,9 @@ def _forward(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, tan
     outs = _spmd.vary_like(_initial(loss, t_total, ct, consts, tangents is not None), *like)
     m, se, am, acc = lax.fori_loop(0, num_blocks(t_total, tb), token_block, outs)
     stats, acc = _stats(loss, m, se, am, acc, consts)
-    second = _second_pass(heads, valid, rows, cols, consts, st, _norm(stats)) if loss.second_pass else None
+    second = None
+    if loss.second_pass:
+        second = _second_pass(heads, valid, loss.second_rows(acc, rows), cols, consts, st, _norm(stats))
     outputs, res, d_out = loss.finish(stats, acc, second, rows, cols, consts)
     outputs = tuple(jnp.where(valid, o, 0) for o in outputs)
     if d_out is not None:
@@ -520,7 +522,7 @@ def _whole_forward(z_heads, valid, rows_data, cols, consts, loss: RowLoss):
     fresh = _real(loss, col0, width, jnp.ones((1, width), bool))
     m, se, am, acc = _online_step(loss, s, m, se, am, acc, fresh, col0, col0, rows_data, cols, consts, None)
     stats, acc = _stats(loss, m, se, am, acc, consts)
-    second = _whole_second_pass(loss, s, stats, col0, rows_data, cols, consts)
+    second = _whole_second_pass(loss, s, stats, col0, loss.second_rows(acc, rows_data), cols, consts)
     outputs, res, _ = loss.finish(stats, acc, second, rows_data, cols, consts)
     outputs = tuple(jnp.where(valid, o, 0) for o in outputs)
     return outputs, s, (_norm(stats), res)
@@ -609,7 +611,7 @@ def _total_forward(heads: tuple[Head, ...], valid, rows_data, cols, consts, st: 
         rows_blk = sl(rows_data)
         m, se, am, acc = _online_step(loss, s, m, se, am, acc, fresh, 0, 0, rows_blk, cols, consts, None)
         stats, acc = _stats(loss, m, se, am, acc, consts)
-        second = _whole_second_pass(loss, s, stats, 0, rows_blk, cols, consts)
+        second = _whole_second_pass(loss, s, stats, 0, loss.second_rows(acc, rows_blk), cols, consts)
         outputs, res, _ = loss.finish(stats, acc, second, rows_blk, cols, consts)
         value, norm, cts, row_aux = loss.scalar(outputs, rows_blk, consts)
         total = total + jnp.sum(jnp.where(ok, value, 0))

@@ -240,3 +240,94 @@ def test_memory_at_8192_tokens_2304_256000_bf16():
     compiled = jax.jit(jax.value_and_grad(f, (0, 1))).lower(*args).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
     assert temp <= 256 * 2**20, temp / 2**20
+
+
+# --- top_k on linear_distillation_loss: two heads, the bins found while streaming ---------------
+
+
+def _two_heads(seed=3):
+    rng = np.random.default_rng(seed)
+    hs, ws = rng.normal(size=(N, D)), rng.normal(size=(D, V))
+    ht, wt = rng.normal(size=(N, 6)), rng.normal(size=(6, V)) * 1.5
+    return tuple(jnp.asarray(x) for x in (hs, ws, ht, wt))
+
+
+def naive_two_head_top_k(zs, zt, k, divergence, temperature):
+    """The bins from the weighting head's top k (the teacher's for "kl"), as constants; jax.numpy."""
+    s, t = zs / temperature, zt / temperature
+    w = t if divergence == "kl" else s
+    inside = jax.lax.stop_gradient(w >= jnp.sort(w, axis=1)[:, -k][:, None])
+    log_w, log_o = jax.nn.log_softmax(t, 1), jax.nn.log_softmax(s, 1)
+    if divergence == "reverse_kl":
+        log_w, log_o = log_o, log_w
+    p_w, p_o = jnp.exp(log_w), jnp.exp(log_o)
+    tail_w = jnp.sum(jnp.where(inside, 0, p_w), 1)
+    tail_o = jnp.sum(jnp.where(inside, 0, p_o), 1)
+    return jnp.sum(jnp.where(inside, p_w * (log_w - log_o), 0), 1) + tail_w * (jnp.log(tail_w) - jnp.log(tail_o))
+
+
+@fast_cases(lambda p: p["path"] != "single pass" or p["divergence"] == "kl")
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+@pytest.mark.parametrize("path", ["streamed", "single pass", "small budget"])
+def test_two_head_top_k_equals_autodiff_of_the_naive_bins(divergence, path):
+    hs, ws, ht, wt = _two_heads()
+    g = jnp.asarray(np.random.default_rng(4).normal(size=N))
+    kw = {
+        "streamed": dict(reduction="none", token_block=8, vocab_block=48),
+        "single pass": dict(reduction="mean"),
+        "small budget": dict(reduction="mean", memory_budget=4096),
+    }[path]
+    red = (lambda x: jnp.sum(g * x)) if kw["reduction"] == "none" else jnp.mean
+    f = lambda hs, ws: red(
+        jaxsce.linear_distillation_loss(hs, ws, ht, wt, divergence=divergence, temperature=0.8, top_k=K, **kw)
+    )
+    naive = lambda hs, ws: red(naive_two_head_top_k(hs @ ws, ht @ wt, K, divergence, 0.8))
+    np.testing.assert_allclose(f(hs, ws), naive(hs, ws), rtol=1e-12)
+    for a, b in zip(jax.grad(f, (0, 1))(hs, ws), jax.grad(naive, (0, 1))(hs, ws)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_two_head_top_k_kl_equals_the_stored_teacher_top_k():
+    # The teacher's own top k as it would be stored offline: the two losses agree.
+    hs, ws, ht, wt = _two_heads()
+    zt = ht @ wt
+    idx = jnp.argsort(-zt, axis=1)[:, :K].astype(jnp.int32)
+    lt = jnp.take_along_axis(jax.nn.log_softmax(zt, axis=1), idx, 1)
+    stored = jaxsce.linear_topk_distillation_loss(hs, ws, idx, lt, reduction="none")
+    two = jaxsce.linear_distillation_loss(hs, ws, ht, wt, top_k=K, reduction="none", vocab_block=48)
+    np.testing.assert_allclose(two, stored, rtol=1e-11)
+    # With the hard-label term in the same stream, and a top_k at or past V: the full divergence.
+    y = jnp.asarray(np.random.default_rng(5).integers(0, V, N), jnp.int32)
+    both = dict(labels=y, hard_weight=0.3, soft_weight=0.7, reduction="none")
+    ce = jaxsce.cross_entropy(hs @ ws, y, reduction="none")
+    hard = jaxsce.linear_distillation_loss(hs, ws, ht, wt, top_k=K, **both)
+    np.testing.assert_allclose(hard, 0.7 * stored + 0.3 * ce, rtol=1e-11)
+    full = jaxsce.linear_distillation_loss(hs, ws, ht, wt, reduction="none")
+    np.testing.assert_allclose(jaxsce.linear_distillation_loss(hs, ws, ht, wt, top_k=V, reduction="none"), full)
+
+
+def test_two_head_top_k_refuses_jsd():
+    hs, ws, ht, wt = _two_heads()
+    with pytest.raises(ValueError, match="'jsd' has no such bins"):
+        jaxsce.linear_distillation_loss(hs, ws, ht, wt, divergence="jsd", top_k=8)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
+def test_two_head_top_k_vocabulary_parallel_equals_unsharded():
+    hs, ws, ht, wt = _two_heads()
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    kw = dict(divergence="reverse_kl", top_k=K, temperature=0.9)
+    f = jax.shard_map(
+        lambda hs, ws, ht, wt: jaxsce.linear_distillation_loss(
+            hs, ws, ht, wt, axis_name="model", batch_axis_name="data", vocab_block=16, **kw
+        ),
+        mesh=mesh,
+        in_specs=(P("data"), P(None, "model"), P("data"), P(None, "model")),
+        out_specs=P(),
+    )
+    hs24, ht24 = hs[:24], ht[:24]
+    g24 = lambda hs, ws: jaxsce.linear_distillation_loss(hs, ws, ht24, wt, **kw)
+    np.testing.assert_allclose(jax.jit(f)(hs24, ws, ht24, wt), g24(hs24, ws), rtol=1e-10)
+    ga = jax.jit(jax.grad(lambda a, b: f(a, b, ht24, wt), (0, 1)))(hs24, ws)
+    for a, b in zip(ga, jax.grad(g24, (0, 1))(hs24, ws)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
