@@ -44,11 +44,25 @@ def counted(where, batch_shape: tuple[int, ...], what: str) -> jax.Array:
     return _validate.check_mask(where, batch_shape, "where", what).reshape(n)
 
 
-def whole(loss: _stream.RowLoss, z_heads, valid, rows, cols, consts, derivative: str) -> tuple[jax.Array, ...]:
+def whole(
+    loss: _stream.RowLoss, z_heads, valid, rows, cols, consts, derivative: str, invariant: bool = False
+) -> tuple[jax.Array, ...]:
     """Per-row outputs of ``loss`` over given logits (the logit-level path), with the derivative rule asked for:
-    ``"vjp"`` (reverse mode) or ``"jvp"`` (forward mode)."""
+    ``"vjp"`` (reverse mode) or ``"jvp"`` (forward mode).
+
+    ``invariant``: the rows are padded to whole chunks of :data:`INVARIANT_TOKENS` and computed one chunk
+    at a time (``lax.map``), so every row meets the same computation of the same shapes whatever the
+    number of rows.
+    """
     driver = _stream.whole_vjp if derivative == "vjp" else _stream.whole_jvp
-    return driver(z_heads, valid, rows, cols, consts, loss)
+    if not invariant:
+        return driver(z_heads, valid, rows, cols, consts, loss)
+    n = z_heads[0].shape[0]
+    pad = -n % INVARIANT_TOKENS
+    chunks = lambda x: _pad_rows(x, pad).reshape(-1, INVARIANT_TOKENS, *x.shape[1:])  # noqa: E731
+    per_chunk = (tuple(chunks(z) for z in z_heads), chunks(valid), jax.tree.map(chunks, rows))
+    outputs = jax.lax.map(lambda a: driver(a[0], a[1], a[2], cols, consts, loss), per_chunk)
+    return tuple(o.reshape(-1)[:n] for o in outputs)
 
 
 def check_forward_mode(derivative: str, name: str, hidden, *head) -> None:
@@ -64,6 +78,15 @@ class Total(NamedTuple):
     total: jax.Array
     normalizer: jax.Array
     aux: tuple = ()  # sums of the loss's aux terms over the counted rows
+
+
+#: ``batch_invariant=True``: the fixed token block (tokens are padded to whole blocks) and vocabulary block.
+INVARIANT_TOKENS = 256
+INVARIANT_VOCAB = 4096
+
+
+def _pad_rows(x, pad: int):
+    return jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
 
 
 def fused(
@@ -82,6 +105,7 @@ def fused(
     memory_budget: int,
     forward_mode: bool = False,
     n_aux: int = 0,
+    invariant: bool = False,
 ) -> tuple[jax.Array, ...] | Total:
     """Per-row outputs of ``loss`` over the heads' logits, or a :class:`Total`.
 
@@ -90,11 +114,37 @@ def fused(
     sharding, an explicit ``vocab_block``, or forward mode); its
     :meth:`~jaxsce._rowloss.RowLoss.scalar` then returns ``n_aux`` aux
     terms. Zero tokens give empty outputs without streaming.
+
+    ``invariant`` (``batch_invariant=True``): every row's outputs are
+    computed in blocks of the same fixed shapes, whatever the number of
+    tokens and the block options: the tokens are padded (with rows that are
+    not counted) to whole blocks of :data:`INVARIANT_TOKENS`, and the
+    vocabulary is streamed in blocks of :data:`INVARIANT_VOCAB` columns
+    (fewer if the vocabulary is smaller), so each row meets the same
+    matmuls and sums in the same order.
     """
     n = heads[0].hidden.shape[0]
     if isinstance(n, int) and n == 0:
         ct = _stream.acc_dtype(*(x for hd in heads for x in hd))
         return tuple(jnp.zeros((0,), ct) for _ in range(n_outputs))
+    if invariant:
+        pad = -n % INVARIANT_TOKENS
+        heads = tuple(hd._replace(hidden=_pad_rows(hd.hidden, pad)) for hd in heads)
+        valid, rows = _pad_rows(valid, pad), jax.tree.map(lambda x: _pad_rows(x, pad), rows)
+        outputs = _stream.stream(
+            loss,
+            heads,
+            valid,
+            rows,
+            cols,
+            consts,
+            layouts,
+            token_block=INVARIANT_TOKENS,
+            vocab_block=INVARIANT_VOCAB,
+            memory_budget=memory_budget,
+            forward_mode=forward_mode,
+        )
+        return tuple(o[:n] for o in outputs)
     if scalar and loss.vocab_axis is None and vocab_block is None and not forward_mode:
         sums = _stream.single_pass(
             loss, heads, valid, rows, cols, consts, layouts, token_block, memory_budget, n_aux=n_aux

@@ -227,6 +227,7 @@ def log_probs(
     top_k: int | None = None,
     top_p: float | jax.Array | None = None,
     top_p_candidates: int = _sampler.TOP_P_CANDIDATES,
+    batch_invariant: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Log-probability of each label, and optionally the entropy, with analytic gradients.
 
@@ -269,6 +270,27 @@ def log_probs(
         columns at or beyond it (over all shards) are left out of the
         softmax and the entropy, with exactly 0 gradient, as in
         :func:`jaxsce.cross_entropy`.
+      top_k, top_p: the sampler's filters, to get the log-probability of
+        the label under the distribution a top-k / top-p sampler drew from
+        (vLLM's order: temperature, then top-k, then top-p over what top-k
+        kept): ``top_k`` keeps the values at or above the k-th largest (ties
+        kept; None, ``<= 0`` or ``>= C``: off); ``top_p`` in ``(0, 1]`` (a
+        number, or an array of the batch shape, may be traced) then keeps a
+        class when the mass of the survivors above it is below ``p`` (the
+        largest always; ties kept together). The softmax is renormalized
+        over the kept set; a label outside it gives ``-inf`` and no gradient.
+        The kept set is a constant for differentiation; the entropy is over
+        it. Found by a running top-k, never by sorting the row.
+      top_p_candidates: with ``top_p`` and no ``top_k``, how many of the
+        largest values per row are kept as candidates (default 256): a row
+        whose nucleus holds more tokens (a very flat row, whose 256 most
+        likely tokens hold less than ``p``) gives NaN. ``top_k`` bounds the
+        candidates itself.
+      batch_invariant: every row's result bitwise identical whatever the
+        batch it is computed in (its size, padding, and the block options):
+        rows are computed in fixed blocks of 256 (padded) and, fused, the
+        vocabulary in fixed blocks of 4096 columns. The cost is stated on
+        the performance page.
       derivative: ``"vjp"`` (default): the ``jax.custom_vjp`` above, for
         reverse mode (``jax.grad``; ``jax.jvp`` of it raises JAX's
         ``custom_vjp`` error). ``"jvp"``: a ``jax.custom_jvp`` whose rule
@@ -304,6 +326,7 @@ def log_probs(
         ignore_index=_options.ignored_class(ignore_index),
         top_k=_options.top_k(top_k),
         top_p_candidates=_options.size(top_p_candidates, "top_p_candidates", allow_none=False),
+        batch_invariant=_options.flag(batch_invariant, "batch_invariant"),
     )
     tp = _options.transform(logit_softcap, temperature)
     return _options.run(_log_probs, (logits, labels, where, _options.top_p(top_p), tp), static)
@@ -353,6 +376,7 @@ def _log_probs(
     ignore_index,
     top_k,
     top_p_candidates,
+    batch_invariant,
 ):
     logits = _validate.check_floating(logits, "logits")
     z, batch_shape, _ = _validate.class_rows(logits, axis, "logits")
@@ -373,7 +397,7 @@ def _log_probs(
         classes=padding,
         sampler=sampler,
     )
-    outputs = _front.whole(loss, (z,), valid, rows, None, tp, derivative)
+    outputs = _front.whole(loss, (z,), valid, rows, None, tp, derivative, invariant=batch_invariant)
     return _outputs(outputs, batch_shape, return_entropy)
 
 
@@ -408,6 +432,7 @@ def linear_log_probs(
     top_k: int | None = None,
     top_p: float | jax.Array | None = None,
     top_p_candidates: int = _sampler.TOP_P_CANDIDATES,
+    batch_invariant: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     r"""Fused :func:`jaxsce.log_probs` of ``hidden @ linear_weight + linear_bias`` that never builds the logits.
 
@@ -429,8 +454,8 @@ def linear_log_probs(
       labels: integer class ids (the sampled tokens) of ``hidden.shape[:-1]``.
       linear_bias: optional ``[V]``.
       weight_layout: ``"dv"`` or ``"vd"``.
-      temperature, logit_softcap, where, return_entropy, check_labels, num_classes, ignore_index: as in
-        :func:`jaxsce.log_probs`.
+      temperature, logit_softcap, where, return_entropy, check_labels, num_classes, ignore_index, top_k,
+        top_p, top_p_candidates, batch_invariant: as in :func:`jaxsce.log_probs`.
       token_block, vocab_block, memory_budget: as in
         :func:`jaxsce.linear_cross_entropy`.
       axis_name: mesh axis splitting the vocabulary inside ``jax.shard_map``:
@@ -475,6 +500,7 @@ def linear_log_probs(
         ignore_index=_options.ignored_class(ignore_index),
         top_k=_options.top_k(top_k),
         top_p_candidates=_options.size(top_p_candidates, "top_p_candidates", allow_none=False),
+        batch_invariant=_options.flag(batch_invariant, "batch_invariant"),
     )
     _front.check_forward_mode(derivative, "linear_log_probs", hidden, linear_weight, linear_bias)
     tp = _options.transform(logit_softcap, temperature)
@@ -504,6 +530,7 @@ def _linear_log_probs(
     ignore_index,
     top_k,
     top_p_candidates,
+    batch_invariant,
 ):
     head, v_local = check_head(hidden, weight, bias, weight_layout)
     batch_shape = hidden.shape[:-1]
@@ -538,6 +565,7 @@ def _linear_log_probs(
         vocab_block=vocab_block,
         memory_budget=memory_budget,
         forward_mode=derivative == "jvp",
+        invariant=batch_invariant,
     )
     assert not isinstance(outputs, _front.Total)
     return _outputs(outputs, batch_shape, return_entropy)

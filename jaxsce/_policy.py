@@ -658,6 +658,7 @@ def linear_policy_loss(
     axis_name: AxisName = None,
     batch_axis_name: AxisName = None,
     num_classes: int | None = None,
+    batch_invariant: bool = False,
 ) -> jax.Array | tuple[jax.Array, PolicyAux]:
     r"""Fused :func:`jaxsce.policy_loss` of ``hidden @ linear_weight + linear_bias`` that never builds the logits.
 
@@ -693,6 +694,10 @@ def linear_policy_loss(
         (``ref_log_probs`` or the reference head, not both).
       token_block, vocab_block, memory_budget: as in :func:`jaxsce.linear_cross_entropy`.
       axis_name: mesh axis splitting the vocabulary of the heads inside ``jax.shard_map``.
+      batch_invariant: every token's log-probability (and entropy and
+        reference log-probability) is bitwise the same whatever the batch
+        it is computed in, as in :func:`jaxsce.linear_log_probs`; the
+        streaming path with fixed blocks is taken (4 matmul passes).
 
     Returns:
       As :func:`jaxsce.policy_loss`. Gradients flow to ``hidden``,
@@ -730,7 +735,10 @@ def linear_policy_loss(
     )
     heads = (hidden, linear_weight, linear_bias, ref_hidden, ref_weight, ref_bias)
     data = (advantages, old_log_probs, ref_log_probs, sampler_weights)
-    return _linear_policy_loss(heads, labels, where, data, st.consts, st.num_items, **fused, **st.static)
+    invariant = _options.flag(batch_invariant, "batch_invariant")
+    return _linear_policy_loss(
+        heads, labels, where, data, st.consts, st.num_items, **fused, **st.static, batch_invariant=invariant
+    )
 
 
 @_front.implementation
@@ -752,6 +760,7 @@ def _linear_policy_loss(
     axis_name,
     batch_axis_name,
     num_classes,
+    batch_invariant,
 ):
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias = heads
     head, v_local = check_head(hidden, weight, bias, weight_layout)
@@ -810,6 +819,7 @@ def _linear_policy_loss(
         vocab_block=vocab_block,
         memory_budget=memory_budget,
         n_aux=6 if return_aux else 0,
+        invariant=batch_invariant,
     )
     if isinstance(out, _front.Total):
         value, metrics = out.total, out.aux
