@@ -724,3 +724,132 @@ def bench_distill_jsd(shapes, dtype, repeats, progress, *, liger_compiled: bool 
         _liger_ratios(part, JSD_LIGER, 4)
         rows += part
     return rows
+
+
+# --- sampler-matched log-probabilities: top-k from the head ---------------------------------
+
+SAMPLER_PEER = "plain h@W + top-k mask + log_softmax (autodiff)"
+SAMPLER_K = 50
+
+
+def _policy_gradient_sum(lp, a):
+    """A policy-gradient objective on the log-probabilities, labels outside the kept set left out."""
+    return -jnp.mean(jnp.where(jnp.isinf(lp), 0, a * lp))
+
+
+def sampler_impls() -> dict[str, Callable]:
+    """value_and_grad wrt (h, W) of a policy-gradient sum of the top-k (k = 50) log-probabilities."""
+
+    def plain(h, w, y, a):
+        z = h @ w
+        kth = jax.lax.stop_gradient(jnp.min(jax.lax.top_k(z, SAMPLER_K)[0], axis=-1))
+        masked = jnp.where(z >= kth[:, None], z, -jnp.inf)
+        ls = jax.nn.log_softmax(masked, axis=-1)
+        return _policy_gradient_sum(jnp.take_along_axis(ls, y[:, None], axis=-1)[:, 0], a)
+
+    impls = {
+        "jaxsce linear_log_probs(top_k=50)": lambda h, w, y, a: _policy_gradient_sum(
+            jaxsce.linear_log_probs(h, w, y, top_k=SAMPLER_K), a
+        ),
+        "jaxsce linear_log_probs(top_k=50, batch_invariant=True)": lambda h, w, y, a: _policy_gradient_sum(
+            jaxsce.linear_log_probs(h, w, y, top_k=SAMPLER_K, batch_invariant=True), a
+        ),
+        SAMPLER_PEER: plain,
+    }
+    return {k: jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for k, f in impls.items()}
+
+
+def _unfiltered_calls(args) -> dict:
+    """``linear_log_probs`` without a filter (the issue's yardstick), and with ``top_p`` alone and
+    ``batch_invariant=True``, as timed calls whose times become each row's ratios."""
+    h, w, y, a = args
+
+    def step(**kw):
+        f = jax.jit(jax.value_and_grad(lambda h, w: _policy_gradient_sum(jaxsce.linear_log_probs(h, w, y, **kw), a)))
+        return lambda: f(h, w)
+
+    return {
+        "roofline: linear_log_probs": step(),
+        "roofline: linear_log_probs(top_p=0.9)": step(top_p=0.9),
+        "roofline: linear_log_probs(batch_invariant=True)": step(batch_invariant=True),
+    }
+
+
+def _over_unfiltered(roofs, ms):
+    base = roofs["roofline: linear_log_probs"]
+    extra = {
+        "unfiltered_ms": base,
+        "top_p_alone_over_unfiltered": roofs["roofline: linear_log_probs(top_p=0.9)"] / base,
+        "batch_invariant_over_unfiltered": roofs["roofline: linear_log_probs(batch_invariant=True)"] / base,
+    }
+    return ms / base, extra
+
+
+def _one_head(t_, d, v, dtype):
+    """A seeded generator, hidden states ``[T, d]`` and a weight ``[d, V]`` scaled by ``1 / sqrt(d)``."""
+    rng = np.random.default_rng(0)
+    return rng, _normal(rng, (t_, d), dtype), _normal(rng, (d, v), dtype, 1 / math.sqrt(d))
+
+
+def bench_sampler(shapes, dtype, repeats, progress) -> list[Row]:
+    rows = []
+    impls = sampler_impls()
+    for t_, d, v in shapes:
+        rng, h, w = _one_head(t_, d, v, dtype)
+        y = jnp.asarray(rng.integers(0, v, size=t_), jnp.int32)
+        args = (h, w, y, _normal(rng, (t_,), jnp.float32))
+        rows += _section(
+            "sampler", f"{t_}x{d}x{v}", impls, args, repeats, progress,
+            peer=SAMPLER_PEER, ref=SAMPLER_PEER, tol=lambda g: 10 * grad_tolerance(g), tokens=t_,
+            extra_calls=_unfiltered_calls(args), rates=_over_unfiltered,
+        )  # fmt: skip
+    return rows
+
+
+# --- top-k distillation: a teacher's stored top-k log-probabilities --------------------------
+
+TOPK_PEER = "plain h@W + log_softmax + top-k bins (autodiff)"
+TOPK_K = 64
+
+
+def topk_distill_impls() -> dict[str, Callable]:
+    """value_and_grad wrt (h, W) of the mean forward KL on the teacher's top 64 plus the tail bin."""
+
+    def plain(h, w, idx, lt):
+        ls = jax.nn.log_softmax(h @ w, axis=-1)
+        lq = jnp.take_along_axis(ls, idx, axis=-1)
+        rest = jnp.ones(ls.shape, bool).at[jnp.arange(ls.shape[0])[:, None], idx].set(False)
+        lq_tail = jax.nn.logsumexp(jnp.where(rest, ls, -jnp.inf), axis=-1)
+        lt_tail = jnp.log(jnp.maximum(1 - jnp.sum(jnp.exp(lt), axis=-1), 0))
+        kl = jnp.sum(jnp.exp(lt) * (lt - lq), -1) + jnp.exp(lt_tail) * (lt_tail - lq_tail)
+        return jnp.mean(kl)
+
+    impls = {
+        "jaxsce linear_topk_distillation_loss": lambda h, w, idx, lt: jaxsce.linear_topk_distillation_loss(
+            h, w, idx, lt
+        ),
+        "plain h@W + jaxsce.topk_distillation_loss": lambda h, w, idx, lt: jaxsce.topk_distillation_loss(
+            h @ w, idx, lt
+        ),
+        TOPK_PEER: plain,
+    }
+    return {k: jax.jit(jax.value_and_grad(f, argnums=(0, 1))) for k, f in impls.items()}
+
+
+def bench_topk_distill(shapes, dtype, repeats, progress) -> list[Row]:
+    rows = []
+    impls = topk_distill_impls()
+    for t_, d, v in shapes:
+        rng, h, w = _one_head(t_, d, v, dtype)
+        # A teacher's top 64 as stored offline: its log-probabilities at its own largest logits.
+        zt = rng.normal(size=(t_, v)).astype(np.float32) * 2
+        idx = np.argpartition(-zt, TOPK_K, axis=-1)[:, :TOPK_K]
+        lse = np.log(np.sum(np.exp(zt - zt.max(-1, keepdims=True)), -1, keepdims=True)) + zt.max(-1, keepdims=True)
+        lt = np.take_along_axis(zt, idx, -1) - lse
+        args = (h, w, jnp.asarray(idx, jnp.int32), jnp.asarray(lt, jnp.float32))
+        rows += _section(
+            "topk_distill", f"{t_}x{d}x{v}", impls, args, repeats, progress,
+            peer=TOPK_PEER, ref=TOPK_PEER, tol=lambda g: 10 * grad_tolerance(g), tokens=t_,
+            extra_calls=_matmul_call(h, w), rates=_passes(3),
+        )  # fmt: skip
+    return rows

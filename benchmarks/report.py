@@ -93,6 +93,22 @@ SECTIONS = {
         roof="time ÷ 4 matmuls",
         extra=(("ratio_to_liger", "÷ Liger-Kernel"), ("floor_ratio_to_liger", "4 matmuls ÷ Liger-Kernel")),
     ),
+    "sampler": dict(
+        title="Sampler-matched log-probs: value_and_grad wrt (h, W) of a policy-gradient sum of "
+        "log-probs under top-k = 50",
+        peer="÷ plain autodiff",
+        roof="÷ unfiltered linear_log_probs",
+        extra=(
+            ("top_p_alone_over_unfiltered", "top_p = 0.9 alone ÷ unfiltered"),
+            ("batch_invariant_over_unfiltered", "batch_invariant ÷ unfiltered"),
+        ),
+    ),
+    "topk_distill": dict(
+        title="Top-k distillation: value_and_grad wrt (h, W) of the mean KL on a stored teacher's top 64 "
+        "plus the tail bin",
+        peer="÷ plain autodiff",
+        roof="time ÷ 3 matmuls",
+    ),
 }
 
 

@@ -27,7 +27,9 @@ from .cases import (
     bench_logits,
     bench_policy,
     bench_preference,
+    bench_sampler,
     bench_step,
+    bench_topk_distill,
     memory_table,
 )
 from .plot import plot
@@ -66,7 +68,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--fused", type=lambda s: _shapes(s, 3), help="fused shapes TxDxV,...")
     parser.add_argument(
         "--sections",
-        default="logits,step,fused,forward,policy,policy_ref,preference,distill,distill_jsd",
+        default="logits,step,fused,forward,policy,policy_ref,sampler,preference,distill,distill_jsd,topk_distill",
         help="comma-separated sections to run (default: all)",
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -128,6 +130,8 @@ def main(argv=None) -> dict:
         "preference": lambda: bench_preference(fused, dtype, repeats, progress, liger_compiled=args.full),
         "distill": lambda: bench_distill(fused, dtype, repeats, progress),
         "distill_jsd": lambda: bench_distill_jsd(fused, dtype, repeats, progress, liger_compiled=args.full),
+        "sampler": lambda: bench_sampler(fused, dtype, repeats, progress),
+        "topk_distill": lambda: bench_topk_distill(fused, dtype, repeats, progress),
     }
     unknown = sections - set(runs)
     if unknown:

@@ -127,32 +127,20 @@ def fused(
     if isinstance(n, int) and n == 0:
         ct = _stream.acc_dtype(*(x for hd in heads for x in hd))
         return tuple(jnp.zeros((0,), ct) for _ in range(n_outputs))
+    pad = 0
     if invariant:
         pad = -n % INVARIANT_TOKENS
         heads = tuple(hd._replace(hidden=_pad_rows(hd.hidden, pad)) for hd in heads)
         valid, rows = _pad_rows(valid, pad), jax.tree.map(lambda x: _pad_rows(x, pad), rows)
-        outputs = _stream.stream(
-            loss,
-            heads,
-            valid,
-            rows,
-            cols,
-            consts,
-            layouts,
-            token_block=INVARIANT_TOKENS,
-            vocab_block=INVARIANT_VOCAB,
-            memory_budget=memory_budget,
-            forward_mode=forward_mode,
-        )
-        return tuple(o[:n] for o in outputs)
-    if scalar and loss.vocab_axis is None and vocab_block is None and not forward_mode:
+        token_block, vocab_block = INVARIANT_TOKENS, INVARIANT_VOCAB
+    elif scalar and loss.vocab_axis is None and vocab_block is None and not forward_mode:
         sums = _stream.single_pass(
             loss, heads, valid, rows, cols, consts, layouts, token_block, memory_budget, n_aux=n_aux
         )
         if sums is not None:
             total, normalizer, aux = cast(tuple[jax.Array, jax.Array, tuple], sums)
             return Total(total, normalizer, aux)
-    return _stream.stream(
+    outputs = _stream.stream(
         loss,
         heads,
         valid,
@@ -165,6 +153,7 @@ def fused(
         memory_budget=memory_budget,
         forward_mode=forward_mode,
     )
+    return tuple(o[:n] for o in outputs) if pad else outputs
 
 
 def reduce_total(out: Total, reduction: str, batch_axis_name, valid) -> jax.Array:

@@ -111,31 +111,28 @@ def size(value: Any, name: str, *, allow_none: bool = True) -> int | None:
     return out
 
 
-def ignored_class(value: Any) -> int | None:
-    """``ignore_index``: an int or None."""
+def _int_or_none(value: Any, name: str) -> int | None:
+    """A static int option that may be None (not a bool)."""
     if value is None:
         return None
-    static(value, "ignore_index")
+    static(value, name)
     if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"ignore_index must be an int or None, got {value!r}.")
+        raise TypeError(f"{name} must be an int or None, got {value!r}.")
     try:
         return operator.index(value)
     except TypeError:
-        raise TypeError(f"ignore_index must be an int or None, got {value!r}.") from None
+        raise TypeError(f"{name} must be an int or None, got {value!r}.") from None
+
+
+def ignored_class(value: Any) -> int | None:
+    """``ignore_index``: an int or None."""
+    return _int_or_none(value, "ignore_index")
 
 
 def top_k(value: Any) -> int | None:
     """``top_k``: an int (``<= 0``: off, as vLLM's ``-1``) or None."""
-    if value is None:
-        return None
-    static(value, "top_k")
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"top_k must be an int or None, got {value!r}.")
-    try:
-        out = operator.index(value)
-    except TypeError:
-        raise TypeError(f"top_k must be an int or None, got {value!r}.") from None
-    return out if out > 0 else None
+    out = _int_or_none(value, "top_k")
+    return out if out is not None and out > 0 else None
 
 
 def top_p(value: Any):

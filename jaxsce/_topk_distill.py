@@ -188,6 +188,29 @@ def _teacher_top_k(indices, log_probs, batch_shape, what: str):
     return indices.reshape(-1, k).astype(jnp.int32), log_probs.reshape(-1, k), k
 
 
+def _setup(data, batch_shape, what: str, ct, classes, *, divergence, tail, axis_name, num_classes):
+    """The loss, its per-row data, the counted rows and the consts in ``ct``, for both functions.
+
+    ``data``: ``(teacher_indices, teacher_log_probs, where, consts)``; ``classes``: the local class
+    count and how to name it.
+    """
+    indices, log_probs, where, consts = data
+    idx, lt, k = _teacher_top_k(indices, log_probs, batch_shape, what)
+    valid = _front.counted(where, batch_shape, what)
+    count, padding = _options.class_count(num_classes, classes[0], axis_name, classes[1])
+    loss = TopKDistillRows(
+        divergence=divergence,
+        tail=tail,
+        num_classes=count,
+        k=k,
+        vocab_axis=axis_name,
+        unchecked=_spmd.unchecked(axis_name),
+        classes=padding,
+    )
+    rows = TopKRows(idx, lax.stop_gradient(lt.astype(ct)))
+    return loss, rows, valid, _consts_in(consts, ct, divergence)
+
+
 @_options.keyword_checked
 @_auto.spmd(student_logits=_auto.CLASSES, teacher_indices=_auto.ROWS, teacher_log_probs=_auto.ROWS, where=_auto.ROWS)
 def topk_distillation_loss(
@@ -281,22 +304,19 @@ def _topk_distillation_loss(
     if student.ndim < 1 or student.shape[-1] == 0:
         raise ValueError(f"student_logits of shape {student.shape} have no classes on their last axis.")
     batch_shape = student.shape[:-1]
-    idx, lt, k = _teacher_top_k(indices, log_probs, batch_shape, "student_logits.shape[:-1]")
     _spmd.check_named_axes("student_logits", student, axis_name, batch_axis_name)
-    valid = _front.counted(where, batch_shape, "student_logits.shape[:-1]")
     ct = _validate.compute_dtype(student.dtype)
-    consts = _consts_in(consts, ct, divergence)
-    count, padding = _options.class_count(num_classes, student.shape[-1], axis_name, "the logits' class axis")
-    loss = TopKDistillRows(
+    loss, rows, valid, consts = _setup(
+        (indices, log_probs, where, consts),
+        batch_shape,
+        "student_logits.shape[:-1]",
+        ct,
+        (student.shape[-1], "the logits' class axis"),
         divergence=divergence,
         tail=tail,
-        num_classes=count,
-        k=k,
-        vocab_axis=axis_name,
-        unchecked=_spmd.unchecked(axis_name),
-        classes=padding,
+        axis_name=axis_name,
+        num_classes=num_classes,
     )
-    rows = TopKRows(idx, lax.stop_gradient(lt.astype(ct)))
     outputs = _front.whole(loss, (student.reshape(-1, student.shape[-1]),), valid, rows, None, consts, "vjp")
     return _reduced(outputs, valid, reduction, batch_axis_name, batch_shape)
 
@@ -405,22 +425,18 @@ def _linear_topk_distillation_loss(
 ):
     head, v_local = check_head(hidden, weight, bias, weight_layout)
     batch_shape = hidden.shape[:-1]
-    idx, lt, k = _teacher_top_k(indices, log_probs, batch_shape, "hidden.shape[:-1]")
     _spmd.check_split_axes("linear_weight", weight, hidden, "hidden", axis_name, batch_axis_name)
-    valid = _front.counted(where, batch_shape, "hidden.shape[:-1]")
-    ct = _stream.acc_dtype(*head)
-    consts = _consts_in(consts, ct, divergence)
-    count, padding = _options.class_count(num_classes, v_local, axis_name, "linear_weight's vocabulary")
-    loss = TopKDistillRows(
+    loss, rows, valid, consts = _setup(
+        (indices, log_probs, where, consts),
+        batch_shape,
+        "hidden.shape[:-1]",
+        _stream.acc_dtype(*head),
+        (v_local, "linear_weight's vocabulary"),
         divergence=divergence,
         tail=tail,
-        num_classes=count,
-        k=k,
-        vocab_axis=axis_name,
-        unchecked=_spmd.unchecked(axis_name),
-        classes=padding,
+        axis_name=axis_name,
+        num_classes=num_classes,
     )
-    rows = TopKRows(idx, lax.stop_gradient(lt.astype(ct)))
     out = _front.fused(
         loss,
         (head,),

@@ -21,7 +21,10 @@ BATCHES = [
 ]
 
 
-def _data(dtype, n=max(b for b, _ in BATCHES), seed=0):
+MOST = max(b for b, _ in BATCHES)
+
+
+def _data(dtype, n=MOST, seed=0):
     rng = np.random.default_rng(seed)
     h = jnp.asarray(rng.normal(size=(n, D)), dtype)
     w = jnp.asarray(rng.normal(size=(D, V)) * 0.2, dtype)
@@ -40,7 +43,7 @@ def _assert_bitwise(results):
 @pytest.mark.parametrize("sampler", [{}, dict(top_k=20)], ids=["plain", "top_k"])
 def test_linear_log_probs_rows_are_bitwise_the_same_in_any_batch(dtype, sampler):
     h, w, y = _data(dtype)
-    g = jnp.asarray(np.random.default_rng(1).normal(size=max(b for b, _ in BATCHES)), jnp.float32)
+    g = jnp.asarray(np.random.default_rng(1).normal(size=MOST), jnp.float32)
     results = []
     for n, blocks in BATCHES:
 

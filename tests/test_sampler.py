@@ -1,6 +1,7 @@
 """Sampler-matched log-probabilities (top_k, top_p) against vLLM's filters written in float64 NumPy,
 jax.grad of the naive masked formula, the logit level, and the sharded loss."""
 
+import compat
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -294,3 +295,25 @@ def test_vocabulary_parallel_equals_unsharded(check_vma):
     auto = jaxsce.log_probs(zs, y, top_k=30, top_p=p, return_entropy=True)
     for a, b in zip(auto, jaxsce.log_probs(z, y, top_k=30, top_p=p, return_entropy=True)):
         np.testing.assert_allclose(a, b, rtol=1e-10)
+
+
+@pytest.mark.slow
+def test_memory_at_8192_tokens_2304_256000_bf16():
+    """value_and_grad of a policy-gradient sum of top-k (k = 50) log-probs: temporaries <= 256 MiB."""
+    if compat.JAX < (0, 10):
+        pytest.skip("the block memory model is fitted to XLA in jax >= 0.10")
+    t, d, v = 8192, 2304, 256000
+
+    def objective(h, w, y, adv):
+        lp = jaxsce.linear_log_probs(h, w, y, top_k=50, top_p=0.95)
+        return -jnp.mean(jnp.where(jnp.isinf(lp), 0, adv * lp))
+
+    args = (
+        jax.ShapeDtypeStruct((t, d), jnp.bfloat16),
+        jax.ShapeDtypeStruct((d, v), jnp.bfloat16),
+        jax.ShapeDtypeStruct((t,), jnp.int32),
+        jax.ShapeDtypeStruct((t,), jnp.float32),
+    )
+    compiled = jax.jit(jax.value_and_grad(objective, (0, 1))).lower(*args).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert temp <= 256 * 2**20, temp / 2**20
