@@ -10,7 +10,7 @@ OLD_STAMP := $(OLD_VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1
 BENCH_STAMP := $(VENV)/.installed-bench-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST := -m pytest -q -n 2
 
-.PHONY: bench bench-full test test-slow test-all test-old-jax lint docs examples clean
+.PHONY: bench bench-full test test-slow test-all test-old-jax lint docs examples package clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -48,9 +48,19 @@ test-old-jax: $(OLD_STAMP)  ## the fast set on the oldest supported JAX
 	$(OLD_VENV)/bin/python $(PYTEST) -m "not slow" $(ARGS)
 
 lint: $(STAMP)  ## ruff (lint + format) and pyright (basic) on the package
-	$(VENV)/bin/ruff check jaxsce tests benchmarks examples docs
-	$(VENV)/bin/ruff format --check jaxsce tests benchmarks examples docs
+	$(VENV)/bin/ruff check jaxsce tests benchmarks examples docs .ci
+	$(VENV)/bin/ruff format --check jaxsce tests benchmarks examples docs .ci
 	$(VENV)/bin/pyright --pythonpath $(PY)
+
+package:  ## build the sdist and wheel, check them, install the wheel in a fresh venv and smoke-test it from outside the tree
+	rm -rf build/dist build/venv-package build/venv-wheel
+	python3 -m venv build/venv-package
+	build/venv-package/bin/python -m pip install -q build twine
+	build/venv-package/bin/python -m build -q --outdir build/dist .
+	build/venv-package/bin/python -m twine check --strict build/dist/*
+	python3 -m venv build/venv-wheel
+	build/venv-wheel/bin/python -m pip install -q build/dist/*.whl
+	cd "$$(mktemp -d)" && $(CURDIR)/build/venv-wheel/bin/python $(CURDIR)/.ci/smoke.py
 
 docs: $(STAMP)  ## HTML documentation in build/docs/html, warnings as errors
 	$(PY) -m sphinx -W --keep-going -q -b html docs build/docs/html
