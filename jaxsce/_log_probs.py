@@ -454,8 +454,10 @@ def linear_log_probs(
       labels: integer class ids (the sampled tokens) of ``hidden.shape[:-1]``.
       linear_bias: optional ``[V]``.
       weight_layout: ``"dv"`` or ``"vd"``.
-      temperature, logit_softcap, where, return_entropy, check_labels, num_classes, ignore_index, top_k,
-        top_p, top_p_candidates, batch_invariant: as in :func:`jaxsce.log_probs`.
+      temperature, logit_softcap, where, return_entropy, check_labels, num_classes, ignore_index: as in
+        :func:`jaxsce.log_probs`.
+      top_k, top_p, top_p_candidates, batch_invariant: as in :func:`jaxsce.log_probs` (fused: the
+        vocabulary blocks' running top-k, never the logits).
       token_block, vocab_block, memory_budget: as in
         :func:`jaxsce.linear_cross_entropy`.
       axis_name: mesh axis splitting the vocabulary inside ``jax.shard_map``:

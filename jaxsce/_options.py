@@ -48,9 +48,26 @@ def keyword_checked(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     @functools.wraps(fn)
     def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         check_keywords(fn.__name__, kwargs, params)
+        for name, value in (*zip(params, args), *kwargs.items()):
+            check_not_wrapped(value, name, fn.__name__)
         return fn(*args, **kwargs)
 
     return checked
+
+
+def check_not_wrapped(value: Any, name: str, fn_name: str) -> None:
+    """A ``TypeError`` naming ``name`` when ``value`` is a framework's parameter object (flax's
+    ``nnx.Param`` and other ``nnx.Variable`` objects, anything that is not an array but converts to one
+    through ``__jax_array__`` or holds one in ``.value``) rather than the array itself."""
+    if value is None or isinstance(value, (jax.Array, np.ndarray, np.generic, int, float, complex, str)):
+        return
+    wrapped = hasattr(type(value), "__jax_array__") or isinstance(getattr(value, "value", None), jax.Array)
+    if wrapped:
+        kind = f"{type(value).__module__}.{type(value).__qualname__}"
+        raise TypeError(
+            f"{fn_name}(): {name} is a {kind}, a framework's parameter object, not an array: pass its value "
+            f"({name}[...] for a flax nnx.Variable, else {name}.value)."
+        )
 
 
 def check_keywords(fn_name: str, given, valid) -> None:
