@@ -203,7 +203,7 @@ def grouped_vjp(fn, args: tuple, shape: tuple):
     """
     group = lambda x: None if x is None else x.reshape(shape)  # noqa: E731
     value, vjp, aux = jax.vjp(fn, *(group(a) for a in args), has_aux=True)
-    cotangents = vjp(jnp.ones_like(value))
+    cotangents = vjp(_spmd.vary_like(jnp.ones_like(value), value))
     flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
     return value.reshape(-1), tuple(flat(g) for g in cotangents), aux
 

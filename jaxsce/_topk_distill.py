@@ -142,7 +142,8 @@ class TopKDistillRows(_stream.RowLoss):
             return bin_divergence(*_bins(lq_top, lq_tail, lt_top, self.tail), self.divergence, beta)
 
         value, vjp = jax.vjp(loss, lq_top, lq_tail)
-        g_top, g_tail = vjp(jnp.ones_like(value))
+        # The cotangent with the value's sharding type (jax 0.6 does not give ones_like it).
+        g_top, g_tail = vjp(_spmd.vary_like(jnp.ones_like(value), value))
         if self.tail:
             total = jnp.sum(g_top, axis=-1) + g_tail
         else:  # the renormalized student: d/ds_i = G_i - q~_i sum G, and nothing outside the top k
