@@ -39,7 +39,7 @@ SECTIONS = {
         title="Logit level: value_and_grad of the mean loss",
         peer="÷ optax",
         roof="÷ exp pass",
-        extra=(("ratio_to_exp_and_max", "÷ (exp + row max)"),),
+        extra=(("ratio_to_exp_and_max", "÷ (exp + row max)"), ("bytes_per_logit", "XLA bytes / logit")),
     ),
     "step": dict(
         title="Training step's loss head: value_and_grad wrt (h, W) of loss(h @ W, y)",
@@ -54,6 +54,7 @@ SECTIONS = {
         extra=(
             ("ratio_to_block_matmuls", "÷ own block matmuls"),
             ("ratio_to_torch_linear_cross_entropy", "÷ torch linear_cross_entropy"),
+            ("bytes_per_logit", "XLA bytes / logit (loops counted once)"),
         ),
     ),
     "forward": dict(

@@ -73,3 +73,35 @@ def test_benchmark_runs_and_every_gradient_matches(tmp_path):
         "Distillation",
     ):
         assert title in table
+
+
+@pytest.mark.slow
+def test_accelerator_script_dry_run(tmp_path):
+    """benchmarks/accelerator.sh --dry: the GPU run's plumbing on tiny shapes with this interpreter:
+    both dtypes, every section, and XLA's bytes accessed per logit for the logit-level and fused paths."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHON=sys.executable, OUT=str(tmp_path))
+    result = subprocess.run(
+        ["bash", str(root / "benchmarks" / "accelerator.sh"), "--dry"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    for dtype in ("bfloat16", "float32"):
+        out = json.loads((tmp_path / dtype / "results.json").read_text())
+        assert out["args"]["dtype"] == dtype
+        sections = {r["section"] for r in out["rows"]}
+        assert {"logits", "fused", "policy", "preference", "distill", "sampler", "topk_distill"} <= sections
+        assert all(r["grad_ok"] for r in out["rows"]), [r["impl"] for r in out["rows"] if not r["grad_ok"]]
+        for r in out["rows"]:
+            if r["section"] in ("logits", "fused") and not r["impl"].startswith("torch"):
+                assert r["extra"]["bytes_per_logit"] > 0, r["impl"]
+        assert (tmp_path / dtype / "results.md").exists() and (tmp_path / dtype / "results.png").exists()
