@@ -315,9 +315,8 @@ def linear_cross_entropy(
         Reverse mode also works in this mode (JAX transposes the rule), and
         with it ``jax.hessian`` and Hessian-vector products
         ``jax.jvp(jax.grad(f))``, but it keeps per-block intermediates of at
-        least the logits' total size (compiled temporaries at 4096 x 64 x
-        32768: 735 MiB for ``jax.grad``, 1.4 GiB for the HVP, against 512 MiB
-        of logits): use ``"vjp"`` for training. Reverse mode in this mode
+        least the logits' total size (figures on the performance page): use
+        ``"vjp"`` for training. Reverse mode in this mode
         needs jax >= 0.10: on older releases JAX's own transpose of the
         block loops fails, and ``jax.grad``/``jax.vjp`` of this function
         raise ``NotImplementedError`` saying so.
