@@ -189,6 +189,17 @@ def _teacher_top_k(indices, log_probs, batch_shape, what: str):
     return indices.reshape(-1, k).astype(jnp.int32), log_probs.reshape(-1, k), k
 
 
+def _statics(tail, reduction, axis_name, batch_axis_name, num_classes) -> dict:
+    """The static options both functions share, checked."""
+    return dict(
+        tail=_options.flag(tail, "tail"),
+        reduction=_options.choice(reduction, "reduction", _options.REDUCTIONS),
+        axis_name=_options.hashable_axes(axis_name, "axis_name"),
+        batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
+        num_classes=_options.size(num_classes, "num_classes"),
+    )
+
+
 def _setup(data, batch_shape, what: str, ct, classes, *, divergence, tail, axis_name, num_classes):
     """The loss, its per-row data, the counted rows and the consts in ``ct``, for both functions.
 
@@ -285,13 +296,7 @@ def topk_distillation_loss(
       >>> print(f"{jaxsce.topk_distillation_loss(s, idx, lt):.4f}")  # bins (0.5, 0.5) on both sides
       0.0000
     """
-    static = dict(
-        tail=_options.flag(tail, "tail"),
-        reduction=_options.choice(reduction, "reduction", _options.REDUCTIONS),
-        axis_name=_options.hashable_axes(axis_name, "axis_name"),
-        batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
-        num_classes=_options.size(num_classes, "num_classes"),
-    )
+    static = _statics(tail, reduction, axis_name, batch_axis_name, num_classes)
     divergence, consts = _options_of(divergence, beta, temperature)
     args = (student_logits, teacher_indices, teacher_log_probs, where, consts)
     return _topk_distillation_loss(*args, divergence=divergence, **static)
@@ -392,11 +397,7 @@ def linear_topk_distillation_loss(
         **_options.fused(
             weight_layout=weight_layout, token_block=token_block, vocab_block=vocab_block, memory_budget=memory_budget
         ),
-        tail=_options.flag(tail, "tail"),
-        reduction=_options.choice(reduction, "reduction", _options.REDUCTIONS),
-        axis_name=_options.hashable_axes(axis_name, "axis_name"),
-        batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
-        num_classes=_options.size(num_classes, "num_classes"),
+        **_statics(tail, reduction, axis_name, batch_axis_name, num_classes),
     )
     divergence, consts = _options_of(divergence, beta, temperature)
     args = (hidden, linear_weight, linear_bias, teacher_indices, teacher_log_probs, where, consts)
