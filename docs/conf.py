@@ -5,6 +5,8 @@ import sys
 
 sys.path.insert(0, os.path.abspath(".."))
 
+from sphinx.pycode import ModuleAnalyzer  # noqa: E402
+
 import jaxsce  # noqa: E402
 
 project = "jaxsce"
@@ -32,3 +34,19 @@ napoleon_use_rtype = False
 
 html_theme = "furo"
 html_title = f"jaxsce {release}"
+
+
+# The functions whose return type follows a flag (``return_aux``,
+# ``return_entropy``) carry ``typing.overload``s for type checkers. Autodoc
+# would print those (``**options``) instead of the full signature; the API
+# pages show the implementation's signature, every option by name.
+_analyze = ModuleAnalyzer.analyze
+
+
+def _analyze_without_overloads(self):
+    _analyze(self)
+    if self.modname.startswith("jaxsce"):
+        self.overloads = {}
+
+
+ModuleAnalyzer.analyze = _analyze_without_overloads

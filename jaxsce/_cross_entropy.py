@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal, overload
 
 import jax
 import jax.numpy as jnp
 
-from . import _auto, _front, _labels, _logit_ce, _options, _reduce, _spmd, _validate
+from . import _auto, _front, _labels, _logit_ce, _options, _reduce, _spmd, _typing, _validate
+
+if TYPE_CHECKING:
+    from ._typing import Unpack
 
 AxisName = str | tuple[str, ...] | None
 
 
+@overload
+def cross_entropy(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    return_aux: Literal[False] = False,
+    **options: Unpack[_typing.CrossEntropyOptions],
+) -> jax.Array: ...
+@overload
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, *, return_aux: Literal[True], **options: Unpack[_typing.CrossEntropyOptions]
+) -> tuple[jax.Array, _reduce.LossAux]: ...
+@overload
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, *, return_aux: bool, **options: Unpack[_typing.CrossEntropyOptions]
+) -> jax.Array | tuple[jax.Array, _reduce.LossAux]: ...
 @_options.keyword_checked
 @_auto.spmd(logits=_auto.CLASSES, labels=_auto.LABELS, where=_auto.ROWS, weight=_auto.VOCAB, sample_weight=_auto.ROWS)
 def cross_entropy(

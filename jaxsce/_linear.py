@@ -30,15 +30,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple, cast
+from typing import TYPE_CHECKING, Literal, NamedTuple, cast, overload
 
 import jax
 import jax.numpy as jnp
 
-from . import _auto, _front, _labels, _options, _reduce, _spmd, _stream, _targets, _transform, _validate
+from . import _auto, _front, _labels, _options, _reduce, _spmd, _stream, _targets, _transform, _typing, _validate
 from ._logit_ce import in_range, total_weight
 from ._stream import DEFAULT_MEMORY_BUDGET, Head
 from ._targets import Options
+
+if TYPE_CHECKING:
+    from ._typing import Unpack
 
 
 class CERows(NamedTuple):
@@ -218,6 +221,33 @@ def check_class_ids(labels, batch_shape, hidden_shape):
     return labels
 
 
+@overload
+def linear_cross_entropy(
+    hidden: jax.Array,
+    linear_weight: jax.Array,
+    labels: jax.Array,
+    *,
+    return_aux: Literal[False] = False,
+    **options: Unpack[_typing.LinearCrossEntropyOptions],
+) -> jax.Array: ...
+@overload
+def linear_cross_entropy(
+    hidden: jax.Array,
+    linear_weight: jax.Array,
+    labels: jax.Array,
+    *,
+    return_aux: Literal[True],
+    **options: Unpack[_typing.LinearCrossEntropyOptions],
+) -> tuple[jax.Array, _reduce.LossAux]: ...
+@overload
+def linear_cross_entropy(
+    hidden: jax.Array,
+    linear_weight: jax.Array,
+    labels: jax.Array,
+    *,
+    return_aux: bool,
+    **options: Unpack[_typing.LinearCrossEntropyOptions],
+) -> jax.Array | tuple[jax.Array, _reduce.LossAux]: ...
 @_options.keyword_checked
 @_auto.spmd(
     hidden=_auto.HIDDEN,

@@ -30,16 +30,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
 
-from . import _auto, _front, _labels, _options, _sampler, _spmd, _stream, _transform, _validate
+from . import _auto, _front, _labels, _options, _sampler, _spmd, _stream, _transform, _typing, _validate
 from ._linear import check_class_ids, check_head
 from ._stream import DEFAULT_MEMORY_BUDGET
 from ._targets import block_hits, label_entry
 from ._transform import Transform
+
+if TYPE_CHECKING:
+    from ._typing import Unpack
 
 AxisName = str | tuple[str, ...] | None
 
@@ -208,6 +211,22 @@ def grouped_vjp(fn, args: tuple, shape: tuple):
     return value.reshape(-1), tuple(flat(g) for g in cotangents), aux
 
 
+@overload
+def log_probs(
+    logits: jax.Array,
+    labels: jax.Array,
+    *,
+    return_entropy: Literal[False] = False,
+    **options: Unpack[_typing.LogProbsOptions],
+) -> jax.Array: ...
+@overload
+def log_probs(
+    logits: jax.Array, labels: jax.Array, *, return_entropy: Literal[True], **options: Unpack[_typing.LogProbsOptions]
+) -> tuple[jax.Array, jax.Array]: ...
+@overload
+def log_probs(
+    logits: jax.Array, labels: jax.Array, *, return_entropy: bool, **options: Unpack[_typing.LogProbsOptions]
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
 @_options.keyword_checked
 @_auto.spmd(logits=_auto.CLASSES, labels=_auto.ROWS, where=_auto.ROWS, top_p=_auto.ROWS)
 def log_probs(
@@ -401,6 +420,33 @@ def _log_probs(
     return _outputs(outputs, batch_shape, return_entropy)
 
 
+@overload
+def linear_log_probs(
+    hidden: jax.Array,
+    linear_weight: jax.Array,
+    labels: jax.Array,
+    *,
+    return_entropy: Literal[False] = False,
+    **options: Unpack[_typing.LinearLogProbsOptions],
+) -> jax.Array: ...
+@overload
+def linear_log_probs(
+    hidden: jax.Array,
+    linear_weight: jax.Array,
+    labels: jax.Array,
+    *,
+    return_entropy: Literal[True],
+    **options: Unpack[_typing.LinearLogProbsOptions],
+) -> tuple[jax.Array, jax.Array]: ...
+@overload
+def linear_log_probs(
+    hidden: jax.Array,
+    linear_weight: jax.Array,
+    labels: jax.Array,
+    *,
+    return_entropy: bool,
+    **options: Unpack[_typing.LinearLogProbsOptions],
+) -> jax.Array | tuple[jax.Array, jax.Array]: ...
 @_options.keyword_checked
 @_auto.spmd(
     hidden=_auto.HIDDEN,

@@ -38,17 +38,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast, overload
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _auto, _front, _labels, _options, _spmd, _stream, _transform, _validate
+from . import _auto, _front, _labels, _options, _spmd, _stream, _transform, _typing, _validate
 from ._linear import check_class_ids, check_head
 from ._log_probs import LogProbRows, check_logit_labels, grouped_vjp
 from ._stream import DEFAULT_MEMORY_BUDGET
 from ._transform import Transform
+
+if TYPE_CHECKING:
+    from ._typing import Unpack
 
 AxisName = str | tuple[str, ...] | None
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo")
@@ -425,6 +428,33 @@ def _check_batch_shape(batch_shape, name: str, full_shape):
 # --- public functions ------------------------------------------------------------------------
 
 
+@overload
+def policy_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    advantages: jax.Array,
+    *,
+    return_aux: Literal[False] = False,
+    **options: Unpack[_typing.PolicyOptions],
+) -> jax.Array: ...
+@overload
+def policy_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    advantages: jax.Array,
+    *,
+    return_aux: Literal[True],
+    **options: Unpack[_typing.PolicyOptions],
+) -> tuple[jax.Array, PolicyAux]: ...
+@overload
+def policy_loss(
+    logits: jax.Array,
+    labels: jax.Array,
+    advantages: jax.Array,
+    *,
+    return_aux: bool,
+    **options: Unpack[_typing.PolicyOptions],
+) -> jax.Array | tuple[jax.Array, PolicyAux]: ...
 @_options.keyword_checked
 @_auto.spmd(
     leading=True,
@@ -607,6 +637,36 @@ def _policy_loss(
     return _finish(value, metrics, total, return_aux, data[2] is not None, batch_axis_name)
 
 
+@overload
+def linear_policy_loss(
+    hidden: jax.Array,
+    linear_weight: jax.Array,
+    labels: jax.Array,
+    advantages: jax.Array,
+    *,
+    return_aux: Literal[False] = False,
+    **options: Unpack[_typing.LinearPolicyOptions],
+) -> jax.Array: ...
+@overload
+def linear_policy_loss(
+    hidden: jax.Array,
+    linear_weight: jax.Array,
+    labels: jax.Array,
+    advantages: jax.Array,
+    *,
+    return_aux: Literal[True],
+    **options: Unpack[_typing.LinearPolicyOptions],
+) -> tuple[jax.Array, PolicyAux]: ...
+@overload
+def linear_policy_loss(
+    hidden: jax.Array,
+    linear_weight: jax.Array,
+    labels: jax.Array,
+    advantages: jax.Array,
+    *,
+    return_aux: bool,
+    **options: Unpack[_typing.LinearPolicyOptions],
+) -> jax.Array | tuple[jax.Array, PolicyAux]: ...
 @_options.keyword_checked
 @_auto.spmd(
     leading=True,

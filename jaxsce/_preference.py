@@ -26,17 +26,20 @@ are streamed and JAX differentiates the same :func:`objective` (4 passes).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _auto, _front, _labels, _options, _spmd, _stream, _transform, _validate
+from . import _auto, _front, _labels, _options, _spmd, _stream, _transform, _typing, _validate
 from ._linear import check_class_ids, check_head
 from ._log_probs import LogProbRows, check_logit_labels, grouped_vjp
 from ._stream import DEFAULT_MEMORY_BUDGET
 from ._transform import Transform
+
+if TYPE_CHECKING:
+    from ._typing import Unpack
 
 AxisName = str | tuple[str, ...] | None
 
@@ -354,6 +357,36 @@ def _check_pairs(shape, name: str, full_shape):
 # --- public functions ------------------------------------------------------------------------
 
 
+@overload
+def preference_loss(
+    chosen_logits: jax.Array,
+    rejected_logits: jax.Array,
+    chosen_labels: jax.Array,
+    rejected_labels: jax.Array,
+    *,
+    return_aux: Literal[False] = False,
+    **options: Unpack[_typing.PreferenceOptions],
+) -> jax.Array: ...
+@overload
+def preference_loss(
+    chosen_logits: jax.Array,
+    rejected_logits: jax.Array,
+    chosen_labels: jax.Array,
+    rejected_labels: jax.Array,
+    *,
+    return_aux: Literal[True],
+    **options: Unpack[_typing.PreferenceOptions],
+) -> tuple[jax.Array, PreferenceAux]: ...
+@overload
+def preference_loss(
+    chosen_logits: jax.Array,
+    rejected_logits: jax.Array,
+    chosen_labels: jax.Array,
+    rejected_labels: jax.Array,
+    *,
+    return_aux: bool,
+    **options: Unpack[_typing.PreferenceOptions],
+) -> jax.Array | tuple[jax.Array, PreferenceAux]: ...
 @_options.keyword_checked
 @_auto.spmd(
     leading=True,
@@ -527,6 +560,39 @@ def _preference_loss(
     return _finish(jnp.sum(value), metrics, pairs, return_aux, batch_axis_name)
 
 
+@overload
+def linear_preference_loss(
+    chosen_hidden: jax.Array,
+    rejected_hidden: jax.Array,
+    linear_weight: jax.Array,
+    chosen_labels: jax.Array,
+    rejected_labels: jax.Array,
+    *,
+    return_aux: Literal[False] = False,
+    **options: Unpack[_typing.LinearPreferenceOptions],
+) -> jax.Array: ...
+@overload
+def linear_preference_loss(
+    chosen_hidden: jax.Array,
+    rejected_hidden: jax.Array,
+    linear_weight: jax.Array,
+    chosen_labels: jax.Array,
+    rejected_labels: jax.Array,
+    *,
+    return_aux: Literal[True],
+    **options: Unpack[_typing.LinearPreferenceOptions],
+) -> tuple[jax.Array, PreferenceAux]: ...
+@overload
+def linear_preference_loss(
+    chosen_hidden: jax.Array,
+    rejected_hidden: jax.Array,
+    linear_weight: jax.Array,
+    chosen_labels: jax.Array,
+    rejected_labels: jax.Array,
+    *,
+    return_aux: bool,
+    **options: Unpack[_typing.LinearPreferenceOptions],
+) -> jax.Array | tuple[jax.Array, PreferenceAux]: ...
 @_options.keyword_checked
 @_auto.spmd(
     leading=True,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from typing import Any, Literal, overload
 
 import jax
 from jax.sharding import Mesh
@@ -29,6 +30,7 @@ from jax.sharding import Mesh
 from . import _auto, _options
 from ._cross_entropy import cross_entropy
 from ._linear import linear_cross_entropy
+from ._reduce import LossAux
 
 # The options the wrappers pass on (a mistyped one is named up front, with the nearest valid names).
 _FORWARDED_CE = tuple(inspect.signature(cross_entropy).parameters)
@@ -46,6 +48,18 @@ def _axes(names: AxisNames):
     return names[0] if len(names) == 1 else names
 
 
+@overload
+def sharded_cross_entropy(
+    logits: jax.Array, labels: jax.Array, *, mesh: Mesh, return_aux: Literal[False] = False, **options: Any
+) -> jax.Array: ...
+@overload
+def sharded_cross_entropy(
+    logits: jax.Array, labels: jax.Array, *, mesh: Mesh, return_aux: Literal[True], **options: Any
+) -> tuple[jax.Array, LossAux]: ...
+@overload
+def sharded_cross_entropy(
+    logits: jax.Array, labels: jax.Array, *, mesh: Mesh, return_aux: bool, **options: Any
+) -> jax.Array | tuple[jax.Array, LossAux]: ...
 def sharded_cross_entropy(
     logits: jax.Array,
     labels: jax.Array,
@@ -59,8 +73,8 @@ def sharded_cross_entropy(
     reduction: str = "mean",
     return_aux: bool = False,
     check_vma: bool = True,
-    **options,
-):
+    **options: Any,
+) -> jax.Array | tuple[jax.Array, LossAux]:
     """:func:`jaxsce.cross_entropy` over a mesh: classes split by ``vocab_axis``.
 
     ``logits [B, ..., C]`` have their class axis last; their leading axis is
@@ -101,6 +115,30 @@ def sharded_cross_entropy(
     )
 
 
+@overload
+def sharded_linear_cross_entropy(
+    hidden: jax.Array,
+    linear_weight: jax.Array,
+    labels: jax.Array,
+    *,
+    mesh: Mesh,
+    return_aux: Literal[False] = False,
+    **options: Any,
+) -> jax.Array: ...
+@overload
+def sharded_linear_cross_entropy(
+    hidden: jax.Array,
+    linear_weight: jax.Array,
+    labels: jax.Array,
+    *,
+    mesh: Mesh,
+    return_aux: Literal[True],
+    **options: Any,
+) -> tuple[jax.Array, LossAux]: ...
+@overload
+def sharded_linear_cross_entropy(
+    hidden: jax.Array, linear_weight: jax.Array, labels: jax.Array, *, mesh: Mesh, return_aux: bool, **options: Any
+) -> jax.Array | tuple[jax.Array, LossAux]: ...
 def sharded_linear_cross_entropy(
     hidden: jax.Array,
     linear_weight: jax.Array,
@@ -117,8 +155,8 @@ def sharded_linear_cross_entropy(
     reduction: str = "mean",
     return_aux: bool = False,
     check_vma: bool = True,
-    **options,
-):
+    **options: Any,
+) -> jax.Array | tuple[jax.Array, LossAux]:
     """:func:`jaxsce.linear_cross_entropy` over a mesh.
 
     ``hidden [B, ..., d]`` is split over ``batch_axes`` on its leading axis;
