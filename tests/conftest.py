@@ -21,18 +21,33 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # --- the fast set ------------------------------------------------------------------
 # `make test` runs the tests not marked slow. Tests mark their slow cases where
 # they are defined: `pytest.mark.slow`, `pytest.param(..., marks=...)`, or
-# `marks.fast_cases` for crossed parameters, read here.
+# `marks.fast_cases` / `marks.all_cases_fast`, read here; a parametrized test
+# otherwise runs its first case in the fast set (see marks.py).
 
+
+import collections  # noqa: E402
 
 import pytest  # noqa: E402
+from marks import FAST_CASES_PER_TEST  # noqa: E402
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
+    fast_so_far = collections.Counter()
     for item in items:
-        fast = getattr(getattr(item, "function", None), "fast_cases", None)
+        function = getattr(item, "function", None)
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if fast is not None and params and not fast(params):
+        if not params or item.get_closest_marker("slow"):
+            continue
+        predicate = getattr(function, "fast_cases", None)
+        if predicate is not None and not predicate(params):
+            item.add_marker(pytest.mark.slow)
+            continue
+        if getattr(function, "all_cases_fast", False):
+            continue
+        test = item.nodeid.split("[")[0]
+        fast_so_far[test] += 1
+        if fast_so_far[test] > FAST_CASES_PER_TEST:
             item.add_marker(pytest.mark.slow)
 
 

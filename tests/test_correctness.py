@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from marks import all_cases_fast
 from reference import naive_distillation, naive_log_probs, np_cross_entropy, np_distillation, np_log_probs
 
 import jaxsce
@@ -30,6 +31,7 @@ def _head(t=6, d=8, v=11, seed=1, dtype=jnp.float32):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
+@all_cases_fast
 def test_jsd_of_rows_sharing_a_nan_or_inf_entry_is_nan_not_zero(bad):
     s, t = _rows()
     s, t = s.at[0, 3].set(bad), t.at[0, 3].set(bad)
@@ -56,6 +58,7 @@ def test_fused_divergence_of_a_token_with_nan_hidden_states_in_both_models_is_na
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
+@all_cases_fast
 def test_nonfinite_student_logits_get_a_nan_gradient_not_zero(divergence, bad):
     s, t = _rows(seed=3)
     s = s.at[1, 5].set(bad)
@@ -144,6 +147,7 @@ def test_mean_with_counted_signed_weights_summing_to_zero_is_not_a_plausible_zer
 
 
 @pytest.mark.parametrize("vocab_block", [None, 4096], ids=["single-pass", "streamed"])
+@all_cases_fast
 def test_bf16_class_weights_are_summed_in_float32_for_label_smoothing(vocab_block):
     rng = np.random.default_rng(5)
     n, d, v = 64, 32, 50000
@@ -220,6 +224,7 @@ def _exact_logits(offset, n=8, v=40, seed=7, spread=3.0):
 
 
 @pytest.mark.parametrize("offset", OFFSETS)
+@all_cases_fast
 def test_log_probs_and_entropy_do_not_lose_precision_at_large_logits(offset):
     z = _exact_logits(offset)
     y = jnp.asarray(np.arange(8) % 40)
@@ -272,6 +277,7 @@ def test_fused_cross_entropy_does_not_lose_precision_at_large_logits(offset, voc
 
 
 @pytest.mark.parametrize("offset", OFFSETS)
+@all_cases_fast
 def test_fused_log_probs_do_not_lose_precision_at_large_logits(offset):
     h, w, b = _exact_head(offset)
     y = jnp.asarray(np.arange(8) * 5)
@@ -341,6 +347,7 @@ def test_reverse_kl_gradient_at_a_tiny_temperature_has_no_cancellation_error():
 
 
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+@all_cases_fast
 def test_kl_does_not_overflow_before_its_last_subtraction(divergence):
     s = jnp.array([[3e38, 1e38]], jnp.float32)
     t = jnp.array([[1e38, 3e38]], jnp.float32)
@@ -363,6 +370,7 @@ def test_identical_distributions_have_exactly_zero_divergence_and_gradient(diver
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
+@all_cases_fast
 def test_a_divergence_is_never_negative(divergence):
     # Rows shifted by a constant are the same distribution; rounding of the
     # shift must not give a negative divergence.
@@ -408,6 +416,7 @@ def test_traced_out_of_range_temperature_gives_nan(call, temperature):
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0, -0.5, 2.0, np.inf])
+@all_cases_fast
 def test_traced_out_of_range_beta_gives_nan(beta):
     z, t = _rows(seed=18)
     out = jax.jit(lambda b: jaxsce.distillation_loss(z, t, divergence="jsd", beta=b))(jnp.float32(beta))
@@ -436,6 +445,7 @@ def test_string_float_options_are_refused_naming_the_option(call, name):
 
 @pytest.mark.parametrize("beta", [1.0, 0.0, -3.0])
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
+@all_cases_fast
 def test_beta_is_not_checked_when_the_divergence_does_not_use_it(divergence, beta):
     s, t = _rows(seed=19)
     out = jaxsce.distillation_loss(s, t, divergence=divergence, beta=beta)

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental import checkify
 from jax.test_util import check_grads
+from marks import all_cases_fast
 from reference import TOL, naive_cross_entropy, np_cross_entropy
 
 import jaxsce
@@ -239,6 +240,7 @@ def test_wide_labels_are_not_wrapped_into_range():
         (dict(labels=jnp.zeros((2, 3), jnp.float32), ignore_index=-100), ValueError, "ignore_index"),
     ],
 )
+@all_cases_fast
 def test_bad_input_is_a_trace_time_error(kwargs, exc, match):
     args = dict(logits=jnp.ones((2, 3), jnp.float32), labels=jnp.zeros((2,), jnp.int32))
     args.update(kwargs)

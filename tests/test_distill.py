@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from marks import CountingJit, fast_cases
+from marks import CountingJit, all_cases_fast, fast_cases
 from reference import TOL, naive_distillation, np_distillation
 
 import jaxsce
@@ -210,6 +210,7 @@ def test_traced_temperature_and_beta_compile_once():
         (lambda s, t: jaxsce.linear_distillation_loss(s, jnp.zeros((5, 3)), t, jnp.zeros((V, 3))), "student_weight"),
     ],
 )
+@all_cases_fast
 def test_bad_input_raises_naming_the_argument(call, match):
     s, t = _logits(jnp.float32)
     with pytest.raises((TypeError, ValueError), match=match):

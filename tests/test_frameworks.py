@@ -3,6 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from marks import all_cases_fast
 
 import jaxsce
 
@@ -38,6 +39,7 @@ H, W, Y = jnp.ones((4, 3)), jnp.ones((3, 10)), jnp.array([1, 2, 3, 4])
         (lambda k: jaxsce.distillation_loss(H @ W, teacher_logits=k(H @ W)), "teacher_logits"),
     ],
 )
+@all_cases_fast
 def test_parameter_objects_are_named(kind, call, name):
     with pytest.raises(TypeError, match=rf"{name} is a .*{kind.__name__}.*pass its value \({name}\[\.\.\.\]"):
         call(kind)

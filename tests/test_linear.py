@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from marks import fast_cases
+from marks import all_cases_fast, fast_cases
 from reference import naive_cross_entropy
 
 import jaxsce
@@ -181,6 +181,7 @@ def _tangents(*xs, seed=5):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 # The richest option set in the fast set, the others in the slow set.
+@pytest.mark.slow  # the fused forward mode runs fast in test_forward_mode_with_some_inputs_fixed_in_float64
 @fast_cases(lambda p: p["reduction"] == "none")
 @pytest.mark.parametrize(
     "opts", [*(pytest.param(o, marks=pytest.mark.slow) for o in OPTIONS[:-1]), OPTIONS[-1]], ids=lambda o: "+".join(o)
@@ -326,6 +327,7 @@ def test_forward_mode_keeps_the_logits_out_of_memory():
         (dict(derivative="forward"), ValueError, "derivative"),
     ],
 )
+@all_cases_fast
 def test_bad_input_is_a_trace_time_error(kwargs, exc, match):
     h, w, b, y = _data()
     args = dict(hidden=h, linear_weight=w, labels=y)

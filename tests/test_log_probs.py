@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from marks import CountingJit, fast_cases
+from marks import CountingJit, all_cases_fast, fast_cases
 from reference import TOL, naive_log_probs, np_log_probs, np_log_probs_grad
 
 import jaxsce
@@ -127,6 +127,7 @@ def test_fused_without_entropy_is_the_label_log_probability():
 
 
 @pytest.mark.parametrize("fn", ["logits", "linear"])
+@all_cases_fast
 def test_masked_rows_are_exactly_zero_even_when_nan(fn):
     h, w, b, y = _head(seed=7)
     where = jnp.asarray(np.arange(N) % 3 != 0)
@@ -257,6 +258,7 @@ def test_zero_tokens_and_zero_classes():
         (lambda z, y: jaxsce.linear_log_probs(z, jnp.zeros((V, 3)), y, weight_layout="x"), "weight_layout"),
     ],
 )
+@all_cases_fast
 def test_bad_input_raises_naming_the_argument(call, match):
     z, y = _logits(jnp.float32)
     with pytest.raises((TypeError, ValueError), match=match):

@@ -9,6 +9,7 @@ import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from marks import all_cases_fast
 from reference import naive_cross_entropy, np_cross_entropy, np_logsumexp
 
 import jaxsce
@@ -86,6 +87,7 @@ def test_value_and_grad_against_float64_references(names, reduction, soft):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow  # forward mode runs fast in test_correctness::test_forward_mode_works_for_every_loss
 @pytest.mark.parametrize("soft", [False, True], ids=["class_ids", "probs"])
 @pytest.mark.parametrize("names", OPTION_SETS)
 def test_jvp_mode_hessian_and_jvp_match_naive(names, soft):
@@ -271,6 +273,7 @@ _H, _W = jnp.zeros((2, 1, 3)), jnp.zeros((3, 4))
         (lambda **kw: jaxsce.sharded_linear_cross_entropy(_Z, _W.T, _Y, mesh=None, **kw), "chunk_size", None),
     ],
 )
+@all_cases_fast
 def test_a_mistyped_option_is_named_with_the_nearest_valid_name(call, typo, meant):
     hint = f" Did you mean '{meant}'" if meant else r"$"
     with pytest.raises(TypeError, match=f"unexpected keyword argument '{typo}'.{hint}"):

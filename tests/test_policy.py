@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hlo import collective_sizes
 from jax.sharding import PartitionSpec as P
-from marks import CountingJit, fast_cases
+from marks import CountingJit, all_cases_fast, fast_cases
 from reference import naive_policy_loss
 
 import jaxsce
@@ -426,6 +426,7 @@ def test_zero_completions_and_nothing_counted_give_zero(fn):
         (dict(return_aux=1), "return_aux"),
     ],
 )
+@all_cases_fast
 def test_bad_input_raises_naming_the_argument(kwargs, match):
     d = _data()
     kwargs = dict(kwargs)

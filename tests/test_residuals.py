@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from marks import fast_cases
+from marks import all_cases_fast, fast_cases
 from reference import naive_cross_entropy, np_cross_entropy
 
 import jaxsce
@@ -44,6 +44,7 @@ def _loss(logits, labels, kw, reduction="mean"):
     return out[0] if kw.get("return_aux") else out
 
 
+@pytest.mark.slow  # both branches run fast in test_extreme_rows_agree_between_branches_and_with_float64
 @fast_cases(lambda p: p["reduction"] == "mean" and p["name"] in ("plain", "aux"))
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("name", list(OPTIONS))
@@ -67,7 +68,8 @@ def test_value_and_gradient_match_float64_references(residual_branch, name, redu
     np.testing.assert_allclose(grad, naive, rtol=1e-10, atol=1e-13)
 
 
-@fast_cases(lambda p: p["case"] in ("far_label", "pos_inf", "masked_nan"))
+@fast_cases(lambda p: p["case"] == "far_label")  # under both branches
+@all_cases_fast
 @pytest.mark.parametrize("case", ["large", "far_label", "nan", "pos_inf", "neg_inf_column", "masked_nan"])
 def test_extreme_rows_agree_between_branches_and_with_float64(residual_branch, case):
     logits, labels = _data(np.float32, seed=2)
@@ -112,6 +114,7 @@ def test_extreme_rows_agree_between_branches_and_with_float64(residual_branch, c
 @fast_cases(lambda p: p["classes"] == 37)
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
 @pytest.mark.parametrize("classes", [C, _logit_ce.KEEP_EXP_MAX_CLASSES + 1])
+@all_cases_fast
 def test_the_one_logits_sized_residual(residual_branch, dtype, classes):
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(4, classes)) * 3, dtype)
@@ -133,6 +136,7 @@ def test_the_one_logits_sized_residual(residual_branch, dtype, classes):
 
 @fast_cases(lambda p: p["v"] != 8192)
 @pytest.mark.parametrize("n,v", [(2048, 1024), (512, 8192), (256, 32768)])
+@all_cases_fast
 def test_training_step_writes_the_gradient_in_place(residual_branch, n, v):
     # value_and_grad w.r.t. (h, W) of cross_entropy(h @ W, y): the logits are an
     # intermediate, and either residual replaces them one for one, so the

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from marks import CountingJit, fast_cases
+from marks import CountingJit, all_cases_fast, fast_cases
 from reference import np_cross_entropy
 
 import jaxsce
@@ -51,6 +51,7 @@ def test_narrow_and_unsigned_labels_score_the_right_class(dtype):
 
 
 @pytest.mark.parametrize("dtype,ignore", [(np.uint8, -100), (np.uint16, -100), (np.int8, 200), (np.uint32, -1)])
+@all_cases_fast
 def test_ignore_index_the_label_dtype_cannot_hold_matches_nothing(dtype, ignore):
     """ignore_index=-100 with uint8 labels wrapped to class 156 and dropped
     those examples."""
@@ -161,6 +162,7 @@ def test_int64_host_labels_that_x64_off_jax_would_wrap_are_an_error():
 
 
 @pytest.mark.parametrize("path", ["single-pass", "streaming", "jvp"])
+@all_cases_fast
 def test_zero_tokens_behave_like_zero_examples_of_cross_entropy(path):
     """0 tokens raised ZeroDivisionError / TypeError in linear_cross_entropy."""
     kw = {"single-pass": {}, "streaming": dict(vocab_block=8), "jvp": dict(derivative="jvp")}[path]
@@ -187,6 +189,7 @@ def test_zero_tokens_behave_like_zero_examples_of_cross_entropy(path):
     ],
     ids=["cross_entropy", "cross_entropy-axis0", "linear", "softmax", "log_softmax", "logsumexp"],
 )
+@all_cases_fast
 def test_zero_classes_is_a_value_error_naming_the_class_axis(call):
     """0 classes gave "zero-size array to reduction operation max"."""
     with pytest.raises(ValueError, match="no (classes|entries) along axis|has no classes"):
@@ -329,6 +332,7 @@ def test_a_bool_is_not_a_block_size(name):
 
 
 @pytest.mark.parametrize("fn", ["ce", "linear"])
+@all_cases_fast
 def test_check_labels_works_eagerly_and_under_jit_without_checkify(fn):
     """check_labels=True failed even with valid labels unless the caller
     wrapped the call in checkify."""

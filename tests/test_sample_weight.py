@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from marks import fast_cases
+from marks import all_cases_fast, fast_cases
 from reference import naive_cross_entropy, np_cross_entropy
 
 import jaxsce
@@ -103,6 +103,7 @@ def test_weighted_loss_and_gradient(path, name, reduction):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@all_cases_fast
 def test_sample_weights_are_constants(path):
     d = _data(2)
     g = jax.grad(lambda s: _ours(path, {**d, "s": s}, {"ignore_index": -100}, "mean")(d["h"], d["w"]))(d["s"])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from marks import CountingJit, fast_cases
+from marks import CountingJit, all_cases_fast, fast_cases
 from reference import TOL
 
 import jaxsce
@@ -235,6 +235,7 @@ def test_where_ignore_index_and_nan_rows():
         (dict(top_p=0.9, top_p_candidates=0), ValueError, "top_p_candidates must be a positive integer"),
     ],
 )
+@all_cases_fast
 def test_bad_options_are_named(kw, error, match):
     h, w, y = _data()
     with pytest.raises(error, match=match):

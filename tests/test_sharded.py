@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hlo import collective_sizes
 from jax.sharding import PartitionSpec as P
-from marks import fast_cases
+from marks import all_cases_fast, fast_cases
 
 import jaxsce
 
@@ -322,6 +322,7 @@ def test_collective_parser_sees_a_logits_sized_all_gather():
 
 
 @pytest.mark.parametrize("fn", ["ce", "linear"])
+@all_cases_fast
 def test_forgetting_axis_name_inside_shard_map_says_so(fn):
     """A class axis split over "model" without axis_name gave an internal
     "cond branches must have equal output types" error."""
@@ -483,6 +484,7 @@ def test_distillation_equals_unsharded(divergence, check_vma):
 
 
 @pytest.mark.parametrize("divergence", ["kl", "jsd"])
+@all_cases_fast
 def test_distillation_with_a_split_class_axis_and_no_axis_name_raises(divergence):
     # Each device would otherwise compute the divergence of its own shard of
     # the classes (visible under check_vma=True, where JAX tracks it).

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
-from marks import fast_cases
+from marks import all_cases_fast, fast_cases
 from reference import TOL
 
 import jaxsce
@@ -184,6 +184,7 @@ def test_agreeing_teacher_gives_zero():
         (dict(divergence="kld"), ValueError, "divergence"),
     ],
 )
+@all_cases_fast
 def test_bad_inputs_are_named(args, error, match):
     h, w, idx, lt = _data()
     idx, lt = args.pop("idx", idx), args.pop("lt", lt)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from marks import all_cases_fast
 
 import jaxsce
 
@@ -42,6 +43,7 @@ def _hints(fn) -> dict:
 
 
 @pytest.mark.parametrize("name", sorted(FLAGGED))
+@all_cases_fast  # no compilation: a few ms each
 def test_overloads_spell_the_implementation_signature(name):
     fn = getattr(jaxsce, name)
     flag = FLAGGED[name]
