@@ -33,7 +33,8 @@ else
   if [ "$dry" = 1 ]; then
     "$py" -m pip install -q -e '.[bench]'
   else
-    "$py" -m pip install -q -e '.[bench,liger]' 'jax[cuda12]'
+    # The newest torch (the torch extra) with Liger-Kernel; the liger extra pins torch 2.13 for the tests.
+    "$py" -m pip install -q -e '.[bench,torch]' 'liger-kernel==0.8.5' 'jax[cuda12]'
   fi
 fi
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import os
 import platform
 
@@ -14,6 +15,13 @@ from .cases import optax, torch
 from .timing import Row
 
 
+def _installed(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def environment() -> dict:
     dev = jax.devices()[0]
     return dict(
@@ -23,6 +31,7 @@ def environment() -> dict:
         jaxsce=jaxsce.__version__,
         optax=getattr(optax, "__version__", None),
         torch=getattr(torch, "__version__", None),
+        liger_kernel=_installed("liger-kernel"),
         backend=jax.default_backend(),
         device=str(dev.device_kind),
         cpu_count=os.cpu_count(),
@@ -120,7 +129,8 @@ def _fmt(x, spec):
 def markdown(env: dict, rows: list[Row], memory: list[dict]) -> str:
     lines = [
         f"Environment: jax {env['jax']} on {env['backend']} ({env['device']}, {env['cpu_count']} cores, "
-        f"{env['machine']}), python {env['python']}, {env['date']}.",
+        f"{env['machine']}), python {env['python']}, optax {env['optax'] or '-'}, torch {env['torch'] or '-'}, "
+        f"Liger-Kernel {env.get('liger_kernel') or '-'}, {env['date']}.",
         "",
     ]
     for section, spec in SECTIONS.items():
