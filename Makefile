@@ -44,8 +44,8 @@ test-slow: $(STAMP)  ## the slow set only
 test-all: $(STAMP)  ## everything
 	$(PY) $(PYTEST) $(ARGS)
 
-test-old-jax: $(OLD_STAMP)  ## the fast set on the oldest supported JAX
-	$(OLD_VENV)/bin/python $(PYTEST) -m "not slow" $(ARGS)
+test-old-jax: $(OLD_STAMP)  ## on the oldest supported JAX: the fast set with every value of every parameter
+	JAXSCE_FAST_CASES=all $(OLD_VENV)/bin/python $(PYTEST) -m "not slow" $(ARGS)
 
 lint: $(STAMP)  ## ruff (lint + format) and pyright (basic) on the package
 	$(VENV)/bin/ruff check jaxsce tests benchmarks examples docs .ci

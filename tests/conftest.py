@@ -47,7 +47,7 @@ def pytest_collection_modifyitems(items):
             continue
         test = item.nodeid.split("[")[0]
         fast_so_far[test] += 1
-        if fast_so_far[test] > FAST_CASES_PER_TEST:
+        if FAST_CASES_PER_TEST is not None and fast_so_far[test] > FAST_CASES_PER_TEST:
             item.add_marker(pytest.mark.slow)
 
 
