@@ -83,16 +83,39 @@ def sharded_cross_entropy(
     ``logits``), ``where``, ``sample_weight`` and ``weight [C]`` are split to match. Results equal
     the unsharded call; ``"mean"`` counts examples over all batch shards.
 
-    Example (a 2-D mesh, data x model)::
+    A class count that ``vocab_axis`` does not divide is padded inside the
+    call (the padding columns are left out of every sum, as ``num_classes``
+    does). ``check_vma`` is passed to ``jax.shard_map``; results and gradients
+    are the same either way. Other keyword options are passed to
+    :func:`jaxsce.cross_entropy` (not ``axis``: the class axis is last).
 
-        mesh = jax.make_mesh((2, 4), ("data", "model"))
-        loss = jax.jit(lambda z, y: jaxsce.sharded_cross_entropy(
-            z, y, mesh=mesh, vocab_axis="model", batch_axes="data", label_smoothing=0.1))(z, y)
+    Args:
+      logits: ``[B, ..., C]`` floating logits, class axis last.
+      labels: class ids ``[B, ...]`` (integer) or probabilities ``[B, ..., C]``.
+      mesh: the ``jax.sharding.Mesh`` to run on.
+      vocab_axis: mesh axis name(s) that split the classes, or None.
+      batch_axes: mesh axis name(s) that split the leading axis, or None.
 
-    ``check_vma`` is passed to ``jax.shard_map``; results and gradients are
-    the same either way. Other keyword options are passed to
-    :func:`jaxsce.cross_entropy` (not
-    ``axis``: the class axis is last).
+    Returns:
+      What :func:`jaxsce.cross_entropy` returns for the same arguments.
+
+    Raises:
+      ValueError: ``axis``, ``axis_name`` or ``batch_axis_name`` given (the
+        wrapper sets them), a mesh axis that is not in ``mesh``, or what
+        :func:`jaxsce.cross_entropy` raises, in the global shapes.
+      TypeError: an unknown keyword option (the nearest valid names are
+        suggested).
+
+    Examples:
+      A 2-D mesh on 8 devices is ``jax.make_mesh((2, 4), ("data", "model"))``;
+      the same call runs on a 1 × 1 mesh:
+
+      >>> import jax, jax.numpy as jnp, jaxsce
+      >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+      >>> z = jnp.zeros((4, 1000), jnp.float32)
+      >>> y = jnp.array([0, 1, 2, 3], jnp.int32)
+      >>> jaxsce.sharded_cross_entropy(z, y, mesh=mesh, vocab_axis="model", batch_axes="data")
+      Array(6.907755, dtype=float32)
     """
     if "axis" in options or "axis_name" in options or "batch_axis_name" in options:
         raise ValueError("sharded_cross_entropy takes vocab_axis/batch_axes; the class axis is the last axis.")
@@ -164,8 +187,39 @@ def sharded_linear_cross_entropy(
     ``linear_bias`` and the class weights ``weight`` are split over ``vocab_axis`` on their
     vocabulary axis; ``labels``/``where``/``sample_weight`` follow ``hidden``. No logits, and no
     all-gather of the weight: each device streams over its own vocabulary
-    shard, and the shards combine a few floats per token. ``check_vma`` is
-    passed to ``jax.shard_map`` (results and gradients are the same either way).
+    shard, and the shards combine a few floats per token. A vocabulary that
+    ``vocab_axis`` does not divide is padded inside the call (the padding
+    columns are left out of every sum). ``check_vma`` is passed to
+    ``jax.shard_map`` (results and gradients are the same either way). Other
+    keyword options are passed to :func:`jaxsce.linear_cross_entropy`.
+
+    Args:
+      hidden: ``[B, ..., d]`` floating hidden states.
+      linear_weight: ``[d, V]`` (or ``[V, d]`` with ``weight_layout="vd"``).
+      labels: ``[B, ...]`` integer class ids.
+      mesh: the ``jax.sharding.Mesh`` to run on.
+      vocab_axis: mesh axis name(s) that split the vocabulary, or None.
+      batch_axes: mesh axis name(s) that split the leading axis, or None.
+
+    Returns:
+      What :func:`jaxsce.linear_cross_entropy` returns for the same arguments.
+
+    Raises:
+      ValueError: ``axis_name`` or ``batch_axis_name`` given (the wrapper sets
+        them), or what :func:`jaxsce.linear_cross_entropy` raises, checked on
+        the global shapes (``linear_weight of shape (1000, 32)``, with the
+        ``weight_layout="vd"`` hint).
+      TypeError: an unknown keyword option (the nearest valid names are
+        suggested).
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxsce
+      >>> mesh = jax.make_mesh((1, 1), ("data", "model"))
+      >>> h = jnp.ones((4, 8), jnp.float32) / 8
+      >>> w = jnp.zeros((8, 1000), jnp.float32)
+      >>> y = jnp.array([0, 1, 2, 3], jnp.int32)
+      >>> jaxsce.sharded_linear_cross_entropy(h, w, y, mesh=mesh, vocab_axis="model", batch_axes="data")
+      Array(6.907755, dtype=float32)
     """
     _options.check_keywords("sharded_linear_cross_entropy", options, _FORWARDED_LINEAR)
     if "axis_name" in options or "batch_axis_name" in options:
