@@ -32,7 +32,7 @@ $(OLD_STAMP): pyproject.toml
 bench: $(BENCH_STAMP)  ## the main job, small default (< 2 min with set-up); writes build/bench/
 	$(PY) -m benchmarks.run $(ARGS)
 
-bench-full: $(BENCH_STAMP)  ## the large shapes (about 90 min); the peers run where installed: pip install -e '.[torch]' liger-kernel
+bench-full: $(BENCH_STAMP)  ## the large shapes (about an hour); the peers run where installed: pip install -e '.[torch]' liger-kernel
 	$(PY) -m benchmarks.run --full $(ARGS)
 
 test: $(STAMP)  ## the fast test set (doctests and README included), 2 workers
