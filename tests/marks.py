@@ -17,8 +17,8 @@ import os
 
 import jax
 
-# JAXSCE_FAST_CASES=all lifts the cap: every case the tests' own marks leave fast (about 1,060 tests,
-# each value of every parameter), which CI runs on the oldest supported JAX.
+# JAXSCE_FAST_CASES=all lifts the cap: every case the tests' own marks leave fast (each value of every
+# parameter), which CI runs on the oldest supported JAX.
 _cap = os.environ.get("JAXSCE_FAST_CASES", "1")
 FAST_CASES_PER_TEST = None if _cap == "all" else int(_cap)
 

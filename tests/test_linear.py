@@ -180,15 +180,9 @@ def _tangents(*xs, seed=5):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-# The richest option set in the fast set, the others in the slow set.
 @pytest.mark.slow  # the fused forward mode runs fast in test_forward_mode_with_some_inputs_fixed_in_float64
-@fast_cases(lambda p: p["reduction"] == "none")
-@pytest.mark.parametrize(
-    "opts", [*(pytest.param(o, marks=pytest.mark.slow) for o in OPTIONS[:-1]), OPTIONS[-1]], ids=lambda o: "+".join(o)
-)
-@pytest.mark.parametrize(
-    "blocks", [(8, 64), *(pytest.param(b, marks=pytest.mark.slow) for b in [(5, 299), (None, None)])]
-)
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: "+".join(o))
+@pytest.mark.parametrize("blocks", [(8, 64), (5, 299), (None, None)])
 def test_forward_mode_matches_plain_path(opts, reduction, blocks):
     h, w, b, y = _data()
     kw, plain_kw = _resolve(opts, y)

@@ -213,7 +213,7 @@ def _padded_cases(h, w, ht, wt, y, cw, vp):
 
 @pytest.mark.slow  # padding runs fast in test_num_classes_padding_is_exact_and_gets_zero_gradient
 @pytest.mark.skipif(not compat.HAS_EXPLICIT, reason="explicit sharding is public from jax 0.7")
-@pytest.mark.parametrize("shards", [4, pytest.param(8, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("shards", [4, 8])
 def test_padded_tables_on_explicit_meshes(shards):
     """A table padded to divide the mesh, with num_classes: every loss equals the unpadded unsharded one."""
     rng = np.random.default_rng(5)

@@ -38,17 +38,13 @@ FLAGGED = {
 }
 
 
-def _hints(fn) -> dict:
-    return typing.get_type_hints(fn)
-
-
 @pytest.mark.parametrize("name", sorted(FLAGGED))
 @all_cases_fast  # no compilation: a few ms each
 def test_overloads_spell_the_implementation_signature(name):
     fn = getattr(jaxsce, name)
     flag = FLAGGED[name]
     impl = inspect.signature(fn)
-    impl_hints = _hints(fn)
+    impl_hints = typing.get_type_hints(fn)
     overloads = get_overloads(fn)
     assert len(overloads) == 3, name
     returns = []
