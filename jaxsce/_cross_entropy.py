@@ -41,7 +41,7 @@ def cross_entropy(
     axis: int | Sequence[int] = -1,
     where: jax.Array | None = None,
     reduction: str = "mean",
-    ignore_index: int | None = None,
+    ignore_index: int | None = -100,
     weight: jax.Array | None = None,
     sample_weight: jax.Array | None = None,
     label_smoothing: float | jax.Array = 0.0,
@@ -97,8 +97,12 @@ def cross_entropy(
         ``axis``): examples where it is False contribute exactly 0 to the
         loss and get exactly 0 gradient, even if their logits are NaN.
       reduction: ``"mean"`` (default), ``"sum"`` or ``"none"``.
-      ignore_index: class id marking examples to skip (PyTorch uses -100).
-        Class-id labels only.
+      ignore_index: class id marking examples to skip; -100 (default) as in
+        PyTorch, TRL and Hugging Face's data collators; None: every label is
+        a class id. Class-id labels only (probability labels ignore the default).
+
+        .. versionchanged:: 0.2.0
+           The default was None, which scored -100 labels as out of range (NaN).
       sample_weight: per-example weights of the batch shape, floating;
         constants like ``weight`` (no gradient). They multiply each example's
         loss (z-loss included) and its share of the ``"mean"`` denominator;
@@ -262,7 +266,7 @@ def _cross_entropy(
                 f"probability labels (dtype {labels.dtype}) have shape {labels.shape}, "
                 f"but must have the logits' shape {logits.shape}."
             )
-        if ignore_index is not None:
+        if ignore_index not in (None, _labels.DEFAULT_IGNORE_INDEX):
             raise ValueError("ignore_index applies to class-id labels only, got probability labels.")
     else:
         raise TypeError(

@@ -457,7 +457,7 @@ def _hard_options(consts: DistillConsts, labels, hard_weight, soft_weight) -> tu
 def _labels_in(labels, valid, batch_shape, num_classes: int, ignore_index, what: str):
     """Class ids of the batch shape (0 where not counted) and the mask without ``ignore_index``."""
     if labels is None:
-        if ignore_index is not None:
+        if ignore_index not in (None, _labels.DEFAULT_IGNORE_INDEX):
             raise ValueError("ignore_index applies to labels: pass labels.")
         return None, valid
     labels = check_class_ids(labels, batch_shape, what)
@@ -500,7 +500,7 @@ def linear_distillation_loss(
     labels: jax.Array | None = None,
     hard_weight: float | jax.Array = 0.0,
     soft_weight: float | jax.Array = 1.0,
-    ignore_index: int | None = None,
+    ignore_index: int | None = -100,
     top_k: int | None = None,
 ) -> jax.Array:
     r"""Fused :func:`jaxsce.distillation_loss` of two linear heads that never builds either's logits.
@@ -552,7 +552,7 @@ def linear_distillation_loss(
         same stream; tokens whose label is ``ignore_index`` are left out of
         both terms.
       hard_weight, soft_weight: the two terms' weights (``>= 0``, may be traced).
-      ignore_index: labels equal to it are not counted (None: off).
+      ignore_index: labels equal to it are not counted (default -100, as in PyTorch; None: off).
       top_k: compare the heads on ``k + 1`` bins, as
         :func:`jaxsce.topk_distillation_loss` does with a stored teacher:
         ``"kl"`` on the teacher's top ``k`` classes, ``"reverse_kl"`` on the
@@ -577,6 +577,8 @@ def linear_distillation_loss(
       >>> print(f"{jaxsce.linear_distillation_loss(h, ws, jnp.ones((4, 16)), wt):.4f}")  # both uniform
       0.0000
     """
+    if labels is not None:
+        _labels.check_host_labels(labels)
     static = dict(
         **_options.fused(
             weight_layout=weight_layout, token_block=token_block, vocab_block=vocab_block, memory_budget=memory_budget

@@ -44,6 +44,14 @@ def counted(where, batch_shape: tuple[int, ...], what: str) -> jax.Array:
     return _validate.check_mask(where, batch_shape, "where", what).reshape(n)
 
 
+def _invariant_padding(n: int) -> int:
+    """Rows to add to ``n`` for ``batch_invariant=True``: whole chunks of :data:`INVARIANT_TOKENS`, and at
+    least two. XLA compiles a loop that runs once as straight-line code, whose fusions (and so its
+    roundings, e.g. a temperature's scaling) differ from those of a loop body: one chunk would not
+    give the rows of two or more."""
+    return max(-n % INVARIANT_TOKENS, 2 * INVARIANT_TOKENS - n)
+
+
 def whole(
     loss: _stream.RowLoss, z_heads, valid, rows, cols, consts, derivative: str, invariant: bool = False
 ) -> tuple[jax.Array, ...]:
@@ -58,7 +66,7 @@ def whole(
     if not invariant:
         return driver(z_heads, valid, rows, cols, consts, loss)
     n = z_heads[0].shape[0]
-    pad = -n % INVARIANT_TOKENS
+    pad = _invariant_padding(n)
     chunks = lambda x: _pad_rows(x, pad).reshape(-1, INVARIANT_TOKENS, *x.shape[1:])  # noqa: E731
     per_chunk = (tuple(chunks(z) for z in z_heads), chunks(valid), jax.tree.map(chunks, rows))
     outputs = jax.lax.map(lambda a: driver(a[0], a[1], a[2], cols, consts, loss), per_chunk)
@@ -129,7 +137,7 @@ def fused(
         return tuple(jnp.zeros((0,), ct) for _ in range(n_outputs))
     pad = 0
     if invariant:
-        pad = -n % INVARIANT_TOKENS
+        pad = _invariant_padding(n)
         heads = tuple(hd._replace(hidden=_pad_rows(hd.hidden, pad)) for hd in heads)
         valid, rows = _pad_rows(valid, pad), jax.tree.map(lambda x: _pad_rows(x, pad), rows)
         token_block, vocab_block = INVARIANT_TOKENS, INVARIANT_VOCAB

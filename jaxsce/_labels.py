@@ -41,6 +41,11 @@ def index_dtype(num_classes: int):
     return jnp.int64 if num_classes > np.iinfo(np.int32).max else jnp.int32
 
 
+#: The default ``ignore_index`` of every function taking class ids: PyTorch's, TRL's, Liger-Kernel's and
+#: what Hugging Face's data collators put at prompt and padding positions.
+DEFAULT_IGNORE_INDEX = -100
+
+
 def label_validity(labels: jax.Array, num_classes: int, valid: jax.Array, ignore_index, check_labels: bool):
     """Applies ``ignore_index``; returns ``(labels as int32/int64, valid)``.
 

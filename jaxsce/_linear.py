@@ -267,7 +267,7 @@ def linear_cross_entropy(
     weight_layout: str = "dv",
     where: jax.Array | None = None,
     reduction: str = "mean",
-    ignore_index: int | None = None,
+    ignore_index: int | None = -100,
     weight: jax.Array | None = None,
     sample_weight: jax.Array | None = None,
     label_smoothing: float | jax.Array = 0.0,

@@ -242,7 +242,7 @@ def log_probs(
     check_labels: bool = False,
     derivative: str = "vjp",
     num_classes: int | None = None,
-    ignore_index: int | None = None,
+    ignore_index: int | None = -100,
     top_k: int | None = None,
     top_p: float | jax.Array | None = None,
     top_p_candidates: int = _sampler.TOP_P_CANDIDATES,
@@ -284,7 +284,8 @@ def log_probs(
         (as in :func:`jaxsce.cross_entropy`); without it such an example
         gives NaN.
       ignore_index: labels equal to it are not counted: what ``where=False``
-        gives there (0, and 0 gradient). None (default): every label is a class id.
+        gives there (0, and 0 gradient). Default -100 (PyTorch's, TRL's and
+        Hugging Face's collators'); None: every label is a class id.
       num_classes: the number of real classes when the class axis is padded:
         columns at or beyond it (over all shards) are left out of the
         softmax and the entropy, with exactly 0 gradient, as in
@@ -474,7 +475,7 @@ def linear_log_probs(
     check_labels: bool = False,
     derivative: str = "vjp",
     num_classes: int | None = None,
-    ignore_index: int | None = None,
+    ignore_index: int | None = -100,
     top_k: int | None = None,
     top_p: float | jax.Array | None = None,
     top_p_candidates: int = _sampler.TOP_P_CANDIDATES,

@@ -15,13 +15,15 @@ when on-policy), a reference model's ``ref``. Then
   times the sampler's importance weight ``w_s`` where given;
 * ``k3 = exp(ref - lp) - (ref - lp) - 1``, an estimate of ``KL(pi || ref)``
   (times the ratio ``r`` with ``kl_importance_correction``);
-* the per-token loss ``l = pg w_s + beta k3 - c H``;
-* the loss ``sum_{b,t} n_{b,t} m l``, where the weights ``n`` (the
-  aggregation of ``loss_type``) depend on the masks only: ``1 / (B
-  max(n_b, 1))`` (``"grpo"``, ``"sapo"``), ``1 / max(N, 1)`` (``"bnpo"``),
-  ``1 / (B L_max)`` (``"dr_grpo"``), ``1 / max(num_items_in_batch or N, 1)``
-  (``"dapo"``, ``"cispo"``), ``1 / B`` (``"luspo"``), with ``n_b`` a
-  completion's counted tokens and ``N`` the batch's.
+* the per-token loss ``l = pg w_s + beta k3``;
+* the loss ``sum_{b,t} n_{b,t} m l - c sum_{b,t} m H / max(N, 1)``, where the
+  weights ``n`` (the aggregation of ``loss_type``) depend on the masks only:
+  ``1 / (B max(n_b, 1))`` (``"grpo"``, ``"sapo"``), ``1 / max(N, 1)``
+  (``"bnpo"``), ``1 / (B L_max)`` (``"dr_grpo"``), ``1 / max(num_items_in_batch
+  or N, 1)`` (``"dapo"``, ``"cispo"``), ``1 / B`` (``"luspo"``), with ``n_b`` a
+  completion's counted tokens and ``N`` the batch's. The entropy bonus is the
+  token mean of ``H`` over the batch whatever ``loss_type``, as TRL 1.16
+  subtracts it.
 
 Since the weights are known before the stream and a token's loss depends
 on its own log-probability (or its completion's, at the sequence level),
@@ -111,6 +113,7 @@ class TokenData(NamedTuple):
     old: jax.Array | None = None
     ref: jax.Array | None = None
     sampler: jax.Array | None = None
+    token_mean: jax.Array | None = None  # m / (counted tokens of the batch): the entropy bonus's weight
 
 
 def objective(obj: Objective, lp, h, ref, d: TokenData, c: PolicyConsts):
@@ -156,9 +159,11 @@ def objective(obj: Objective, lp, h, ref, d: TokenData, c: PolicyConsts):
             kl = kl * r
         if c.beta is not None:
             loss = loss + c.beta * kl
+    value = d.weight * loss
     if c.entropy_coef is not None:
-        loss = loss - c.entropy_coef * jnp.where(m, h, zero)
-    value = jnp.where(m, d.weight * loss, zero)
+        # TRL 1.16: the bonus is c times the token mean of H over the batch, whatever loss_type.
+        value = value - c.entropy_coef * d.token_mean * jnp.where(m, h, zero)
+    value = jnp.where(m, value, zero)
     clip_low, clip_high = low & (adv < 0), high & (adv > 0)
     terms = (kl, h if h is not None else kl, clip_low, clip_high, clip_low | clip_high, r)
     metrics = tuple(jnp.where(m, lax.stop_gradient(x).astype(lp.dtype), zero) for x in terms)
@@ -257,6 +262,7 @@ SETTINGS = (
     "axis_name",
     "batch_axis_name",
     "num_classes",
+    "ignore_index",
 )
 
 
@@ -279,6 +285,7 @@ def _settings(
     axis_name,
     batch_axis_name,
     num_classes,
+    ignore_index,
     has_reference: bool,
 ) -> Settings:
     loss_type = _options.choice(loss_type, "loss_type", LOSS_TYPES)
@@ -330,6 +337,7 @@ def _settings(
         axis_name=_options.hashable_axes(axis_name, "axis_name"),
         batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
         num_classes=_options.size(num_classes, "num_classes"),
+        ignore_index=_options.ignored_class(ignore_index),
     )
     return Settings(static, consts, num_items)
 
@@ -385,7 +393,11 @@ def _token_data(obj: Objective, valid, batch_shape, data, num_items, max_len, ba
     elif obj.loss_type == "dr_grpo":
         weight = m / (b * max_len)
     elif obj.loss_type in ("dapo", "cispo"):
-        items = total if num_items is None else lax.stop_gradient(jnp.asarray(num_items).astype(ct))
+        if num_items is None:
+            items = total
+        else:
+            items = lax.stop_gradient(jnp.asarray(num_items).astype(ct))
+            items = jnp.where(items > 0, items, jnp.nan)  # a traced value out of range: NaN (a concrete one raises)
         weight = m / jnp.maximum(items, 1)
     else:  # luspo
         weight = m / b
@@ -396,13 +408,25 @@ def _token_data(obj: Objective, valid, batch_shape, data, num_items, max_len, ba
         _per_token(old, "old_log_probs", batch_shape, ct),
         _per_token(ref, "ref_log_probs", batch_shape, ct),
         _per_token(sampler, "sampler_weights", batch_shape, ct, per_completion=True),
+        m / jnp.maximum(total, 1),
     )
     return data, total
 
 
-def _finish(value_sum, metric_sums, total, return_aux: bool, has_reference: bool, batch_axis_name):
-    """The loss (summed over ``batch_axis_name``) and, with ``return_aux``, the :class:`PolicyAux`."""
-    _spmd.check_batch_named(value_sum, batch_axis_name)
+def _share(obj: Objective, num_items, consts: PolicyConsts) -> bool:
+    """Whether the loss is a plain sum over the given ``num_items_in_batch`` (a shard's share of it);
+    not with an entropy bonus, a mean over the batch's tokens."""
+    return obj.loss_type in ("dapo", "cispo") and num_items is not None and consts.entropy_coef is None
+
+
+def _finish(value_sum, metric_sums, total, return_aux: bool, has_reference: bool, batch_axis_name, share: bool):
+    """The loss (summed over ``batch_axis_name``) and, with ``return_aux``, the :class:`PolicyAux`.
+
+    ``share``: the loss is a sum over a given global normalizer (``num_items_in_batch``), so a shard's
+    value is its share of the global loss (the ``psum`` idiom) and an unnamed batch axis is no error.
+    """
+    if not share:
+        _spmd.check_batch_named(value_sum, batch_axis_name)
     loss = _psum(value_sum, batch_axis_name)
     if not return_aux:
         return loss
@@ -493,6 +517,7 @@ def policy_loss(
     axis_name: AxisName = None,
     batch_axis_name: AxisName = None,
     num_classes: int | None = None,
+    ignore_index: int | None = -100,
 ) -> jax.Array | tuple[jax.Array, PolicyAux]:
     r"""Policy-optimization loss of the GRPO family (GRPO, DAPO, Dr. GRPO, BNPO, GSPO, CISPO, SAPO, LUSPO).
 
@@ -505,7 +530,7 @@ def policy_loss(
 
     .. math::
         \ell = -\min\big(\min(r, \delta) A,\ \mathrm{clip}(r, 1-\epsilon, 1+\epsilon_h) A\big)\, w_s
-        + \beta\, k_3 - c\, H, \qquad
+        + \beta\, k_3, \qquad
         k_3 = e^{\log\pi_\mathrm{ref} - \log\pi} - (\log\pi_\mathrm{ref} - \log\pi) - 1,
 
     (``"cispo"``: :math:`-\mathrm{sg}(\min(r, \epsilon_h)) A \log\pi`;
@@ -517,7 +542,10 @@ def policy_loss(
     * ``"dr_grpo"``: the sum over :math:`B \cdot` ``max_completion_length``;
     * ``"dapo"``, ``"cispo"``: the sum over ``num_items_in_batch`` (default:
       the counted tokens, over ``batch_axis_name`` too);
-    * ``"luspo"``: the sum over B (each completion weighted by its length).
+    * ``"luspo"``: the sum over B (each completion weighted by its length);
+
+    then ``entropy_coef`` :math:`c` subtracts :math:`c` times the token mean of
+    the entropy :math:`H` over the batch's counted tokens.
 
     These are the definitions of TRL's ``GRPOTrainer`` and Liger-Kernel's
     ``LigerFusedLinearGRPOLoss``, term for term (see the post-training
@@ -556,7 +584,9 @@ def policy_loss(
       sapo_temperatures: :math:`(\tau_+, \tau_-)` of ``"sapo"`` for
         :math:`A > 0` and :math:`A \leq 0`.
       temperature, logit_softcap: as in :func:`jaxsce.log_probs`.
-      entropy_coef: :math:`c`, an entropy bonus (normalized like the loss).
+      entropy_coef: :math:`c`, an entropy bonus: :math:`c` times the token mean
+        of :math:`H` over the batch's counted tokens is subtracted, whatever
+        ``loss_type`` (TRL 1.16's ``entropy_coef``).
       return_aux: also return a :class:`PolicyAux` of metrics.
       axis: the class axis of ``logits``.
       axis_name: mesh axis splitting the classes inside ``jax.shard_map``.
@@ -564,6 +594,8 @@ def policy_loss(
         ``jax.shard_map``: the loss and its normalizers are global.
       num_classes: the number of real classes when the class axis is padded,
         as in :func:`jaxsce.log_probs`.
+      ignore_index: tokens whose label equals it are not counted (as
+        ``where=False``); default -100 (TRL's and PyTorch's); None: off.
 
     All float options may be traced (a schedule compiles once); a traced
     value out of range makes the loss NaN.
@@ -609,6 +641,7 @@ def _policy_loss(
     axis_name,
     batch_axis_name,
     num_classes,
+    ignore_index,
 ):
     logits = _validate.check_floating(logits, "logits")
     z, batch_shape, _ = _validate.class_rows(logits, axis, "logits")
@@ -618,7 +651,7 @@ def _policy_loss(
     n, local_classes = z.shape
     num_classes, padding = _options.class_count(num_classes, local_classes, axis_name, "the logits' class axis")
     valid = _front.counted(where, batch_shape, "[B, L]: logits.shape without axis")
-    y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, None, False)
+    y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, ignore_index, False)
     ct = _validate.compute_dtype(z.dtype)
     consts = _consts_in(consts, ct)
     entropy = return_aux or consts.entropy_coef is not None
@@ -634,7 +667,7 @@ def _policy_loss(
     )
     outputs = _front.whole(loss, (z,), valid, y, None, consts.transform, "vjp")
     value, metrics = _from_outputs(objective, outputs, entropy, False, tokens, consts, batch_shape)
-    return _finish(value, metrics, total, return_aux, data[2] is not None, batch_axis_name)
+    return _finish(value, metrics, total, return_aux, data[2] is not None, batch_axis_name, _share(objective, num_items, consts))
 
 
 @overload
@@ -718,6 +751,7 @@ def linear_policy_loss(
     axis_name: AxisName = None,
     batch_axis_name: AxisName = None,
     num_classes: int | None = None,
+    ignore_index: int | None = -100,
     batch_invariant: bool = False,
 ) -> jax.Array | tuple[jax.Array, PolicyAux]:
     r"""Fused :func:`jaxsce.policy_loss` of ``hidden @ linear_weight + linear_bias`` that never builds the logits.
@@ -750,7 +784,7 @@ def linear_policy_loss(
       ref_weight: the reference model's head, ``[d_ref, V]`` or ``[V, d_ref]``.
       ref_bias: optional ``[V]``.
       where: and every option from ``old_log_probs`` to ``return_aux``,
-        ``batch_axis_name`` and ``num_classes``: as in :func:`jaxsce.policy_loss`
+        ``batch_axis_name``, ``num_classes`` and ``ignore_index``: as in :func:`jaxsce.policy_loss`
         (``ref_log_probs`` or the reference head, not both).
       token_block, vocab_block, memory_budget: as in :func:`jaxsce.linear_cross_entropy`.
       axis_name: mesh axis splitting the vocabulary of the heads inside ``jax.shard_map``.
@@ -820,6 +854,7 @@ def _linear_policy_loss(
     axis_name,
     batch_axis_name,
     num_classes,
+    ignore_index,
     batch_invariant,
 ):
     hidden, weight, bias, ref_hidden, ref_weight, ref_bias = heads
@@ -847,7 +882,7 @@ def _linear_policy_loss(
     n = head.hidden.shape[0]
     num_classes, padding = _options.class_count(num_classes, v_local, axis_name, "linear_weight's vocabulary")
     valid = _front.counted(where, batch_shape, "hidden.shape[:-1]")
-    y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, None, False)
+    y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, ignore_index, False)
     ct = _stream.acc_dtype(*(x for hd in all_heads for x in hd))
     consts = _consts_in(consts, ct)
     entropy = return_aux or consts.entropy_coef is not None
@@ -886,4 +921,4 @@ def _linear_policy_loss(
     else:
         value, metrics = _from_outputs(objective, out, entropy, reference, tokens, consts, batch_shape)
     has_reference = reference or data[2] is not None
-    return _finish(value, metrics, total, return_aux, has_reference, batch_axis_name)
+    return _finish(value, metrics, total, return_aux, has_reference, batch_axis_name, _share(objective, num_items, consts))

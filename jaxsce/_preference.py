@@ -417,7 +417,7 @@ def preference_loss(
     discopop_tau: float | jax.Array = 0.05,
     temperature: float | jax.Array = 1.0,
     logit_softcap: float | jax.Array | None = None,
-    ignore_index: int | None = None,
+    ignore_index: int | None = -100,
     return_aux: bool = False,
     axis_name: AxisName = None,
     batch_axis_name: AxisName = None,
@@ -437,7 +437,10 @@ def preference_loss(
           - \alpha \frac{1}{N_c} \sum_{\text{chosen tokens}} \log p_y,
 
     with :math:`\ell` of ``loss_type``: ``"sigmoid"`` :math:`-\log\sigma(z)`
-    (DPO), ``"hinge"`` :math:`\max(0, 1 - z)`, ``"robust"`` (cDPO)
+    (DPO; with ``label_smoothing`` :math:`\varepsilon` conservative DPO's
+    :math:`-(1-\varepsilon)\log\sigma(z) - \varepsilon\log\sigma(-z)`, which
+    TRL 1.16 and Liger-Kernel do not apply to ``"sigmoid"``: pass 0 for their
+    values), ``"hinge"`` :math:`\max(0, 1 - z)`, ``"robust"`` (rDPO)
     :math:`(-(1-\varepsilon)\log\sigma(z) + \varepsilon\log\sigma(-z)) /
     (1 - 2\varepsilon)`, ``"exo_pair"``, ``"nca_pair"``, ``"bco_pair"``,
     ``"sppo_hard"``, ``"apo_zero"``, ``"apo_down"``, ``"discopop"`` as
@@ -468,7 +471,8 @@ def preference_loss(
         ORPO is ``nll_weight=1``; Liger-Kernel's ``alpha`` with ``compute_nll_loss``).
       discopop_tau: DiscoPOP's temperature.
       temperature, logit_softcap: as in :func:`jaxsce.log_probs`.
-      ignore_index: labels equal to it are not counted (as ``where=False``); None: off.
+      ignore_index: labels equal to it are not counted (as ``where=False``); default -100 (TRL's
+        and PyTorch's); None: off.
       return_aux: also return a :class:`PreferenceAux`.
       axis_name: mesh axis splitting the classes inside ``jax.shard_map``.
       batch_axis_name: mesh axes splitting the pairs: ``P`` and ``N_c`` are global.
@@ -636,7 +640,7 @@ def linear_preference_loss(
     discopop_tau: float | jax.Array = 0.05,
     temperature: float | jax.Array = 1.0,
     logit_softcap: float | jax.Array | None = None,
-    ignore_index: int | None = None,
+    ignore_index: int | None = -100,
     return_aux: bool = False,
     token_block: int | None = None,
     vocab_block: int | None = None,

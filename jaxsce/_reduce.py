@@ -60,9 +60,11 @@ def reduce_loss(per_example: jax.Array, normalizer: jax.Array, reduction: str, b
     if reduction == "none":
         return per_example
     total = jnp.sum(per_example)
-    _spmd.check_batch_named(total, batch_axes)
     if reduction == "sum":
+        # A shard's own sum is a correct share of the global one (the shard_map idiom
+        # psum(loss(..., reduction="sum"), "data")), so an unnamed batch axis is no error here.
         return _psum(total, batch_axes)
+    _spmd.check_batch_named(total, batch_axes)
     denom = jnp.sum(normalizer.astype(total.dtype))
     count = jnp.sum(counted.astype(total.dtype))
     if batch_axes is not None:

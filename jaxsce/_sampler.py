@@ -133,8 +133,8 @@ class Kept(NamedTuple):
 def kept(sp: Sampler, c: Candidates, shift, se, top_p) -> Kept:
     """The kept set from the global candidates, the row max ``shift`` and the full ``se = sum_c e_c``.
 
-    ``top_p``: the per-row ``p`` (None without top-p). ``p >= 1`` keeps what top-k kept; ``p <= 0``
-    or NaN gives NaN.
+    ``top_p``: the per-row ``p`` (None without top-p). ``p == 1`` keeps what top-k kept; ``p`` outside
+    ``(0, 1]`` or NaN gives NaN.
     """
     # A barrier: slices of the merged values here would otherwise reach the
     # sort that top_k lowers to and keep XLA from using its TopK kernel.
@@ -170,7 +170,7 @@ def kept(sp: Sampler, c: Candidates, shift, se, top_p) -> Kept:
     off = top_p >= 1
     plain_tau = t_k if sp.top_k else low
     plain_a = a_listed + e_ties * rel_ties if sp.top_k else jnp.full_like(shift, jnp.nan)
-    bad = ~(top_p > 0)
+    bad = ~((top_p > 0) & (top_p <= 1))  # a traced p outside (0, 1] (or NaN): NaN, never "off"
     return Kept(
         jnp.where(off, plain_tau, tau),
         jnp.where(bad, jnp.nan, jnp.where(off, jnp.log(base), jnp.log(z))),

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _auto, _front, _options, _spmd, _stream, _transform, _validate
+from . import _auto, _front, _labels, _options, _spmd, _stream, _transform, _validate
 from ._distill import DIVERGENCES, DistillConsts, _consts_in, _mixture_gaps, _options_of, _reduced, _xlogy_terms
 from ._linear import check_head
 from ._stream import DEFAULT_MEMORY_BUDGET
@@ -296,6 +296,7 @@ def topk_distillation_loss(
       >>> print(f"{jaxsce.topk_distillation_loss(s, idx, lt):.4f}")  # bins (0.5, 0.5) on both sides
       0.0000
     """
+    _labels.check_host_labels(teacher_indices, "teacher_indices")
     static = _statics(tail, reduction, axis_name, batch_axis_name, num_classes)
     divergence, consts = _options_of(divergence, beta, temperature)
     args = (student_logits, teacher_indices, teacher_log_probs, where, consts)
@@ -393,6 +394,7 @@ def linear_topk_distillation_loss(
       >>> print(f"{jaxsce.linear_topk_distillation_loss(h, w, idx, lt):.4f}")
       0.0000
     """
+    _labels.check_host_labels(teacher_indices, "teacher_indices")
     static = dict(
         **_options.fused(
             weight_layout=weight_layout, token_block=token_block, vocab_block=vocab_block, memory_budget=memory_budget

@@ -102,6 +102,7 @@ class _Policy(_Transform, total=False):
     axis_name: AxisName
     batch_axis_name: AxisName
     num_classes: int | None
+    ignore_index: int | None
 
 
 class PolicyOptions(_Policy, total=False):
