@@ -73,6 +73,7 @@ class LogProbSums(NamedTuple):
     entropy: jax.Array | None = None
     reference: jax.Array | None = None
     candidates: _sampler.Candidates | None = None
+    low: jax.Array | None = None  # top-p alone: the row's smallest entry (where its search starts)
 
 
 class SampledRows(NamedTuple):
@@ -118,11 +119,19 @@ class LogProbRows(_stream.RowLoss):
     def transform_grad(self, s, ds, head, c: Transform):
         return _transform.chain(s, ds, c)
 
+    def searches(self) -> bool:
+        # Top-p alone over more classes than the candidates hold: rows whose candidates do not reach p
+        # find their threshold in further passes (:mod:`jaxsce._sampler`).
+        sp = self.sampler
+        return sp is not None and sp.top_p and not sp.covered
+
     def init(self, tb, ct, c, forward_mode: bool):
         zeros = jnp.zeros((tb,), ct)
         sp = self.sampler
         cand = None if sp is None else _sampler.init(tb, sp.size, ct)
-        return _stream.Acc(LogProbSums(zeros, zeros if self.entropy else None, zeros if self.reference else None, cand))
+        low = jnp.full((tb,), jnp.inf, ct) if self.searches() else None
+        ref = zeros if self.reference else None
+        return _stream.Acc(LogProbSums(zeros, zeros if self.entropy else None, ref, cand, low))
 
     def accumulate(self, acc, blk: _stream.Block, c):
         sums, y = acc.sums, self.label_ids(blk.rows)
@@ -135,7 +144,10 @@ class LogProbRows(_stream.RowLoss):
         cand = sums.candidates
         if cand is not None:
             cand = _sampler.merge_block(cand, blk.s[0], blk.fresh)
-        return _stream.Acc(LogProbSums(s_y, a, ref, cand))
+        low = sums.low
+        if low is not None:
+            low = _sampler.low_block(low, blk.s[0], blk.fresh)
+        return _stream.Acc(LogProbSums(s_y, a, ref, cand, low))
 
     def to_global(self, acc, sh: _stream.Shards, c):
         sums = acc.sums
@@ -143,7 +155,36 @@ class LogProbRows(_stream.RowLoss):
             sums = sums._replace(entropy=entropy_to_global(sums.entropy, sh))
         if sums.candidates is not None:
             sums = sums._replace(candidates=_sampler.shard_share(sums.candidates, self.vocab_axis))
+        if sums.low is not None:
+            sums = sums._replace(low=_sampler.low_share(sums.low, self.vocab_axis))
         return _stream.Acc(sums)
+
+    def _kept(self, stats: _stream.Stats, sums: LogProbSums, rows: SampledRows) -> _sampler.Kept:
+        assert self.sampler is not None and sums.candidates is not None
+        return _sampler.kept(self.sampler, sums.candidates, stats.shift[0], stats.se[0], rows.top_p)
+
+    def search_init(self, acc, stats: _stream.Stats, rows):
+        sums = acc.sums
+        kept = self._kept(stats, sums, rows)
+        return _sampler.search_init(kept, sums.candidates, sums.low, rows.top_p)
+
+    def search_pending(self, state):
+        return _sampler.search_pending(state)
+
+    def search_rows(self, state, rows):
+        return _sampler.SearchRows(rows, _sampler.search_thresholds(state))
+
+    def search_step(self, state, pass_rows, sums):
+        return _sampler.search_step(state, pass_rows.thresholds, sums, pass_rows.rows.top_p)
+
+    def search_limit(self) -> int:
+        return _sampler.SEARCH_PASSES
+
+    def init2(self, tb, ct, c):
+        return _sampler.search_sums_init(tb, ct, self.entropy)
+
+    def accumulate2(self, acc2, blk: _stream.GradBlock, fresh, c):
+        return _sampler.search_sums(acc2, blk.s[0], blk.p[0], blk.log_p[0], fresh, blk.rows.thresholds)
 
     def finish(self, stats: _stream.Stats, acc, second, rows, cols, c):
         sums, y = acc.sums, self.label_ids(rows)
@@ -152,7 +193,9 @@ class LogProbRows(_stream.RowLoss):
         log_z, a, sampled = stats.log_se[0], sums.entropy, ()
         if self.sampler is not None:
             assert sums.candidates is not None and isinstance(rows, SampledRows)
-            kept = _sampler.kept(self.sampler, sums.candidates, stats.shift[0], stats.se[0], rows.top_p)
+            kept = self._kept(stats, sums, rows)
+            if second is not None:
+                kept = _sampler.searched(kept, second, stats.log_se[0], rows.top_p)
             label_kept = sums.label >= kept.threshold
             log_z = jnp.where(kept.known, kept.log_z, jnp.nan)
             if a is not None:

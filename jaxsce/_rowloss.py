@@ -198,10 +198,37 @@ class RowLoss:
         """Adds one block's second-pass terms; ``blk.p`` are probabilities, ``fresh`` masks columns."""
         raise NotImplementedError(f"{type(self).__name__} has no second pass")
 
+    def searches(self) -> bool:
+        """Whether the loss searches per-row thresholds in further passes once the first pass's sums are
+        known (:meth:`search_init`); such a loss has no second pass and uses its hooks for the search."""
+        return False
+
+    def search_init(self, acc: Acc, stats: Stats, rows):
+        """The search's initial state (a pytree of ``[T]`` arrays) from the first pass's global sums."""
+        raise NotImplementedError(f"{type(self).__name__} does not search")
+
+    def search_pending(self, state):
+        """``[T]`` bool: the rows whose search goes on (the engine passes again while any counted row is)."""
+        raise NotImplementedError(f"{type(self).__name__} does not search")
+
+    def search_rows(self, state, rows):
+        """The per-row data one search pass sees (in ``GradBlock.rows``; summed by :meth:`init2` and
+        :meth:`accumulate2`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not search")
+
+    def search_step(self, state, pass_rows, sums):
+        """The state after one pass (``pass_rows`` from :meth:`search_rows`, ``sums`` its global sums)."""
+        raise NotImplementedError(f"{type(self).__name__} does not search")
+
+    def search_limit(self) -> int:
+        """The most passes the search may take."""
+        return 0
+
     def finish(self, stats: Stats, acc: Acc, second, rows, cols, consts):
         """``(outputs, residuals, output tangents or None)``: tuples of ``[T]`` arrays.
 
-        ``second`` holds the second-pass sums (None without a second pass).
+        ``second`` holds the second-pass sums, or the final search state of a loss that
+        :meth:`searches` (None otherwise).
         """
         raise NotImplementedError
 

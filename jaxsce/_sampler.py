@@ -27,7 +27,7 @@ nucleus is wider than the bound (a very flat row) gives NaN.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -177,3 +177,143 @@ def kept(sp: Sampler, c: Candidates, shift, se, top_p) -> Kept:
         jnp.where(off, plain_a, a),
         jnp.where(off, True, known) & ~bad,
     )
+
+
+# --- top-p alone: the threshold searched where the candidates do not reach p ---------------
+
+#: Thresholds per row and pass of the search (the interval is cut into this many bins).
+SEARCH_BINS = 16
+#: A bound on the search's passes: enough to narrow any float32 interval to adjacent values.
+SEARCH_PASSES = 80
+
+
+class Search(NamedTuple):
+    """Per row, the state of the top-p threshold search.
+
+    The kept set is ``{c : s_c > lo}`` once ``done``; until then its threshold lies in ``(lo, hi]``
+    (the mass strictly above ``lo`` is at least ``p``, the mass strictly above ``hi`` less). ``mass``
+    and ``plogp`` are ``sum p_c`` and ``sum p_c log p_c`` over ``s_c > lo`` (``p`` the row's softmax),
+    ``count`` how many entries lie above ``lo``; ``found`` marks rows the search settled (the others
+    were settled by the candidates, or are not counted)."""
+
+    lo: jax.Array
+    hi: jax.Array
+    done: jax.Array
+    found: jax.Array
+    mass: jax.Array
+    plogp: jax.Array
+
+
+class SearchRows(NamedTuple):
+    """What a search pass sees per row: the row's data and its ``SEARCH_BINS + 1`` thresholds."""
+
+    rows: Any
+    thresholds: jax.Array  # [rows, SEARCH_BINS + 1], ascending, from lo to hi
+
+
+class SearchSums(NamedTuple):
+    """Per row and threshold ``t``: ``sum p_c``, ``#{c}`` and ``sum p_c log p_c`` over ``s_c > t``."""
+
+    mass: jax.Array
+    count: jax.Array
+    plogp: jax.Array | None
+
+
+def search_init(k: Kept, c: Candidates, low, top_p) -> Search:
+    """The search's start: rows the candidates settled (``k.known``) are done; the others look below the
+    smallest candidate (the mass above it is less than ``p``) and above the row's smallest entry ``low``."""
+    hi = jnp.min(c.values, axis=-1)
+    lo = jnp.nextafter(low, jnp.full_like(low, -jnp.inf))
+    done = k.known | ~(top_p < 1) | ~jnp.isfinite(lo) | ~jnp.isfinite(hi)
+    zeros = jnp.zeros_like(low)
+    return Search(lo, hi, done, jnp.zeros(low.shape, bool), zeros, zeros)
+
+
+def search_pending(s: Search):
+    return ~s.done
+
+
+def search_thresholds(s: Search):
+    """``SEARCH_BINS + 1`` ascending thresholds from ``lo`` to ``hi`` (evenly spaced, rounded)."""
+    f = jnp.arange(SEARCH_BINS + 1, dtype=s.lo.dtype) / SEARCH_BINS
+    t = s.lo[:, None] + (s.hi - s.lo)[:, None] * f[None, :]
+    t = jnp.clip(t, s.lo[:, None], s.hi[:, None])
+    return t.at[:, 0].set(s.lo).at[:, -1].set(s.hi)
+
+
+def search_sums(acc: SearchSums, s, p, log_p, fresh, thresholds) -> SearchSums:
+    """One block's terms: ``s``, ``p``, ``log_p`` ``[rows, width]``, columns where ``fresh``."""
+    above = (s[:, :, None] > thresholds[:, None, :]) & fresh[:, :, None]
+    mass = acc.mass + jnp.sum(jnp.where(above, p[:, :, None], 0), axis=1)
+    count = acc.count + jnp.sum(above.astype(acc.count.dtype), axis=1)
+    plogp = acc.plogp
+    if plogp is not None:
+        term = jnp.where(p > 0, p * log_p, 0)
+        plogp = plogp + jnp.sum(jnp.where(above, term[:, :, None], 0), axis=1)
+    return SearchSums(mass, count, plogp)
+
+
+def search_sums_init(rows: int, dtype, entropy: bool) -> SearchSums:
+    zeros = jnp.zeros((rows, SEARCH_BINS + 1), dtype)
+    return SearchSums(zeros, zeros, zeros if entropy else None)
+
+
+def search_step(s: Search, t, sums: SearchSums, top_p) -> Search:
+    """The state after one pass over thresholds ``t`` with sums ``sums``.
+
+    The threshold lies above the largest ``t_j`` with mass ``>= p`` above it and at or below
+    ``t_{j+1}``: settled when that interval holds one entry, or one representable value (ties kept
+    together); else the interval is cut again. A row with no ``t_j`` reaching ``p`` (rounding, ``p``
+    near 1) keeps every entry above ``lo``.
+    """
+    reach = sums.mass >= top_p[:, None]
+    j = jnp.sum(reach, axis=-1) - 1  # thresholds ascend, so mass descends
+    none = j < 0
+    j = jnp.maximum(j, 0)
+    nxt = jnp.minimum(j + 1, SEARCH_BINS)
+    pick = lambda x, i: jnp.take_along_axis(x, i[:, None], axis=1)[:, 0]  # noqa: E731
+    lo, hi = pick(t, j), pick(t, nxt)
+    inside = pick(sums.count, j) - pick(sums.count, nxt)
+    settled = none | (inside <= 1) | (jnp.nextafter(lo, hi) >= hi)
+    mass = pick(sums.mass, j)
+    plogp = mass if sums.plogp is None else pick(sums.plogp, j)
+    new = ~s.done
+    keep = lambda old, x: jnp.where(new, x, old)  # noqa: E731
+    return Search(
+        keep(s.lo, lo),
+        keep(s.hi, hi),
+        s.done | settled,
+        s.found | (new & settled),
+        keep(s.mass, mass),
+        keep(s.plogp, plogp),
+    )
+
+
+def searched(k: Kept, s: Search, log_se, top_p) -> Kept:
+    """The kept set of every row: the candidates' where they settled it, the search's elsewhere.
+
+    A row the search did not settle within :data:`SEARCH_PASSES` gives NaN."""
+    tau = jnp.nextafter(s.lo, jnp.full_like(s.lo, jnp.inf))
+    log_z = log_se + jnp.log(s.mass)
+    # A = Z (sum p log p + q log Z) over the kept set, Z = se, q its mass.
+    a = jnp.exp(log_se) * (s.plogp + s.mass * log_se)
+    use = s.found
+    bad = ~s.done & (top_p < 1)
+    return Kept(
+        jnp.where(use, tau, k.threshold),
+        jnp.where(use, log_z, k.log_z),
+        jnp.where(use, a, k.a),
+        jnp.where(use, True, k.known) & ~bad,
+    )
+
+
+def low_block(low, s, fresh):
+    """The running smallest entry of each row (for the search's start)."""
+    return jnp.minimum(low, jnp.min(jnp.where(fresh, s, jnp.inf), axis=-1))
+
+
+def low_share(low, axis_name):
+    """The global smallest entry on the first shard and 0 on the others (their sum is the global one)."""
+    g = lax.pmin(low, _spmd.axis_names(axis_name))
+    first = lax.axis_index(_spmd.axis_names(axis_name)) == 0
+    return jnp.where(first, g, 0)

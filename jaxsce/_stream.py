@@ -163,15 +163,43 @@ def _sum_shards(loss: RowLoss, tree, consts):
     return jax.tree.unflatten(structure, _spmd.psum_tuple(*leaves, axis_name=axis))
 
 
-def _whole_second_pass(loss: RowLoss, s, stats: Stats, col0, rows_data, cols, consts):
-    """The second-pass sums (or None) for a block holding whole (local) rows."""
-    if not loss.second_pass:
-        return None
+def _whole_pass(loss: RowLoss, s, norm, col0, rows_data, cols, consts):
+    """The second-pass (or search-pass) sums of a block holding whole (local) rows."""
     ct = s[0].dtype
-    gblk = _grad_block(s, _norm(stats), col0, rows_data, cols)
+    gblk = _grad_block(s, norm, col0, rows_data, cols)
     fresh = _real(loss, col0, s[0].shape[1], jnp.ones((1, s[0].shape[1]), bool))
     acc2 = loss.accumulate2(loss.init2(s[0].shape[0], ct, consts), gblk, fresh, consts)
     return _sum_shards(loss, acc2, consts)
+
+
+def _after_first_pass(loss: RowLoss, acc: Acc, stats: Stats, rows, valid, run_pass):
+    """What :meth:`~jaxsce._rowloss.RowLoss.finish` gets as ``second``: the second pass's sums, the final
+    state of a loss's search, or None. ``run_pass(rows)`` sums one more pass over the blocks."""
+    if loss.second_pass:
+        return run_pass(loss.second_rows(acc, rows))
+    if not loss.searches():
+        return None
+    return search(loss, loss.search_init(acc, stats, rows), rows, valid, run_pass)
+
+
+def search(loss: RowLoss, state, rows, valid, run_pass):
+    """A loss's search (:meth:`~jaxsce._rowloss.RowLoss.searches`): passes while any counted row is pending,
+    at most ``loss.search_limit()``. Each pass reads every block once more (a matmul pass when fused).
+
+    The loop's condition depends only on sums already combined over the vocabulary shards, so every
+    shard of a row makes the same passes (the passes' collectives match)."""
+
+    def cond(carry):
+        state, i = carry
+        return (i < loss.search_limit()) & jnp.any(valid & loss.search_pending(state))
+
+    def body(carry):
+        state, i = carry
+        pass_rows = loss.search_rows(state, rows)
+        return loss.search_step(state, pass_rows, run_pass(pass_rows)), i + 1
+
+    state, _ = lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32)))
+    return state
 
 
 def _grad_heads(loss: RowLoss, heads: tuple):
@@ -243,14 +271,15 @@ def _forward(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, tan
     outs = _spmd.vary_like(_initial(loss, t_total, ct, consts, tangents is not None), *like)
     m, se, am, acc = lax.fori_loop(0, num_blocks(t_total, tb), token_block, outs)
     stats, acc = _stats(loss, m, se, am, acc, consts)
-    second = None
-    if loss.second_pass:
-        second = _second_pass(heads, valid, loss.second_rows(acc, rows), cols, consts, st, _norm(stats))
+    norm = _norm(stats)
+    second = _after_first_pass(
+        loss, acc, stats, rows, valid, lambda r: _second_pass(heads, valid, r, cols, consts, st, norm)
+    )
     outputs, res, d_out = loss.finish(stats, acc, second, rows, cols, consts)
     outputs = tuple(jnp.where(valid, o, 0) for o in outputs)
     if d_out is not None:
         d_out = tuple(jnp.where(valid, o, 0) for o in d_out)
-    return outputs, (_norm(stats), res), d_out
+    return outputs, (norm, res), d_out
 
 
 def _second_pass(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, norm):
@@ -522,10 +551,12 @@ def _whole_forward(z_heads, valid, rows_data, cols, consts, loss: RowLoss):
     fresh = _real(loss, col0, width, jnp.ones((1, width), bool))
     m, se, am, acc = _online_step(loss, s, m, se, am, acc, fresh, col0, col0, rows_data, cols, consts, None)
     stats, acc = _stats(loss, m, se, am, acc, consts)
-    second = _whole_second_pass(loss, s, stats, col0, loss.second_rows(acc, rows_data), cols, consts)
+    norm = _norm(stats)
+    run_pass = lambda r: _whole_pass(loss, s, norm, col0, r, cols, consts)  # noqa: E731
+    second = _after_first_pass(loss, acc, stats, rows_data, valid, run_pass)
     outputs, res, _ = loss.finish(stats, acc, second, rows_data, cols, consts)
     outputs = tuple(jnp.where(valid, o, 0) for o in outputs)
-    return outputs, s, (_norm(stats), res)
+    return outputs, s, (norm, res)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -611,14 +642,16 @@ def _total_forward(heads: tuple[Head, ...], valid, rows_data, cols, consts, st: 
         rows_blk = sl(rows_data)
         m, se, am, acc = _online_step(loss, s, m, se, am, acc, fresh, 0, 0, rows_blk, cols, consts, None)
         stats, acc = _stats(loss, m, se, am, acc, consts)
-        second = _whole_second_pass(loss, s, stats, 0, loss.second_rows(acc, rows_blk), cols, consts)
+        norm = _norm(stats)
+        run_pass = lambda r: _whole_pass(loss, s, norm, 0, r, cols, consts)  # noqa: E731
+        second = _after_first_pass(loss, acc, stats, rows_blk, sl(valid), run_pass)
         outputs, res, _ = loss.finish(stats, acc, second, rows_blk, cols, consts)
         value, norm, cts, row_aux = loss.scalar(outputs, rows_blk, consts)
         total = total + jnp.sum(jnp.where(ok, value, 0))
         denom = denom + jnp.sum(jnp.where(ok, norm, 0).astype(ct))
         aux = tuple(a + jnp.sum(jnp.where(ok, x, 0).astype(ct)) for a, x in zip(aux, row_aux))
         cts = tuple(None if g is None else jnp.where(ok, g, 0).astype(ct) for g in cts)
-        gblk = _grad_block(s, _norm(stats), 0, rows_blk, cols)
+        gblk = _grad_block(s, norm, 0, rows_blk, cols)
         ds = loss.transform_grad(s[0], loss.grad(gblk, res, cts, consts), 0, consts)
         ds = _keep(jnp.where(ok[:, None], ds, 0), _real(loss, 0, width))
         w_contract = 1 if layout == "dv" else 0

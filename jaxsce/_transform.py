@@ -27,25 +27,19 @@ class Transform(NamedTuple):
 
 
 def apply(z, t: Transform):
-    """``s = softcap(z) / T``, as ``z * (1 / T)``.
-
-    A multiplication by the reciprocal, never a division: XLA rewrites a division by a value it sees
-    as a constant into that multiplication and keeps one by a value it does not, so ``z / T`` would
-    round differently from program to program (one token block or several) and
-    ``batch_invariant=True`` would not hold.
-    """
+    """``s = softcap(z) / T``."""
     if t.logit_softcap is not None:
-        z = t.logit_softcap * jnp.tanh(z * (1 / t.logit_softcap))
-    return z if t.temperature is None else z * (1 / t.temperature)
+        z = t.logit_softcap * jnp.tanh(z / t.logit_softcap)
+    return z if t.temperature is None else z / t.temperature
 
 
 def chain(s, ds, t: Transform):
     """``ds * (ds/dz)`` elementwise, written with ``s``: ``ds (1 - (s T / cap)^2) / T``."""
     if t.temperature is not None:
-        ds = ds * (1 / t.temperature)
+        ds = ds / t.temperature
     if t.logit_softcap is not None:
         capped = s if t.temperature is None else s * t.temperature
-        ds = ds * (1 - jnp.square(capped * (1 / t.logit_softcap)))
+        ds = ds * (1 - jnp.square(capped / t.logit_softcap))
     return ds
 
 

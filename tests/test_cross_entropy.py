@@ -237,7 +237,7 @@ def test_wide_labels_are_not_wrapped_into_range():
         (dict(logit_softcap=0.0), ValueError, "logit_softcap"),
         (dict(z_loss=-1.0), ValueError, "z_loss"),
         (dict(derivative="fwd"), ValueError, "fwd"),
-        (dict(labels=jnp.zeros((2, 3), jnp.float32), ignore_index=-100), ValueError, "ignore_index"),
+        (dict(labels=jnp.zeros((2, 3), jnp.float32), ignore_index=0), ValueError, "ignore_index"),
     ],
 )
 @all_cases_fast
