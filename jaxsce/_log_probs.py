@@ -345,10 +345,18 @@ def log_probs(
         The kept set is a constant for differentiation; the entropy is over
         it. Found by a running top-k, never by sorting the row.
       top_p_candidates: with ``top_p`` and no ``top_k``, how many of the
-        largest values per row are kept as candidates (default 256): a row
-        whose nucleus holds more tokens (a very flat row, whose 256 most
-        likely tokens hold less than ``p``) gives NaN. ``top_k`` bounds the
-        candidates itself.
+        largest values per row the first pass keeps (default 256). A row
+        whose nucleus is wider (its candidates hold less than ``p``) finds
+        its threshold exactly in further passes over the vocabulary (fused:
+        each a matmul pass, usually 3 to 6 of them): a search over 16
+        thresholds a pass, between the row's smallest value and its smallest
+        candidate, until one entry or one representable value remains. So
+        ``top_p`` alone is exact at any nucleus width, and a larger bound
+        trades the running top-k's cost for fewer passes. ``top_k`` bounds
+        the candidates itself.
+
+        .. versionchanged:: 0.2.0
+           A nucleus wider than the bound gave NaN.
       batch_invariant: every row's result bitwise identical whatever the
         batch it is computed in (its size, padding, and the block options):
         rows are computed in fixed blocks of 256 (padded) and, fused, the
@@ -547,7 +555,7 @@ def linear_log_probs(
       temperature, logit_softcap, where, return_entropy, check_labels, num_classes, ignore_index: as in
         :func:`jaxsce.log_probs`.
       top_k, top_p, top_p_candidates, batch_invariant: as in :func:`jaxsce.log_probs` (fused: the
-        vocabulary blocks' running top-k, never the logits).
+        vocabulary blocks' running top-k, and for a wide nucleus the threshold search, never the logits).
       token_block, vocab_block, memory_budget: as in
         :func:`jaxsce.linear_cross_entropy`.
       axis_name: mesh axis splitting the vocabulary inside ``jax.shard_map``:

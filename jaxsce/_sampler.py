@@ -21,8 +21,14 @@ While the vocabulary streams by, each row keeps its ``size`` largest values
 of ``size`` values per row) and how many more entries tie with the smallest
 of them. With top-k, ``size = k`` and the survivors are exactly those values
 and ties. With top-p alone, ``size`` is a candidate bound: the kept set is
-exact whenever the candidates hold at least ``p`` of the mass; a row whose
-nucleus is wider than the bound (a very flat row) gives NaN.
+known whenever the candidates hold at least ``p`` of the mass. A row whose
+nucleus is wider searches its threshold in further passes (:func:`search_step`):
+with ``G(t) = sum_{c: s_c > t} pi_c``, the threshold lies in ``(lo, hi]``
+where ``G(lo) >= p > G(hi)``, starting from the row's smallest value and its
+smallest candidate; each pass sums ``G`` (and the entry count) at 17 evenly
+spaced points of the interval and keeps the cell where ``G`` crosses ``p``,
+until it holds one entry or one representable value. The kept set is then
+``{c : s_c > lo}``, with its mass and ``sum pi log pi`` from the same sums.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from jax import lax
 
 from . import _spmd
 
-#: The candidate bound of ``top_p`` without ``top_k``: rows whose nucleus holds more tokens give NaN.
+#: The candidate bound of ``top_p`` without ``top_k``: rows whose nucleus holds more tokens search it.
 TOP_P_CANDIDATES = 256
 
 

@@ -198,7 +198,8 @@ def search(loss: RowLoss, state, rows, valid, run_pass):
         pass_rows = loss.search_rows(state, rows)
         return loss.search_step(state, pass_rows, run_pass(pass_rows)), i + 1
 
-    state, _ = lax.while_loop(cond, body, (state, jnp.zeros((), jnp.int32)))
+    init = _spmd.vary_like((state, jnp.zeros((), jnp.int32)), state, rows, valid)
+    state, _ = lax.while_loop(cond, body, init)
     return state
 
 
@@ -642,8 +643,8 @@ def _total_forward(heads: tuple[Head, ...], valid, rows_data, cols, consts, st: 
         rows_blk = sl(rows_data)
         m, se, am, acc = _online_step(loss, s, m, se, am, acc, fresh, 0, 0, rows_blk, cols, consts, None)
         stats, acc = _stats(loss, m, se, am, acc, consts)
-        norm = _norm(stats)
-        run_pass = lambda r: _whole_pass(loss, s, norm, 0, r, cols, consts)  # noqa: E731
+        lse = _norm(stats)
+        run_pass = lambda r: _whole_pass(loss, s, lse, 0, r, cols, consts)  # noqa: E731
         second = _after_first_pass(loss, acc, stats, rows_blk, sl(valid), run_pass)
         outputs, res, _ = loss.finish(stats, acc, second, rows_blk, cols, consts)
         value, norm, cts, row_aux = loss.scalar(outputs, rows_blk, consts)
@@ -651,7 +652,7 @@ def _total_forward(heads: tuple[Head, ...], valid, rows_data, cols, consts, st: 
         denom = denom + jnp.sum(jnp.where(ok, norm, 0).astype(ct))
         aux = tuple(a + jnp.sum(jnp.where(ok, x, 0).astype(ct)) for a, x in zip(aux, row_aux))
         cts = tuple(None if g is None else jnp.where(ok, g, 0).astype(ct) for g in cts)
-        gblk = _grad_block(s, norm, 0, rows_blk, cols)
+        gblk = _grad_block(s, lse, 0, rows_blk, cols)
         ds = loss.transform_grad(s[0], loss.grad(gblk, res, cts, consts), 0, consts)
         ds = _keep(jnp.where(ok[:, None], ds, 0), _real(loss, 0, width))
         w_contract = 1 if layout == "dv" else 0

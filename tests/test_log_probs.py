@@ -290,7 +290,7 @@ def test_policy_gradient_memory_stays_far_below_the_logits():
 
 @pytest.mark.parametrize("fn", ["logits", "linear"])
 def test_ignore_index_gives_what_where_gives(fn):
-    """-100 padding with ignore_index=-100: the values and gradients of where=False there (without it, NaN)."""
+    """-100 padding with ignore_index=-100: the values and gradients of where=False there (with ignore_index=None, NaN)."""
     rng = np.random.default_rng(40)
     h = jnp.asarray(rng.normal(size=(3, 7, 6)))
     w = jnp.asarray(rng.normal(size=(6, 50)))
@@ -307,6 +307,6 @@ def test_ignore_index_gives_what_where_gives(fn):
     want = call(w, y, where=m)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
-    assert np.isnan(np.asarray(call(w, padded)[0])).any()
+    assert np.isnan(np.asarray(call(w, padded, ignore_index=None)[0])).any()
     g = jax.grad(lambda w: jnp.sum(jnp.stack(call(w, padded, ignore_index=-100))))(w)
     np.testing.assert_array_equal(g, jax.grad(lambda w: jnp.sum(jnp.stack(call(w, y, where=m))))(w))

@@ -177,22 +177,91 @@ def test_filters_that_are_off_equal_the_plain_log_probs():
     np.testing.assert_allclose(ent[1::2], ref[1][1::2], rtol=1e-12)
 
 
-def test_top_p_wider_than_its_candidates_is_nan_and_exact_otherwise():
+def test_top_p_beyond_its_candidates_is_exact():
+    """Rows whose nucleus is wider than top_p_candidates gave NaN; their threshold is now searched."""
     rng = np.random.default_rng(4)
     z = rng.normal(size=(6, V)) * 0.01  # flat: the nucleus of p = 0.9 holds about 270 tokens
     z[3:] *= 800  # peaked: a few tokens hold the mass
     z, y = jnp.asarray(z), jnp.asarray(np.argmax(z, axis=1), jnp.int32)
-    ref, _ = np_sampler_log_probs(np.asarray(z), np.asarray(y), None, 0.9)
-    lp = jaxsce.log_probs(z, y, top_p=0.9, top_p_candidates=64)
-    assert np.isnan(lp[:3]).all()
-    np.testing.assert_allclose(lp[3:], ref[3:], rtol=1e-12)
+    ref, ref_h = np_sampler_log_probs(np.asarray(z), np.asarray(y), None, 0.9)
+    for cand in (1, 64, V, 1000):
+        lp, ent = jaxsce.log_probs(z, y, top_p=0.9, top_p_candidates=cand, return_entropy=True)
+        np.testing.assert_allclose(lp, ref, rtol=1e-12)
+        np.testing.assert_allclose(ent, ref_h, rtol=1e-12)
     fused = jaxsce.linear_log_probs(jnp.eye(6), z, y, top_p=0.9, top_p_candidates=64, vocab_block=64)
-    np.testing.assert_array_equal(np.isnan(fused), np.isnan(lp))
-    # Enough candidates (here every class): exact for the flat rows too.
-    for cand in (V, 1000):
-        np.testing.assert_allclose(jaxsce.log_probs(z, y, top_p=0.9, top_p_candidates=cand), ref, rtol=1e-12)
-    # top_k bounds the candidates itself: never NaN.
-    assert np.isfinite(jaxsce.log_probs(z, y, top_k=280, top_p=0.9)).all()
+    np.testing.assert_allclose(fused, ref, rtol=1e-12)
+    # Every class tied (a zero head): the whole row is the nucleus.
+    uniform = jaxsce.linear_log_probs(jnp.ones((2, 3)), jnp.zeros((3, V)), y[:2], top_p=0.5, top_p_candidates=8)
+    np.testing.assert_allclose(uniform, -np.log(V), rtol=1e-12)
+
+
+@fast_cases(lambda p: p["top_p"] == 0.95)
+@pytest.mark.parametrize("top_p", [0.95, 0.5, 0.999])
+def test_top_p_alone_with_nuclei_of_thousands_of_tokens(top_p):
+    """vLLM users sample with top_p alone: on a plain random head at V = 5003 most nuclei hold thousands
+    of tokens. Values equal vLLM's filter in float64; gradients are finite, equal between the fused and
+    logit-level paths, and equal jax.grad of the naive formula with the kept set constant."""
+    rng = np.random.default_rng(12)
+    n, d, v = 12, 32, 5003
+    h = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(d, v)) * 0.05, jnp.float32)
+    y = jnp.asarray(rng.integers(0, v, size=n), jnp.int32)
+    z64 = np.asarray(h, np.float64) @ np.asarray(w, np.float64)
+    ref, ref_h = np_sampler_log_probs(z64, np.asarray(y), None, top_p)
+    kept = z64 >= np.asarray(_thresholds(z64, top_p))[:, None]
+    widths = kept.sum(1)
+    if top_p == 0.95:
+        assert widths.min() > 1000
+    kw = dict(top_p=top_p, return_entropy=True)
+    paths = {
+        "logits": lambda h, w: jaxsce.log_probs(h @ w, y, **kw),
+        "fused": lambda h, w: jaxsce.linear_log_probs(h, w, y, vocab_block=1024, token_block=8, **kw),
+    }
+    grads = {}
+    for name, f in paths.items():
+        lp, ent = f(h, w)
+        np.testing.assert_array_equal(np.isinf(lp), np.isinf(ref), err_msg=name)
+        fin = np.isfinite(ref)
+        np.testing.assert_allclose(np.asarray(lp)[fin], ref[fin], rtol=2e-5, atol=2e-5, err_msg=name)
+        np.testing.assert_allclose(ent, ref_h, rtol=2e-5, err_msg=name)
+        grads[name] = jax.grad(lambda h, w: _objective(*f(h, w)), (0, 1))(h, w)
+        assert all(np.isfinite(g).all() for g in grads[name])
+    for a, b in zip(grads["fused"], grads["logits"]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+    with compat.enable_x64(True):
+        keep = jnp.asarray(kept)
+
+        def naive(h, w):
+            s = h @ w
+            lz = jax.nn.logsumexp(jnp.where(keep, s, -jnp.inf), axis=1)
+            safe = jnp.where(keep, s, 0) - lz[:, None]
+            lab = jnp.take_along_axis(keep, y[:, None], 1)[:, 0]
+            lp = jnp.where(lab, jnp.take_along_axis(safe, y[:, None], 1)[:, 0], -jnp.inf)
+            return lp, -jnp.sum(jnp.where(keep, jnp.exp(safe) * safe, 0), 1)
+
+        want = jax.grad(lambda h, w: _objective(*naive(h, w)), (0, 1))(
+            jnp.asarray(h, jnp.float64), jnp.asarray(w, jnp.float64)
+        )
+    for a, b in zip(grads["fused"], want):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5)
+
+
+def _thresholds(z, top_p):
+    """Per row, the smallest kept value of vLLM's top-p filter (float64, sorted cumulative sums)."""
+    out = []
+    for r in z:
+        srt = np.sort(r)[::-1]
+        q = np.exp(srt - srt[0])
+        q /= q.sum()
+        above = np.cumsum(q) - q
+        out.append(srt[above < top_p].min())
+    return out
+
+
+def _objective(lp, ent):
+    weights = jnp.linspace(-1.0, 2.0, lp.shape[0], dtype=lp.dtype)
+    return jnp.sum(_finite(lp) * weights) + 0.3 * jnp.sum(ent * weights[::-1])
 
 
 def test_traced_and_per_row_top_p_compile_once():
