@@ -230,7 +230,9 @@ def search_init(k: Kept, c: Candidates, low, top_p) -> Search:
     smallest candidate (the mass above it is less than ``p``) and above the row's smallest entry ``low``."""
     hi = jnp.min(c.values, axis=-1)
     lo = jnp.nextafter(low, jnp.full_like(low, -jnp.inf))
-    done = k.known | ~(top_p < 1) | ~jnp.isfinite(lo) | ~jnp.isfinite(hi)
+    # Rows the candidates settled, rows without top-p (p = 1) or with a p out of range (NaN), and rows
+    # without finite values (NaN) do not search.
+    done = k.known | ~((top_p > 0) & (top_p < 1)) | ~jnp.isfinite(lo) | ~jnp.isfinite(hi)
     zeros = jnp.zeros_like(low)
     return Search(lo, hi, done, jnp.zeros(low.shape, bool), zeros, zeros)
 
@@ -304,7 +306,7 @@ def searched(k: Kept, s: Search, log_se, top_p) -> Kept:
     # A = Z (sum p log p + q log Z) over the kept set, Z = se, q its mass.
     a = jnp.exp(log_se) * (s.plogp + s.mass * log_se)
     use = s.found
-    bad = ~s.done & (top_p < 1)
+    bad = ~s.done | ~((top_p > 0) & (top_p <= 1))
     return Kept(
         jnp.where(use, tau, k.threshold),
         jnp.where(use, log_z, k.log_z),

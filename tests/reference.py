@@ -290,7 +290,6 @@ def naive_policy_loss(
         if kl_correction:
             kl = kl * coef
         per_token = per_token + beta * kl
-    per_token = per_token - entropy_coef * ent
     per_token = jnp.broadcast_to(per_token, lp.shape)
     b, total = lp.shape[0], jnp.maximum(jnp.sum(m), 1)
     if loss_type in ("grpo", "sapo"):
@@ -303,6 +302,9 @@ def naive_policy_loss(
         loss = jnp.sum(per_token * m) / (total if num_items is None else max(num_items, 1))
     else:  # luspo: each completion's token sum, over B
         loss = jnp.sum(jnp.sum(per_token * m, -1)) / b
+    # TRL 1.16 (GRPOTrainer._compute_loss): the entropy bonus is the token mean over the batch, subtracted
+    # after the loss type's aggregation.
+    loss = loss - entropy_coef * jnp.sum(ent * m) / total
     clip_low, clip_high = low & (a < 0), high & (a > 0)
     terms = (kl, ent, clip_low, clip_high, clip_low | clip_high, coef)
     means = tuple(jnp.sum(jnp.broadcast_to(x, lp.shape).astype(lp.dtype) * m) / total for x in terms)

@@ -370,6 +370,11 @@ def test_a_traced_option_out_of_range_gives_nan():
         lambda eps: jaxsce.linear_policy_loss(d["h"], d["w"], d["y"], d["adv"], old_log_probs=d["old"], epsilon=eps)
     )
     assert np.isfinite(f(0.2)) and np.isnan(f(-0.1))
+    # A traced num_items_in_batch of 0 or -5 gave a finite loss (a sum over max(n, 1)); a concrete one raises.
+    g = jax.jit(lambda n: jaxsce.linear_policy_loss(d["h"], d["w"], d["y"], d["adv"], num_items_in_batch=n))
+    assert np.isfinite(g(7.0)) and np.isnan(g(0.0)) and np.isnan(g(-5.0))
+    with pytest.raises(ValueError, match="num_items_in_batch"):
+        jaxsce.linear_policy_loss(d["h"], d["w"], d["y"], d["adv"], num_items_in_batch=-5)
 
 
 def test_num_items_in_batch_adds_micro_batches_up_to_the_whole_batch():

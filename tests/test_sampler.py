@@ -277,6 +277,16 @@ def test_traced_and_per_row_top_p_compile_once():
     assert f.traces == 1
 
 
+def test_a_traced_top_p_out_of_range_is_nan():
+    """A traced top_p of 1.5 turned top-p off (a concrete 1.5 raises)."""
+    h, w, y = _data()
+    for k in (None, 30):
+        f = jax.jit(lambda p: jaxsce.linear_log_probs(h, w, y, top_k=k, top_p=p, vocab_block=64))
+        assert np.isfinite(_finite(f(0.9))).all() and np.isnan(f(1.5)).all() and np.isnan(f(0.0)).all()
+        assert np.isnan(jax.jit(lambda p: jaxsce.log_probs(h @ w, y, top_k=k, top_p=p))(1.5)).all()
+        np.testing.assert_allclose(f(1.0), jaxsce.linear_log_probs(h, w, y, top_k=k), rtol=1e-12)
+
+
 def test_where_ignore_index_and_nan_rows():
     h, w, y = _data()
     where = jnp.arange(N) % 5 != 0
