@@ -359,9 +359,9 @@ def log_probs(
            A nucleus wider than the bound gave NaN.
       batch_invariant: every row's result bitwise identical whatever the
         batch it is computed in (its size, padding, and the block options):
-        rows are computed in fixed blocks of 256 (padded) and, fused, the
-        vocabulary in fixed blocks of 4096 columns. The cost is stated on
-        the performance page.
+        rows are computed in fixed blocks of 256 (padded to at least two
+        blocks) and, fused, the vocabulary in fixed blocks of 4096 columns.
+        The cost is stated on the performance page.
       derivative: ``"vjp"`` (default): the ``jax.custom_vjp`` above, for
         reverse mode (``jax.grad``; ``jax.jvp`` of it raises JAX's
         ``custom_vjp`` error). ``"jvp"``: a ``jax.custom_jvp`` whose rule
