@@ -62,3 +62,15 @@ def residual_branch(request, monkeypatch):
     jax.clear_caches()  # the switch is read when tracing
     yield request.param
     jax.clear_caches()
+
+
+@pytest.fixture(params=["cpu", "accelerator"])
+def search_branch(request, monkeypatch):
+    """Runs a test under each branch of the top-p search's sums: ``"cpu"`` bins and scatter-adds,
+    ``"accelerator"`` (the GPU/TPU branch, forced on CPU through the same switch) reduces per threshold."""
+    from jaxsce import _sampler
+
+    monkeypatch.setattr(_sampler, "CPU_SCATTERS", request.param == "cpu")
+    jax.clear_caches()  # the switch is read when tracing
+    yield request.param
+    jax.clear_caches()

@@ -177,7 +177,7 @@ def test_filters_that_are_off_equal_the_plain_log_probs():
     np.testing.assert_allclose(ent[1::2], ref[1][1::2], rtol=1e-12)
 
 
-def test_top_p_beyond_its_candidates_is_exact():
+def test_top_p_beyond_its_candidates_is_exact(search_branch):
     """Rows whose nucleus is wider than top_p_candidates gave NaN; their threshold is now searched."""
     rng = np.random.default_rng(4)
     z = rng.normal(size=(6, V)) * 0.01  # flat: the nucleus of p = 0.9 holds about 270 tokens
@@ -197,7 +197,7 @@ def test_top_p_beyond_its_candidates_is_exact():
 
 @fast_cases(lambda p: p["top_p"] == 0.95)
 @pytest.mark.parametrize("top_p", [0.95, 0.5, 0.999])
-def test_top_p_alone_with_nuclei_of_thousands_of_tokens(top_p):
+def test_top_p_alone_with_nuclei_of_thousands_of_tokens(top_p, search_branch):
     """vLLM users sample with top_p alone: on a plain random head at V = 5003 most nuclei hold thousands
     of tokens. Values equal vLLM's filter in float64; gradients are finite, equal between the fused and
     logit-level paths, and equal jax.grad of the naive formula with the kept set constant."""
@@ -227,7 +227,7 @@ def test_top_p_alone_with_nuclei_of_thousands_of_tokens(top_p):
         grads[name] = jax.grad(lambda h, w: _objective(*f(h, w)), (0, 1))(h, w)
         assert all(np.isfinite(g).all() for g in grads[name])
     for a, b in zip(grads["fused"], grads["logits"]):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5)
 
     with compat.enable_x64(True):
         keep = jnp.asarray(kept)
