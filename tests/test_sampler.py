@@ -196,7 +196,7 @@ def test_top_p_beyond_its_candidates_is_exact(search_branch):
 
 
 @fast_cases(lambda p: p["top_p"] == 0.95)
-@pytest.mark.parametrize("top_p", [0.95, 0.5, 0.999])
+@pytest.mark.parametrize("top_p", [0.95, 0.5, 0.8])
 def test_top_p_alone_with_nuclei_of_thousands_of_tokens(top_p, search_branch):
     """vLLM users sample with top_p alone: on a plain random head at V = 5003 most nuclei hold thousands
     of tokens. Values equal vLLM's filter in float64; gradients are finite, equal between the fused and
