@@ -667,7 +667,8 @@ def _policy_loss(
     )
     outputs = _front.whole(loss, (z,), valid, y, None, consts.transform, "vjp")
     value, metrics = _from_outputs(objective, outputs, entropy, False, tokens, consts, batch_shape)
-    return _finish(value, metrics, total, return_aux, data[2] is not None, batch_axis_name, _share(objective, num_items, consts))
+    share = _share(objective, num_items, consts)
+    return _finish(value, metrics, total, return_aux, data[2] is not None, batch_axis_name, share)
 
 
 @overload
@@ -921,4 +922,5 @@ def _linear_policy_loss(
     else:
         value, metrics = _from_outputs(objective, out, entropy, reference, tokens, consts, batch_shape)
     has_reference = reference or data[2] is not None
-    return _finish(value, metrics, total, return_aux, has_reference, batch_axis_name, _share(objective, num_items, consts))
+    share = _share(objective, num_items, consts)
+    return _finish(value, metrics, total, return_aux, has_reference, batch_axis_name, share)

@@ -44,8 +44,10 @@ ADV = jnp.asarray([1.0, -0.5, 2.0, 0.25])
 def _pref(f, h, w, y, where=None, **kw):
     wk = {} if where is None else dict(chosen_where=where[:2], rejected_where=where[2:])
     ys = (y[:2], y[2:])
-    return f(h[:2], h[2:], w, *ys, **wk, **kw) if f is jaxsce.linear_preference_loss else f(
-        h[:2] @ w, h[2:] @ w, *ys, **wk, **kw
+    return (
+        f(h[:2], h[2:], w, *ys, **wk, **kw)
+        if f is jaxsce.linear_preference_loss
+        else f(h[:2] @ w, h[2:] @ w, *ys, **wk, **kw)
     )
 
 
@@ -131,6 +133,7 @@ def test_local_sum_idiom_under_check_vma(name):
     mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:4])
     policy = name in ("policy_loss", "linear_policy_loss")
     kw = dict(num_items_in_batch=B * L) if policy else dict(reduction="sum")
+
     def shard_local(h, y, adv):
         if name == "policy_loss":
             out = jaxsce.policy_loss(h @ w, y, adv, **kw)
@@ -141,9 +144,7 @@ def test_local_sum_idiom_under_check_vma(name):
         return jax.lax.psum(out, "data")
 
     f = jax.jit(
-        jax.shard_map(
-            shard_local, mesh=mesh, in_specs=(P("data"), P("data"), P("data")), out_specs=P(), check_vma=True
-        )
+        jax.shard_map(shard_local, mesh=mesh, in_specs=(P("data"), P("data"), P("data")), out_specs=P(), check_vma=True)
     )
     got = f(h, jnp.asarray(y), ADV)
     want = CALLS[name](h, w, jnp.asarray(y), **kw)

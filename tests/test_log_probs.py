@@ -290,7 +290,8 @@ def test_policy_gradient_memory_stays_far_below_the_logits():
 
 @pytest.mark.parametrize("fn", ["logits", "linear"])
 def test_ignore_index_gives_what_where_gives(fn):
-    """-100 padding with ignore_index=-100: the values and gradients of where=False there (with ignore_index=None, NaN)."""
+    """-100 padding with ignore_index=-100: the values and gradients of where=False there (with
+    ignore_index=None, NaN)."""
     rng = np.random.default_rng(40)
     h = jnp.asarray(rng.normal(size=(3, 7, 6)))
     w = jnp.asarray(rng.normal(size=(6, 50)))

@@ -224,7 +224,7 @@ def test_top_p_alone_with_nuclei_of_thousands_of_tokens(top_p, search_branch):
         fin = np.isfinite(ref)
         np.testing.assert_allclose(np.asarray(lp)[fin], ref[fin], rtol=2e-5, atol=2e-5, err_msg=name)
         np.testing.assert_allclose(ent, ref_h, rtol=2e-5, err_msg=name)
-        grads[name] = jax.grad(lambda h, w: _objective(*f(h, w)), (0, 1))(h, w)
+        grads[name] = jax.grad(lambda h, w, f=f: _objective(*f(h, w)), (0, 1))(h, w)
         assert all(np.isfinite(g).all() for g in grads[name])
     for a, b in zip(grads["fused"], grads["logits"]):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-5)
@@ -281,9 +281,9 @@ def test_a_traced_top_p_out_of_range_is_nan():
     """A traced top_p of 1.5 turned top-p off (a concrete 1.5 raises)."""
     h, w, y = _data()
     for k in (None, 30):
-        f = jax.jit(lambda p: jaxsce.linear_log_probs(h, w, y, top_k=k, top_p=p, vocab_block=64))
+        f = jax.jit(lambda p, k=k: jaxsce.linear_log_probs(h, w, y, top_k=k, top_p=p, vocab_block=64))
         assert np.isfinite(_finite(f(0.9))).all() and np.isnan(f(1.5)).all() and np.isnan(f(0.0)).all()
-        assert np.isnan(jax.jit(lambda p: jaxsce.log_probs(h @ w, y, top_k=k, top_p=p))(1.5)).all()
+        assert np.isnan(jax.jit(lambda p, k=k: jaxsce.log_probs(h @ w, y, top_k=k, top_p=p))(1.5)).all()
         np.testing.assert_allclose(f(1.0), jaxsce.linear_log_probs(h, w, y, top_k=k), rtol=1e-12)
 
 
