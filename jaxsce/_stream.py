@@ -21,6 +21,10 @@ matmuls and the collectives. Its drivers:
 * :func:`whole_vjp` and :func:`whole_jvp`: the same formulas on given
   logits, the whole row as one block (the logit-level functions).
 
+After the first pass, a loss may ask for a second pass (``second_pass``) or
+for a search (:func:`search`): further passes, one more read of every block
+each, while any counted row is pending (top-p's threshold).
+
 Gradients flow to head 0 only: the others (a distillation teacher) are
 constants. Blocks that do not divide the sizes are not padded: the last
 block's start is clamped so it ends at the edge, and the entries it shares
