@@ -236,6 +236,10 @@ class LogProbRows(_stream.RowLoss):
             h, g_h = res[0], cts[1]
             log_p = jnp.where(p == 0, 0, log_p)  # 0 log 0 = 0
             coef = coef + g_h[:, None] * (log_p + h[:, None])
+        if self.sampler is not None:
+            # A NaN row (a top_p out of range) whose outputs the caller masked gets exactly 0, not
+            # 0 * NaN: its NaN must not reach d_hidden and d_W through a zero cotangent.
+            return jnp.where(hit, g[:, None], 0) - jnp.where(coef == 0, 0, p * coef)
         return jnp.where(hit, g[:, None], 0) - p * coef
 
 

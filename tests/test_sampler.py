@@ -287,6 +287,27 @@ def test_a_traced_top_p_out_of_range_is_nan():
         np.testing.assert_allclose(f(1.0), jaxsce.linear_log_probs(h, w, y, top_k=k), rtol=1e-12)
 
 
+def test_a_nan_row_masked_by_the_caller_leaves_the_gradients_finite():
+    """Rows the sampler gives NaN (here a traced top_p of 1.5) reached d_hidden and d_W through the zero
+    cotangent of a caller's mask."""
+    h, w, y = _data()
+    p = jnp.full(N, 0.9).at[3].set(1.5)
+    for k in (None, 30):
+
+        def obj(h, w, p, y, k=k):
+            lp = jaxsce.linear_log_probs(h, w, y, top_k=k, top_p=p, vocab_block=64)
+            return jnp.sum(jnp.where(jnp.isfinite(lp), lp, 0))
+
+        gh, gw = jax.jit(jax.grad(obj, (0, 1)))(h, w, p, y)
+        assert np.isfinite(gh).all() and np.isfinite(gw).all()
+        np.testing.assert_array_equal(gh[3], 0)
+        # The other rows' gradients are those of the batch without the NaN row.
+        keep = np.arange(N) != 3
+        want_h, want_w = jax.grad(obj, (0, 1))(h[keep], w, p[keep], y[keep])
+        np.testing.assert_allclose(gh[keep], want_h, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(gw, want_w, rtol=1e-10, atol=1e-12)
+
+
 def test_where_ignore_index_and_nan_rows():
     h, w, y = _data()
     where = jnp.arange(N) % 5 != 0
