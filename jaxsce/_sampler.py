@@ -198,9 +198,9 @@ class Search(NamedTuple):
 
     The kept set is ``{c : s_c > lo}`` once ``done``; until then its threshold lies in ``(lo, hi]``
     (the mass strictly above ``lo`` is at least ``p``, the mass strictly above ``hi`` less). ``mass``
-    and ``plogp`` are ``sum p_c`` and ``sum p_c log p_c`` over ``s_c > lo`` (``p`` the row's softmax),
-    ``count`` how many entries lie above ``lo``; ``found`` marks rows the search settled (the others
-    were settled by the candidates, or are not counted)."""
+    and ``plogp`` are ``sum p_c`` and ``sum p_c log p_c`` over ``s_c > lo`` (``p`` the row's softmax);
+    ``found`` marks rows the search settled (the others were settled by the candidates, have no
+    top-p, or are not counted)."""
 
     lo: jax.Array
     hi: jax.Array

@@ -399,14 +399,16 @@ def test_vocabulary_parallel_equals_unsharded(check_vma):
 
 
 @pytest.mark.slow
-def test_memory_at_8192_tokens_2304_256000_bf16():
-    """value_and_grad of a policy-gradient sum of top-k (k = 50) log-probs: temporaries <= 256 MiB."""
+@pytest.mark.parametrize("filters", [dict(top_k=50, top_p=0.95), dict(top_p=0.95)], ids=["top_k+top_p", "top_p"])
+def test_memory_at_8192_tokens_2304_256000_bf16(filters):
+    """value_and_grad of a policy-gradient sum of top-k (k = 50) log-probs, and of top-p alone (its
+    threshold search's passes included): temporaries <= 256 MiB."""
     if compat.JAX < (0, 10):
         pytest.skip("the block memory model is fitted to XLA in jax >= 0.10")
     t, d, v = 8192, 2304, 256000
 
     def objective(h, w, y, adv):
-        lp = jaxsce.linear_log_probs(h, w, y, top_k=50, top_p=0.95)
+        lp = jaxsce.linear_log_probs(h, w, y, **filters)
         return -jnp.mean(jnp.where(jnp.isinf(lp), 0, adv * lp))
 
     args = (
