@@ -163,7 +163,9 @@ def objective(obj: Objective, lp, h, ref, d: TokenData, c: PolicyConsts):
     if c.entropy_coef is not None:
         # TRL 1.16: the bonus is c times the token mean of H over the batch, whatever loss_type.
         value = value - c.entropy_coef * d.token_mean * jnp.where(m, h, zero)
-    value = jnp.where(m, value, zero)
+    # A counted token whose log-probability is NaN (a label out of range) makes the loss NaN, on every
+    # backend: min and clip need not propagate NaN (XLA:CPU in jax 0.6 returns the other operand).
+    value = jnp.where(m, jnp.where(jnp.isnan(lp), lp, value), zero)
     clip_low, clip_high = low & (adv < 0), high & (adv > 0)
     terms = (kl, h if h is not None else kl, clip_low, clip_high, clip_low | clip_high, r)
     metrics = tuple(jnp.where(m, lax.stop_gradient(x).astype(lp.dtype), zero) for x in terms)
