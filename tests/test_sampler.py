@@ -366,6 +366,33 @@ def test_forward_mode_equals_reverse_mode():
 
 @pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
 @pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
+def test_top_p_alone_searched_over_vocabulary_shards_equals_unsharded(check_vma):
+    """The threshold search under shard_map: its passes' sums are combined over the shards, so every
+    shard makes the same passes; values and gradients equal the unsharded loss."""
+    h, w, y = _data()
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    p = jnp.linspace(0.5, 0.95, N)
+    kw = dict(top_p_candidates=4, return_entropy=True)
+
+    def local(h, w, y, p):
+        return jaxsce.linear_log_probs(h, w, y, top_p=p, axis_name="model", vocab_block=32, **kw)
+
+    specs = (P("data"), P(None, "model"), P("data"), P("data"))
+    f = jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=(P("data"), P("data")), check_vma=check_vma)
+    got = jax.jit(f)(h, w, y, p)
+    for i in range(N):
+        want, want_h = np_sampler_log_probs(np.asarray(h @ w)[i : i + 1], np.asarray(y)[i : i + 1], None, float(p[i]))
+        np.testing.assert_allclose(got[0][i], want[0], rtol=1e-10)
+        np.testing.assert_allclose(got[1][i], want_h[0], rtol=1e-10)
+    obj = lambda fn: lambda h, w: sum(jnp.sum(_finite(o)) for o in fn(h, w))  # noqa: E731
+    ga = jax.jit(jax.grad(obj(lambda h, w: f(h, w, y, p)), (0, 1)))(h, w)
+    gb = jax.grad(obj(lambda h, w: jaxsce.linear_log_probs(h, w, y, top_p=p, **kw)), (0, 1))(h, w)
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (virtual) devices")
+@pytest.mark.parametrize("check_vma", [True, False], ids=["checked", "unchecked"])
 def test_vocabulary_parallel_equals_unsharded(check_vma):
     h, w, y = _data()
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
