@@ -278,7 +278,7 @@ def _forward(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, tan
     stats, acc = _stats(loss, m, se, am, acc, consts)
     norm = _norm(stats)
     second = _after_first_pass(
-        loss, acc, stats, rows, valid, lambda r: _second_pass(heads, valid, r, cols, consts, st, norm)
+        loss, acc, stats, rows, valid, lambda r: _second_pass(heads, valid, r, cols, consts, st, norm, shard0)
     )
     outputs, res, d_out = loss.finish(stats, acc, second, rows, cols, consts)
     outputs = tuple(jnp.where(valid, o, 0) for o in outputs)
@@ -287,12 +287,14 @@ def _forward(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, tan
     return outputs, (norm, res), d_out
 
 
-def _second_pass(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, norm):
-    """The loss's second-pass sums over all blocks, every head's normalizer known (one more matmul pass)."""
+def _second_pass(heads: tuple[Head, ...], valid, rows, cols, consts, st: Static, norm, shard0):
+    """The loss's second-pass sums over all blocks, every head's normalizer known (one more matmul pass).
+
+    ``shard0``: the shard's first global column, formed by the caller outside any loop (jax 0.6 cannot
+    partition the ``axis_index`` it takes inside a search's ``while_loop``)."""
     loss, (tb, vb), layouts = st
     t_total = heads[0].hidden.shape[0]
     v_local = vocab_size(heads[0], layouts[0])
-    shard0 = _spmd.shard_col0(v_local, loss.vocab_axis)
     ct = acc_dtype(*(x for hd in heads for x in hd))
     like = (heads, valid, rows, cols, norm)
 
