@@ -35,49 +35,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _auto, _front, _labels, _options, _reduce, _sampler, _spmd, _stream, _transform, _validate
-from ._linear import check_class_ids, check_head
-from ._log_probs import in_block
+from . import _auto, _divergence, _front, _labels, _options, _sampler, _spmd, _stream, _transform, _validate
+from ._divergence import DistillConsts
+from ._inputs import check_class_ids, check_head, check_logit_labels
 from ._stream import DEFAULT_MEMORY_BUDGET
-from ._targets import block_hits, label_entry
-from ._transform import Transform
+from ._targets import block_hits, in_block, label_entry
 
 AxisName = str | tuple[str, ...] | None
-DIVERGENCES = ("kl", "reverse_kl", "jsd")
-
-
-class DistillConsts(NamedTuple):
-    transform: Transform = Transform()  # the temperature (no soft cap)
-    beta: jax.Array | None = None
-    soft_weight: jax.Array | None = None  # None: 1
-    hard_weight: jax.Array | None = None  # the cross-entropy's weight (with labels)
-
-
-def _xlogy_terms(weight, diff):
-    """``weight * diff`` with ``0 * anything = 0`` (``0 log 0 = 0``).
-
-    Only an exact 0 weight drops its term: a NaN weight (a NaN or +inf
-    logit) keeps it, so the row is NaN, as the NaN policy says.
-    """
-    return jnp.where(weight == 0, 0, weight * diff)
-
-
-def _mixture_gaps(log_ps, log_pt, beta):
-    """``(log P_s - log M, log P_t - log M)`` for ``M = beta P_t + (1 - beta) P_s``.
-
-    Formed from ``delta = log P_t - log P_s`` and ``log1p``/``expm1`` of the
-    smaller side, so both are exactly 0 where the two distributions agree
-    (JSD of identical inputs is exactly 0, with a zero gradient), and
-    neither overflows where one side is 0.
-    """
-    delta = log_pt - log_ps
-    below = delta <= 0
-    # delta <= 0: log M - log P_s = log1p(beta expm1(delta)), in [log(1 - beta), 0].
-    # delta > 0: log M - log P_t = log1p((1 - beta) expm1(-delta)), in [log beta, 0].
-    u = jnp.log1p(jnp.where(below, beta, 1 - beta) * jnp.expm1(jnp.where(below, delta, -delta)))
-    gap_s = jnp.where(below, -u, -delta - u)
-    gap_t = jnp.where(below, delta - u, -u)
-    return gap_s, gap_t
 
 
 class WeightedSum(NamedTuple):
@@ -163,7 +127,7 @@ class DistillRows(_stream.RowLoss):
             s, t = blk.s
             w = 1 if self.divergence == "kl" else 0  # the weighting head: the teacher for "kl"
             diff = t - s if w == 1 else s - t
-            a = blk.rescale[w] * a + jnp.sum(_xlogy_terms(blk.e[w], diff), axis=-1)
+            a = blk.rescale[w] * a + jnp.sum(_divergence.xlogy_terms(blk.e[w], diff), axis=-1)
         if self.hard:
             temp = c.transform.temperature
             hard_se = _power(blk.rescale[0], temp) * hard_se + jnp.sum(_power(blk.e[0], temp), axis=-1)
@@ -200,15 +164,15 @@ class DistillRows(_stream.RowLoss):
             outside = fresh & ~inside
             p_w, p_o, log_w, log_o = blk.p[w], blk.p[1 - w], blk.log_p[w], blk.log_p[1 - w]
             return TopKBins(
-                acc2.inside + jnp.sum(jnp.where(inside, _xlogy_terms(p_w, log_w - log_o), 0), axis=-1),
+                acc2.inside + jnp.sum(jnp.where(inside, _divergence.xlogy_terms(p_w, log_w - log_o), 0), axis=-1),
                 acc2.tail_w + jnp.sum(jnp.where(outside, p_w, 0), axis=-1),
                 acc2.tail_o + jnp.sum(jnp.where(outside, p_o, 0), axis=-1),
             )
         k_t, k_s = acc2
         (p_s, p_t), (log_ps, log_pt) = blk.p, blk.log_p
-        gap_s, gap_t = _mixture_gaps(log_ps, log_pt, c.beta)
-        k_t = k_t + jnp.sum(jnp.where(fresh, _xlogy_terms(p_t, gap_t), 0), axis=-1)
-        k_s = k_s + jnp.sum(jnp.where(fresh, _xlogy_terms(p_s, gap_s), 0), axis=-1)
+        gap_s, gap_t = _divergence.mixture_gaps(log_ps, log_pt, c.beta)
+        k_t = k_t + jnp.sum(jnp.where(fresh, _divergence.xlogy_terms(p_t, gap_t), 0), axis=-1)
+        k_s = k_s + jnp.sum(jnp.where(fresh, _divergence.xlogy_terms(p_s, gap_s), 0), axis=-1)
         return MixtureSums(k_t, k_s)
 
     def finish(self, stats: _stream.Stats, acc, second, rows, cols, c: DistillConsts):
@@ -232,7 +196,7 @@ class DistillRows(_stream.RowLoss):
         if self.top_k is not None:
             bins = cast(TopKBins, second)
             gap = jnp.log(bins.tail_w) - jnp.log(bins.tail_o)
-            kl = jnp.maximum(bins.inside + _xlogy_terms(bins.tail_w, gap), 0)
+            kl = jnp.maximum(bins.inside + _divergence.xlogy_terms(bins.tail_w, gap), 0)
             threshold = jnp.min(cast(_sampler.Candidates, acc.sums.candidates).values, axis=-1)
             return jnp.where(bad, jnp.nan, kl), (threshold, bins.tail_w, bins.tail_o, kl)
         if self.divergence == "jsd":
@@ -282,41 +246,22 @@ class DistillRows(_stream.RowLoss):
                 ratio = jnp.where(tail_w == 0, 0, tail_w / tail_o)
                 return g * jnp.where(inside, p_s - p_t, p_s * (1 - ratio))
             f = jnp.where(inside, blk.log_p[0] - blk.log_p[1], jnp.log(tail_w) - jnp.log(tail_o))
-            return g * _xlogy_terms(p_s, f - kl)
+            return g * _divergence.xlogy_terms(p_s, f - kl)
         if self.divergence == "kl":
             return g * (p_s - p_t)
         if self.divergence == "reverse_kl":
             # r_c - KL = (s_c - t_c) - sum_k P_s,k (s_k - t_k): the shifts and
             # log-sums cancel exactly, so no two large numbers are subtracted.
             (mean_diff,) = res
-            return g * _xlogy_terms(p_s, (s - t) - mean_diff[:, None])
+            return g * _divergence.xlogy_terms(p_s, (s - t) - mean_diff[:, None])
         (k_s,) = res
         beta = cast(jax.Array, c.beta)
-        gap_s, _ = _mixture_gaps(blk.log_p[0], blk.log_p[1], beta)
-        return g * (1 - beta) * _xlogy_terms(p_s, gap_s - k_s[:, None])
-
-
-def _options_of(divergence, beta, temperature):
-    divergence = _options.choice(divergence, "divergence", DIVERGENCES)
-    beta_v = None
-    if divergence == "jsd":  # the KLs do not use beta: it is not checked
-        beta_v = _options.float_option(beta, "beta", off_when_zero=False)
-        if beta_v is None:
-            raise TypeError("beta must be a real number in (0, 1), got None.")
-        if not _validate.is_tracer(beta) and float(beta) == 1.0:
-            raise ValueError("beta must be < 1, got 1.0.")
-    return divergence, DistillConsts(_options.transform(None, temperature), beta=beta_v)
-
-
-def _reduced(outputs, valid, reduction, batch_axis_name, batch_shape):
-    (loss,) = outputs
-    if reduction == "none":
-        return loss.reshape(batch_shape)
-    return _reduce.reduce_loss(loss, valid.astype(loss.dtype), reduction, batch_axis_name, valid)
+        gap_s, _ = _divergence.mixture_gaps(blk.log_p[0], blk.log_p[1], beta)
+        return g * (1 - beta) * _divergence.xlogy_terms(p_s, gap_s - k_s[:, None])
 
 
 @_options.keyword_checked
-@_auto.spmd(student_logits=_auto.CLASSES, teacher_logits=_auto.CLASSES, where=_auto.ROWS)
+@_auto.spmd(student_logits=_auto.CLASSES, teacher_logits=_auto.CLASSES, where=_auto.ROWS, labels=_auto.ROWS)
 def distillation_loss(
     student_logits: jax.Array,
     teacher_logits: jax.Array,
@@ -331,6 +276,11 @@ def distillation_loss(
     batch_axis_name: AxisName = None,
     derivative: str = "vjp",
     num_classes: int | None = None,
+    labels: jax.Array | None = None,
+    hard_weight: float | jax.Array = 0.0,
+    soft_weight: float | jax.Array = 1.0,
+    ignore_index: int | None = -100,
+    top_k: int | None = None,
 ) -> jax.Array:
     r"""Divergence between the student's and the teacher's softmax, with analytic gradients.
 
@@ -377,13 +327,29 @@ def distillation_loss(
         must name them.
       derivative: ``"vjp"`` (default, reverse mode) or ``"jvp"`` (forward
         mode: ``jax.jvp``, ``jax.jacfwd``), as in :func:`jaxsce.log_probs`.
+      labels: integer class ids of the batch shape: with ``hard_weight``, the
+        loss per example is ``soft_weight * divergence + hard_weight * CE``,
+        the cross-entropy of the student's untempered logits (Liger-Kernel's
+        ``weight_hard_loss``/``weight_soft_loss``); examples whose label is
+        ``ignore_index`` are left out of both terms.
+      hard_weight, soft_weight: the two terms' weights (``>= 0``, may be traced).
+      ignore_index: labels equal to it are not counted (default -100, as in
+        PyTorch; None: off).
+      top_k: compare the two on ``k + 1`` bins: ``"kl"`` on the teacher's top
+        ``k`` classes, ``"reverse_kl"`` on the student's, each plus one tail
+        bin with the rest of each side's mass (ties at the k-th value kept;
+        the bins are constants for differentiation), as
+        :func:`jaxsce.topk_distillation_loss` does with a stored teacher.
+        ``"jsd"`` with ``top_k`` is a ``ValueError``; None, ``<= 0`` or
+        ``>= C``: the full divergence.
 
     Returns:
       float32 (float64 for float64 logits), scalar or of the batch shape.
 
     Raises:
-      TypeError: non-floating logits, a traced static option.
-      ValueError: shapes that differ (named), no classes, an option out of range.
+      TypeError: non-floating logits, non-integer labels, a traced static option.
+      ValueError: shapes that differ (named), no classes, an option out of range,
+        ``hard_weight > 0`` without labels, ``top_k`` with ``"jsd"``.
 
     Examples:
       >>> import jax.numpy as jnp, jaxsce
@@ -394,19 +360,34 @@ def distillation_loss(
     """
     static = dict(
         axis=_options.hashable_axes(axis, "axis"),
-        reduction=_options.choice(reduction, "reduction", _options.REDUCTIONS),
-        axis_name=_options.hashable_axes(axis_name, "axis_name"),
-        batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
-        derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
-        num_classes=_options.size(num_classes, "num_classes"),
+        **_static(reduction, axis_name, batch_axis_name, derivative, num_classes),
     )
-    divergence, consts = _options_of(divergence, beta, temperature)
-    return _distillation_loss(student_logits, teacher_logits, where, consts, divergence=divergence, **static)
+    divergence, consts, hard, static["top_k"], static["ignore_index"] = _divergence_options(
+        divergence, beta, temperature, labels, hard_weight, soft_weight, ignore_index, top_k
+    )
+    return _distillation_loss(
+        student_logits, teacher_logits, where, labels, consts, divergence=divergence, hard=hard, **static
+    )
 
 
 @_front.implementation
 def _distillation_loss(
-    student, teacher, where, consts, *, divergence, axis, reduction, axis_name, batch_axis_name, derivative, num_classes
+    student,
+    teacher,
+    where,
+    labels,
+    consts,
+    *,
+    divergence,
+    hard,
+    axis,
+    reduction,
+    axis_name,
+    batch_axis_name,
+    derivative,
+    num_classes,
+    ignore_index,
+    top_k,
 ):
     student = _validate.check_floating(student, "student_logits")
     teacher = _validate.check_floating(teacher, "teacher_logits")
@@ -419,28 +400,23 @@ def _distillation_loss(
     s_rows, batch_shape, flat = _validate.class_rows(student, axis, "student_logits")
     valid = _front.counted(where, batch_shape, "the batch shape: logits.shape without axis")
     ct = _validate.compute_dtype(_validate.promote(student.dtype, teacher.dtype))
-    consts = _consts_in(consts, ct, divergence)
-    _, padding = _options.class_count(num_classes, s_rows.shape[1], axis_name, "the logits' class axis")
+    consts = _divergence.consts_in(consts, ct, divergence)
+    count, padding = _options.class_count(num_classes, s_rows.shape[1], axis_name, "the logits' class axis")
+    if labels is not None:
+        labels = check_logit_labels(labels, student, axis, batch_shape)
+    y, valid = _labels_in(labels, valid, count, ignore_index)
     loss = DistillRows(
-        divergence=divergence, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name), classes=padding
+        divergence=divergence,
+        hard=hard,
+        num_classes=count,
+        top_k=top_k if top_k is not None and top_k < count else None,
+        vocab_axis=axis_name,
+        unchecked=_spmd.unchecked(axis_name),
+        classes=padding,
     )
     z = (s_rows, lax.stop_gradient(flat(teacher)))
-    outputs = _front.whole(loss, z, valid, None, None, consts, derivative)
-    return _reduced(outputs, valid, reduction, batch_axis_name, batch_shape)
-
-
-def _consts_in(consts: DistillConsts, ct, divergence: str) -> DistillConsts:
-    """The traced options in the compute dtype; NaN where out of range (``0 < beta < 1`` for JSD)."""
-    transform = _options.in_dtype(consts.transform, ct)
-    beta = consts.beta
-    if beta is not None:
-        beta = lax.stop_gradient(jnp.asarray(beta).astype(ct))
-        beta = jnp.where((beta > 0) & (beta < 1), beta, jnp.nan)
-    weights = (
-        None if x is None else _options.traced_in_dtype(x, ct, (0.0, None, False))
-        for x in (consts.soft_weight, consts.hard_weight)
-    )
-    return DistillConsts(transform, beta, *weights)
+    outputs = _front.whole(loss, z, valid, y if hard else None, None, consts, derivative)
+    return _divergence.reduced(outputs, valid, reduction, batch_axis_name, batch_shape)
 
 
 def _hard_options(consts: DistillConsts, labels, hard_weight, soft_weight) -> tuple[DistillConsts, bool]:
@@ -454,14 +430,41 @@ def _hard_options(consts: DistillConsts, labels, hard_weight, soft_weight) -> tu
     return consts._replace(soft_weight=soft, hard_weight=hard), hard is not None
 
 
-def _labels_in(labels, valid, batch_shape, num_classes: int, ignore_index, what: str):
-    """Class ids of the batch shape (0 where not counted) and the mask without ``ignore_index``."""
+def _static(reduction, axis_name, batch_axis_name, derivative, num_classes) -> dict[str, Any]:
+    """The static options both distillation functions share, checked."""
+    return dict(
+        reduction=_options.choice(reduction, "reduction", _options.REDUCTIONS),
+        axis_name=_options.hashable_axes(axis_name, "axis_name"),
+        batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
+        derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
+        num_classes=_options.size(num_classes, "num_classes"),
+    )
+
+
+def _labels_in(labels, valid, num_classes: int, ignore_index):
+    """Checked class ids, flat (0 where not counted), and the mask without ``ignore_index``."""
     if labels is None:
-        if ignore_index not in (None, _labels.DEFAULT_IGNORE_INDEX):
-            raise ValueError("ignore_index applies to labels: pass labels.")
         return None, valid
-    labels = check_class_ids(labels, batch_shape, what)
     return _labels.label_validity(labels.reshape(-1), num_classes, valid, ignore_index, False)
+
+
+def _divergence_options(divergence, beta, temperature, labels, hard_weight, soft_weight, ignore_index, top_k):
+    """The options both distillation functions share, checked: ``(divergence, consts, hard, top_k,
+    ignore_index)``; host labels that JAX would wrap are refused here."""
+    if labels is not None:
+        _labels.check_host_labels(labels)
+    divergence, consts = _divergence.options_of(divergence, beta, temperature)
+    k = _options.top_k(top_k)
+    if k is not None and divergence == "jsd":
+        raise ValueError(
+            "top_k bins the teacher's top k for divergence='kl' and the student's for 'reverse_kl'; "
+            "'jsd' has no such bins: pass top_k=None or another divergence."
+        )
+    consts, hard = _hard_options(consts, labels, hard_weight, soft_weight)
+    ignore = _options.ignored_class(ignore_index)
+    if labels is None and ignore not in (None, _labels.DEFAULT_IGNORE_INDEX):
+        raise ValueError("ignore_index applies to labels: pass labels.")
+    return divergence, consts, hard, k, ignore
 
 
 @_options.keyword_checked
@@ -577,17 +580,11 @@ def linear_distillation_loss(
       >>> print(f"{jaxsce.linear_distillation_loss(h, ws, jnp.ones((4, 16)), wt):.4f}")  # both uniform
       0.0000
     """
-    if labels is not None:
-        _labels.check_host_labels(labels)
-    static = dict(
+    static: dict[str, Any] = dict(
         **_options.fused(
             weight_layout=weight_layout, token_block=token_block, vocab_block=vocab_block, memory_budget=memory_budget
         ),
-        reduction=_options.choice(reduction, "reduction", _options.REDUCTIONS),
-        axis_name=_options.hashable_axes(axis_name, "axis_name"),
-        batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
-        derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
-        num_classes=_options.size(num_classes, "num_classes"),
+        **_static(reduction, axis_name, batch_axis_name, derivative, num_classes),
         teacher_weight_layout=_options.choice(
             weight_layout if teacher_weight_layout is None else teacher_weight_layout,
             "teacher_weight_layout",
@@ -595,17 +592,11 @@ def linear_distillation_loss(
         ),
     )
     _front.check_forward_mode(derivative, "linear_distillation_loss", student_hidden, student_weight, student_bias)
-    divergence, consts = _options_of(divergence, beta, temperature)
-    static["top_k"] = _options.top_k(top_k)
-    if static["top_k"] is not None and divergence == "jsd":
-        raise ValueError(
-            "top_k bins the teacher's top k for divergence='kl' and the student's for 'reverse_kl'; "
-            "'jsd' has no such bins: pass top_k=None or another divergence."
-        )
-    consts, hard = _hard_options(consts, labels, hard_weight, soft_weight)
+    divergence, consts, hard, static["top_k"], static["ignore_index"] = _divergence_options(
+        divergence, beta, temperature, labels, hard_weight, soft_weight, ignore_index, top_k
+    )
     args = (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, where, labels)
-    ignore = _options.ignored_class(ignore_index)
-    return _linear_distillation_loss(*args, consts, divergence=divergence, hard=hard, ignore_index=ignore, **static)
+    return _linear_distillation_loss(*args, consts, divergence=divergence, hard=hard, **static)
 
 
 @_front.implementation
@@ -654,9 +645,11 @@ def _linear_distillation_loss(
     teacher = _stream.Head(*(None if x is None else lax.stop_gradient(x) for x in teacher))  # type: ignore[arg-type]
     heads = (student, teacher)
     ct = _stream.acc_dtype(*student, *teacher)
-    consts = _consts_in(consts, ct, divergence)
+    consts = _divergence.consts_in(consts, ct, divergence)
     count, padding = _options.class_count(num_classes, v_s, axis_name, "student_weight's vocabulary")
-    y, valid = _labels_in(labels, valid, batch_shape, count, ignore_index, hs.shape)
+    if labels is not None:
+        labels = check_class_ids(labels, batch_shape, hs.shape)
+    y, valid = _labels_in(labels, valid, count, ignore_index)
     loss = DistillRows(
         divergence=divergence,
         hard=hard,
@@ -683,4 +676,4 @@ def _linear_distillation_loss(
     )
     if isinstance(out, _front.Total):
         return _front.reduce_total(out, reduction, batch_axis_name, valid)
-    return _reduced(out, valid, reduction, batch_axis_name, batch_shape)
+    return _divergence.reduced(out, valid, reduction, batch_axis_name, batch_shape)

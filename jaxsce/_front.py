@@ -34,14 +34,15 @@ def implementation(fn):
     return functools.wraps(fn)(jax.jit(fn, static_argnames=static))
 
 
-def counted(where, batch_shape: tuple[int, ...], what: str) -> jax.Array:
-    """The ``[n]`` boolean mask of counted examples: ``where`` checked against the batch shape, or all."""
+def counted(where, batch_shape: tuple[int, ...], what: str, name: str = "where") -> jax.Array:
+    """The ``[n]`` boolean mask of counted examples: ``where`` (the argument ``name``) checked against the
+    batch shape, or all."""
     n = 1
     for d in batch_shape:
         n = n * d
     if where is None:
         return jnp.ones(n, bool)
-    return _validate.check_mask(where, batch_shape, "where", what).reshape(n)
+    return _validate.check_mask(where, batch_shape, name, what).reshape(n)
 
 
 def _invariant_padding(n: int) -> int:

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, cast, overload
 import jax
 import jax.numpy as jnp
 
-from . import _auto, _front, _labels, _options, _reduce, _spmd, _stream, _targets, _transform, _typing, _validate
+from . import _auto, _front, _labels, _options, _reduce, _spmd, _stream, _targets, _transform, _typing
+from ._inputs import check_class_ids, check_head
 from ._logit_ce import in_range, total_weight
 from ._stream import DEFAULT_MEMORY_BUDGET, Head
 from ._targets import Options
@@ -107,7 +108,7 @@ class CrossEntropyRows(_stream.RowLoss):
     def accumulate(self, acc, blk: _stream.Block, c: CEConsts):
         (s_y, smooth, w_y, seen), tan = acc.sums, acc.tangents
         s, y, cw = blk.s[0], blk.rows.labels, blk.cols
-        in_block = (y >= blk.fresh_col0) & (y < blk.col0 + s.shape[1])
+        in_block = _targets.in_block(y, blk)
         s_y = s_y + jnp.where(in_block, _targets.label_entry(s, y, blk.col0), 0)
         if c.opts.label_smoothing is not None:
             rel = s - blk.m[0][:, None]
@@ -176,49 +177,6 @@ class CrossEntropyRows(_stream.RowLoss):
         if sw is not None:
             value, count = value * g_ce, count * g_ce
         return _stream.Scalar(value, count, (g_ce, g_lse, None, None, None))
-
-
-def check_head(hidden, weight, bias, layout: str, prefix: str = "", linear: str = "linear_") -> tuple[Head, int]:
-    """Checks one linear head; returns it with the tokens flattened, and its (local) vocabulary size.
-
-    ``prefix`` and ``linear`` build the argument names in messages:
-    ``hidden``/``linear_weight``/``linear_bias``, or ``student_hidden``/...
-    """
-    names = (f"{prefix}hidden", f"{prefix}{linear}weight", f"{prefix}{linear}bias")
-    hidden = _validate.check_floating(hidden, names[0])
-    weight = _validate.check_floating(weight, names[1])
-    if hidden.ndim < 1:
-        raise ValueError(f"{names[0]} must have shape [..., d], got shape {hidden.shape}.")
-    if weight.ndim != 2:
-        raise ValueError(f"{names[1]} must be 2-D ([d, V] or [V, d]), got shape {weight.shape}.")
-    d = hidden.shape[-1]
-    wd, v_local = (weight.shape[0], weight.shape[1]) if layout == "dv" else (weight.shape[1], weight.shape[0])
-    if wd != d:
-        other = "vd" if layout == "dv" else "dv"
-        other_d = weight.shape[1] if layout == "dv" else weight.shape[0]
-        looks = "a [V, d] table (an embedding's layout)" if other == "vd" else "a [d, V] matrix"
-        hint = f" It looks like {looks}: pass weight_layout={other!r}." if other_d == d else ""
-        raise ValueError(
-            f"{names[0]} has feature size {d} (shape {hidden.shape}) but {names[1]} of shape "
-            f"{weight.shape} with weight_layout={layout!r} has input size {wd}.{hint}"
-        )
-    if v_local == 0:
-        raise ValueError(f"{names[1]} of shape {weight.shape} (weight_layout={layout!r}) has no classes.")
-    if bias is not None:
-        bias = _validate.check_floating(bias, names[2])
-        if bias.shape != (v_local,):
-            raise ValueError(f"{names[2]} has shape {bias.shape} but must have shape ({v_local},).")
-    return Head(hidden.reshape(math.prod(hidden.shape[:-1]), d), weight, bias), v_local
-
-
-def check_class_ids(labels, batch_shape, hidden_shape):
-    """Integer class ids of the tokens' shape."""
-    labels = jnp.asarray(labels)
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(f"labels must be integer class ids, got dtype {labels.dtype} with shape {labels.shape}.")
-    if labels.shape != batch_shape:
-        raise ValueError(f"labels have shape {labels.shape} but hidden of shape {hidden_shape} needs {batch_shape}.")
-    return labels
 
 
 @overload

@@ -47,9 +47,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _auto, _front, _labels, _options, _spmd, _stream, _transform, _typing, _validate
-from ._linear import check_class_ids, check_head
-from ._log_probs import LogProbRows, check_logit_labels, grouped_vjp
+from ._inputs import check_class_ids, check_head, check_logit_labels
 from ._stream import DEFAULT_MEMORY_BUDGET
+from ._tokens import LogProbRows, grouped_vjp
 from ._transform import Transform
 
 if TYPE_CHECKING:
@@ -183,7 +183,7 @@ def _vjp_terms(obj: Objective, lp, h, ref, d: TokenData, c: PolicyConsts, shape)
 
 def _split(outputs, entropy: bool, reference: bool, data: TokenData):
     """``(log p, H or None, the reference's log p or None)`` from the per-row outputs of
-    :class:`~jaxsce._log_probs.LogProbRows` (a streamed reference head) or the given ``data.ref``."""
+    :class:`~jaxsce._tokens.LogProbRows` (a streamed reference head) or the given ``data.ref``."""
     h = outputs[1] if entropy else None
     return outputs[0], h, outputs[-1] if reference else data.ref
 
@@ -198,7 +198,7 @@ class PolicyRowData(NamedTuple):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PolicyRows(LogProbRows):
     """The log-probabilities (and entropy, and a reference head's log-probabilities) of
-    :class:`~jaxsce._log_probs.LogProbRows`, with the policy objective as its scalar."""
+    :class:`~jaxsce._tokens.LogProbRows`, with the policy objective as its scalar."""
 
     objective: Objective
 
@@ -265,6 +265,7 @@ SETTINGS = (
     "batch_axis_name",
     "num_classes",
     "ignore_index",
+    "batch_invariant",
 )
 
 
@@ -288,6 +289,7 @@ def _settings(
     batch_axis_name,
     num_classes,
     ignore_index,
+    batch_invariant,
     has_reference: bool,
 ) -> Settings:
     loss_type = _options.choice(loss_type, "loss_type", LOSS_TYPES)
@@ -340,6 +342,7 @@ def _settings(
         batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
         num_classes=_options.size(num_classes, "num_classes"),
         ignore_index=_options.ignored_class(ignore_index),
+        batch_invariant=_options.flag(batch_invariant, "batch_invariant"),
     )
     return Settings(static, consts, num_items)
 
@@ -520,6 +523,7 @@ def policy_loss(
     batch_axis_name: AxisName = None,
     num_classes: int | None = None,
     ignore_index: int | None = -100,
+    batch_invariant: bool = False,
 ) -> jax.Array | tuple[jax.Array, PolicyAux]:
     r"""Policy-optimization loss of the GRPO family (GRPO, DAPO, Dr. GRPO, BNPO, GSPO, CISPO, SAPO, LUSPO).
 
@@ -598,6 +602,9 @@ def policy_loss(
         as in :func:`jaxsce.log_probs`.
       ignore_index: tokens whose label equals it are not counted (as
         ``where=False``); default -100 (TRL's and PyTorch's); None: off.
+      batch_invariant: every token's log-probability (and entropy) is
+        bitwise the same whatever the batch it is computed in, as in
+        :func:`jaxsce.log_probs`.
 
     All float options may be traced (a schedule compiles once); a traced
     value out of range makes the loss NaN.
@@ -644,6 +651,7 @@ def _policy_loss(
     batch_axis_name,
     num_classes,
     ignore_index,
+    batch_invariant,
 ):
     logits = _validate.check_floating(logits, "logits")
     z, batch_shape, _ = _validate.class_rows(logits, axis, "logits")
@@ -667,7 +675,7 @@ def _policy_loss(
         unchecked=_spmd.unchecked(axis_name),
         classes=padding,
     )
-    outputs = _front.whole(loss, (z,), valid, y, None, consts.transform, "vjp")
+    outputs = _front.whole(loss, (z,), valid, y, None, consts.transform, "vjp", invariant=batch_invariant)
     value, metrics = _from_outputs(objective, outputs, entropy, False, tokens, consts, batch_shape)
     share = _share(objective, num_items, consts)
     return _finish(value, metrics, total, return_aux, data[2] is not None, batch_axis_name, share)
@@ -832,10 +840,7 @@ def linear_policy_loss(
     )
     heads = (hidden, linear_weight, linear_bias, ref_hidden, ref_weight, ref_bias)
     data = (advantages, old_log_probs, ref_log_probs, sampler_weights)
-    invariant = _options.flag(batch_invariant, "batch_invariant")
-    return _linear_policy_loss(
-        heads, labels, where, data, st.consts, st.num_items, **fused, **st.static, batch_invariant=invariant
-    )
+    return _linear_policy_loss(heads, labels, where, data, st.consts, st.num_items, **fused, **st.static)
 
 
 @_front.implementation

@@ -33,9 +33,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from . import _auto, _front, _labels, _options, _spmd, _stream, _transform, _typing, _validate
-from ._linear import check_class_ids, check_head
-from ._log_probs import LogProbRows, check_logit_labels, grouped_vjp
+from ._inputs import check_class_ids, check_head, check_logit_labels
 from ._stream import DEFAULT_MEMORY_BUDGET
+from ._tokens import LogProbRows, grouped_vjp
 from ._transform import Transform
 
 if TYPE_CHECKING:
@@ -217,7 +217,7 @@ class PairRowData(NamedTuple):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PreferenceRows(LogProbRows):
-    """The log-probabilities (and a reference head's) of :class:`~jaxsce._log_probs.LogProbRows`,
+    """The log-probabilities (and a reference head's) of :class:`~jaxsce._tokens.LogProbRows`,
     with the preference objective as its scalar; rows are ``[P, 2, L]`` flattened (``row_group = 2 L``)."""
 
     loss_type: str
@@ -343,7 +343,7 @@ def _pair_mask(wheres, labels_pair, ignore_index, shape):
     """The ``[P, 2, L]`` mask of counted tokens: ``*_where`` and, with ``ignore_index``, the labels."""
     masks = []
     for name, where, labels in zip(("chosen_where", "rejected_where"), wheres, labels_pair):
-        m = _front.counted(where, shape, f"[P, L], the {name.split('_')[0]} labels' shape").reshape(shape)
+        m = _front.counted(where, shape, f"[P, L], the {name.split('_')[0]} labels' shape", name).reshape(shape)
         if ignore_index is not None:
             m = m & (labels != ignore_index)
         masks.append(m)

@@ -234,3 +234,8 @@ def soft_target_cotangent(g_loss, lse, s, targets, class_weight, opts: Options):
         g = g * class_weight[None, :]
     g = jnp.where((targets == 0) & (s == -jnp.inf), 0, g)
     return g * g_loss[:, None]
+
+
+def in_block(y, blk):
+    """The class id lies in the block's columns not counted by an earlier block."""
+    return (y >= blk.fresh_col0) & (y < blk.col0 + blk.s[0].shape[1])

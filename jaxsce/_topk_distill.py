@@ -33,9 +33,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _auto, _front, _labels, _options, _spmd, _stream, _transform, _validate
-from ._distill import DIVERGENCES, DistillConsts, _consts_in, _mixture_gaps, _options_of, _reduced, _xlogy_terms
-from ._linear import check_head
+from . import _auto, _divergence, _front, _labels, _options, _spmd, _stream, _transform, _validate
+from ._divergence import DIVERGENCES, DistillConsts
+from ._inputs import check_head
 from ._stream import DEFAULT_MEMORY_BUDGET
 
 AxisName = str | tuple[str, ...] | None
@@ -77,11 +77,11 @@ def bin_divergence(log_t, log_q, divergence: str, beta):
     """The divergence of two distributions on the last axis, given as log-probabilities (0 log 0 = 0)."""
     t, q = jnp.exp(log_t), jnp.exp(log_q)
     if divergence == "kl":
-        return jnp.sum(_xlogy_terms(t, log_t - log_q), axis=-1)
+        return jnp.sum(_divergence.xlogy_terms(t, log_t - log_q), axis=-1)
     if divergence == "reverse_kl":
-        return jnp.sum(_xlogy_terms(q, log_q - log_t), axis=-1)
-    gap_q, gap_t = _mixture_gaps(log_q, log_t, beta)
-    return jnp.sum(beta * _xlogy_terms(t, gap_t) + (1 - beta) * _xlogy_terms(q, gap_q), axis=-1)
+        return jnp.sum(_divergence.xlogy_terms(q, log_q - log_t), axis=-1)
+    gap_q, gap_t = _divergence.mixture_gaps(log_q, log_t, beta)
+    return jnp.sum(beta * _divergence.xlogy_terms(t, gap_t) + (1 - beta) * _divergence.xlogy_terms(q, gap_q), axis=-1)
 
 
 def _bins(lq_top, lq_tail, lt_top, tail: bool):
@@ -220,7 +220,7 @@ def _setup(data, batch_shape, what: str, ct, classes, *, divergence, tail, axis_
         classes=padding,
     )
     rows = TopKRows(idx, lax.stop_gradient(lt.astype(ct)))
-    return loss, rows, valid, _consts_in(consts, ct, divergence)
+    return loss, rows, valid, _divergence.consts_in(consts, ct, divergence)
 
 
 @_options.keyword_checked
@@ -298,7 +298,7 @@ def topk_distillation_loss(
     """
     _labels.check_host_labels(teacher_indices, "teacher_indices")
     static = _statics(tail, reduction, axis_name, batch_axis_name, num_classes)
-    divergence, consts = _options_of(divergence, beta, temperature)
+    divergence, consts = _divergence.options_of(divergence, beta, temperature)
     args = (student_logits, teacher_indices, teacher_log_probs, where, consts)
     return _topk_distillation_loss(*args, divergence=divergence, **static)
 
@@ -325,7 +325,7 @@ def _topk_distillation_loss(
         num_classes=num_classes,
     )
     outputs = _front.whole(loss, (student.reshape(-1, student.shape[-1]),), valid, rows, None, consts, "vjp")
-    return _reduced(outputs, valid, reduction, batch_axis_name, batch_shape)
+    return _divergence.reduced(outputs, valid, reduction, batch_axis_name, batch_shape)
 
 
 @_options.keyword_checked
@@ -401,7 +401,7 @@ def linear_topk_distillation_loss(
         ),
         **_statics(tail, reduction, axis_name, batch_axis_name, num_classes),
     )
-    divergence, consts = _options_of(divergence, beta, temperature)
+    divergence, consts = _divergence.options_of(divergence, beta, temperature)
     args = (hidden, linear_weight, linear_bias, teacher_indices, teacher_log_probs, where, consts)
     return _linear_topk_distillation_loss(*args, divergence=divergence, **static)
 
@@ -458,7 +458,7 @@ def _linear_topk_distillation_loss(
     )
     if isinstance(out, _front.Total):
         return _front.reduce_total(out, reduction, batch_axis_name, valid)
-    return _reduced(out, valid, reduction, batch_axis_name, batch_shape)
+    return _divergence.reduced(out, valid, reduction, batch_axis_name, batch_shape)
 
 
 __all__ = ["DIVERGENCES", "linear_topk_distillation_loss", "topk_distillation_loss"]

@@ -103,6 +103,7 @@ class _Policy(_Transform, total=False):
     batch_axis_name: AxisName
     num_classes: int | None
     ignore_index: int | None
+    batch_invariant: bool
 
 
 class PolicyOptions(_Policy, total=False):
@@ -113,7 +114,6 @@ class LinearPolicyOptions(_Policy, _Head, total=False):
     ref_hidden: jax.Array | None
     ref_weight: jax.Array | None
     ref_bias: jax.Array | None
-    batch_invariant: bool
 
 
 class PreferenceOptions(_Transform, total=False):

@@ -124,3 +124,27 @@ def test_linear_policy_loss_gradient_rows_are_bitwise_the_same_in_any_batch():
         values.append(value)
     _assert_bitwise(results)
     np.testing.assert_allclose(values, values[0], rtol=1e-6)
+
+
+def test_policy_loss_gradient_rows_are_bitwise_the_same_in_any_batch():
+    """The logit-level twin lacked batch_invariant (linear_policy_loss had it)."""
+    length = 40
+    h, w, y = _data(jnp.float32, n=12 * length)
+    z = (h @ w).reshape(12, length, V)
+    adv = jnp.asarray(np.random.default_rng(2).normal(size=12), jnp.float32)
+    old = jnp.full((12, length), -8.0, jnp.float32)
+    results, values = [], []
+    for b in (1, 7, 12):
+        where = jnp.broadcast_to(jnp.arange(b)[:, None] == 0, (b, length))
+        yb = y[: b * length].reshape(b, length)
+
+        def f(zb, b=b, where=where, yb=yb):
+            return jaxsce.policy_loss(
+                zb, yb, adv[:b], old_log_probs=old[:b], where=where, temperature=0.7, batch_invariant=True
+            )
+
+        value, dz = jax.jit(jax.value_and_grad(f))(z[:b])
+        results.append((dz[0],))
+        values.append(value)
+    _assert_bitwise(results)
+    np.testing.assert_allclose(values, values[0], rtol=1e-6)

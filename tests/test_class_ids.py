@@ -60,6 +60,9 @@ CALLS = {
     "linear_policy_loss": lambda h, w, y, **kw: jaxsce.linear_policy_loss(h, w, y, ADV, **kw),
     "preference_loss": lambda h, w, y, **kw: _pref(jaxsce.preference_loss, h, w, y, **kw),
     "linear_preference_loss": lambda h, w, y, **kw: _pref(jaxsce.linear_preference_loss, h, w, y, **kw),
+    "distillation_loss": lambda h, w, y, **kw: jaxsce.distillation_loss(
+        h @ w, h @ (w * 0.5), labels=y, hard_weight=0.5, **kw
+    ),
     "linear_distillation_loss": lambda h, w, y, **kw: jaxsce.linear_distillation_loss(
         h, w, h, w * 0.5, labels=y, hard_weight=0.5, **kw
     ),

@@ -262,16 +262,17 @@ def _naive_hard(hs, ws, ht, wt, y, divergence, temperature, hard_weight, soft_we
 
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-@pytest.mark.parametrize("path", ["single pass", "streamed"])
+@pytest.mark.parametrize("path", ["single pass", "streamed", "logits"])
 def test_hard_label_term_in_the_same_stream(divergence, temperature, path):
+    """Fused on both paths, and ``distillation_loss`` of the logits (which lacked labels and the weights)."""
     d = _hard_case()
     blocks = dict(vocab_block=16) if path == "streamed" else {}
+    opts = dict(divergence=divergence, temperature=temperature, labels=d["y"], hard_weight=0.3, soft_weight=0.7)
 
     def ours(hs, ws):
-        return jaxsce.linear_distillation_loss(
-            hs, ws, d["ht"], d["wt"], divergence=divergence, temperature=temperature, labels=d["y"],
-            hard_weight=0.3, soft_weight=0.7, ignore_index=-100, **blocks,
-        )  # fmt: skip
+        if path == "logits":
+            return jaxsce.distillation_loss(hs @ ws, d["ht"] @ d["wt"], **opts, ignore_index=-100)
+        return jaxsce.linear_distillation_loss(hs, ws, d["ht"], d["wt"], **opts, ignore_index=-100, **blocks)
 
     def naive(hs, ws):
         return _naive_hard(hs, ws, d["ht"], d["wt"], d["y"], divergence, temperature, 0.3, 0.7)
@@ -283,15 +284,23 @@ def test_hard_label_term_in_the_same_stream(divergence, temperature, path):
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-13)
 
 
-def test_hard_label_term_errors_and_soft_only():
+@pytest.mark.parametrize("level", ["fused", "logits"])
+def test_hard_label_term_errors_and_soft_only(level):
     d = _hard_case(51)
-    args = (d["hs"], d["ws"], d["ht"], d["wt"])
+    if level == "fused":
+        args, f = (d["hs"], d["ws"], d["ht"], d["wt"]), jaxsce.linear_distillation_loss
+    else:
+        args, f = (d["hs"] @ d["ws"], d["ht"] @ d["wt"]), jaxsce.distillation_loss
     with pytest.raises(ValueError, match="pass labels"):
-        jaxsce.linear_distillation_loss(*args, hard_weight=0.5)
+        f(*args, hard_weight=0.5)
+    with pytest.raises(ValueError, match="ignore_index applies to labels"):
+        f(*args, ignore_index=3)
+    with pytest.raises(TypeError, match="labels must be integer class ids"):
+        f(*args, labels=d["y"].astype(jnp.float32), hard_weight=0.5)
     # labels with hard_weight 0: ignore_index masks the soft term only.
     m = d["y"] != -100
-    got = jaxsce.linear_distillation_loss(*args, labels=d["y"], ignore_index=-100)
-    np.testing.assert_allclose(got, jaxsce.linear_distillation_loss(*args, where=m), rtol=1e-12)
+    got = f(*args, labels=d["y"], ignore_index=-100)
+    np.testing.assert_allclose(got, f(*args, where=m), rtol=1e-12)
 
 
 def _liger_jsd():

@@ -269,19 +269,23 @@ def naive_two_head_top_k(zs, zt, k, divergence, temperature):
 
 @fast_cases(lambda p: p["path"] != "single pass" or p["divergence"] == "kl")
 @pytest.mark.parametrize("divergence", ["kl", "reverse_kl"])
-@pytest.mark.parametrize("path", ["streamed", "single pass", "small budget"])
+@pytest.mark.parametrize("path", ["streamed", "single pass", "small budget", "logits"])
 def test_two_head_top_k_equals_autodiff_of_the_naive_bins(divergence, path):
+    """The fused loss on every path, and ``distillation_loss`` of the two heads' logits (which lacked top_k)."""
     hs, ws, ht, wt = _two_heads()
     g = jnp.asarray(np.random.default_rng(4).normal(size=N))
     kw = {
         "streamed": dict(reduction="none", token_block=8, vocab_block=48),
         "single pass": dict(reduction="mean"),
         "small budget": dict(reduction="mean", memory_budget=4096),
+        "logits": dict(reduction="none"),
     }[path]
     red = (lambda x: jnp.sum(g * x)) if kw["reduction"] == "none" else jnp.mean
-    f = lambda hs, ws: red(
-        jaxsce.linear_distillation_loss(hs, ws, ht, wt, divergence=divergence, temperature=0.8, top_k=K, **kw)
-    )
+    opts = dict(divergence=divergence, temperature=0.8, top_k=K, **kw)
+    if path == "logits":
+        f = lambda hs, ws: red(jaxsce.distillation_loss(hs @ ws, ht @ wt, **opts))
+    else:
+        f = lambda hs, ws: red(jaxsce.linear_distillation_loss(hs, ws, ht, wt, **opts))
     naive = lambda hs, ws: red(naive_two_head_top_k(hs @ ws, ht @ wt, K, divergence, 0.8))
     np.testing.assert_allclose(f(hs, ws), naive(hs, ws), rtol=1e-12)
     for a, b in zip(jax.grad(f, (0, 1))(hs, ws), jax.grad(naive, (0, 1))(hs, ws)):
