@@ -15,7 +15,7 @@ import jax
 from . import _auto, _front, _labels, _options, _sampler, _spmd, _stream, _typing, _validate
 from ._inputs import check_class_ids, check_head, check_logit_labels
 from ._stream import DEFAULT_MEMORY_BUDGET
-from ._tokens import LogProbRows, SampledRows
+from ._tokens import LogProbRows, SampledRows, TokenConsts
 from ._transform import Transform
 
 if TYPE_CHECKING:
@@ -215,7 +215,7 @@ def _log_probs(
     valid = _front.counted(where, batch_shape, "the batch shape: logits.shape without axis")
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, ignore_index, check_labels)
     ct = _validate.compute_dtype(z.dtype)
-    tp = _options.in_dtype(tp, ct)
+    consts = TokenConsts(_options.in_dtype(tp, ct))
     sampler, rows = _sampled(y, top_k, top_p, top_p_candidates, num_classes, batch_shape, ct)
     loss = LogProbRows(
         num_classes=num_classes,
@@ -225,7 +225,7 @@ def _log_probs(
         classes=padding,
         sampler=sampler,
     )
-    outputs = _front.whole(loss, (z,), valid, rows, None, tp, derivative, invariant=batch_invariant)
+    outputs = _front.whole(loss, (z,), valid, rows, None, consts, derivative, invariant=batch_invariant)
     return _outputs(outputs, batch_shape, return_entropy)
 
 
@@ -398,7 +398,7 @@ def _linear_log_probs(
     valid = _front.counted(where, batch_shape, "hidden.shape[:-1]")
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, ignore_index, check_labels)
     ct = _stream.acc_dtype(*head)
-    tp = _options.in_dtype(tp, ct)
+    consts = TokenConsts(_options.in_dtype(tp, ct))
     sampler, rows = _sampled(y, top_k, top_p, top_p_candidates, num_classes, batch_shape, ct)
     loss = LogProbRows(
         num_classes=num_classes,
@@ -414,7 +414,7 @@ def _linear_log_probs(
         valid,
         rows,
         None,
-        tp,
+        consts,
         (weight_layout,),
         n_outputs=2 if return_entropy else 1,
         scalar=False,

@@ -27,13 +27,14 @@ when on-policy), a reference model's ``ref``. Then
 
 Since the weights are known before the stream and a token's loss depends
 on its own log-probability (or its completion's, at the sequence level),
-each token's cotangent is known as soon as its log-probability is: the
-fused loss forms the gradient in its forward stream, on the engine's
-single-pass path, from :func:`objective` and ``jax.vjp`` of it per token
-block (3 matmul passes). Where that path does not apply (vocabulary
-sharding, a ``d_W`` larger than the memory budget, an explicit
-``vocab_block``) the per-token log-probabilities are streamed and JAX
-differentiates the same :func:`objective` (4 passes).
+each token's cotangent is known as soon as its log-probability is. The
+loss is a token objective (:class:`Objective`, on the tier of
+:mod:`jaxsce._tokens`): the fused loss forms the gradient in its forward
+stream, from ``jax.vjp`` of the objective per token block (3 matmul
+passes). Where that path does not apply (vocabulary sharding, a ``d_W``
+larger than the memory budget, an explicit ``vocab_block``) the per-token
+log-probabilities are streamed and JAX differentiates the same objective
+(4 passes).
 """
 
 from __future__ import annotations
@@ -46,11 +47,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _auto, _front, _labels, _options, _spmd, _stream, _transform, _typing, _validate
+from . import _auto, _front, _labels, _options, _spmd, _stream, _tokens, _typing, _validate
 from ._inputs import check_class_ids, check_head, check_logit_labels
 from ._stream import DEFAULT_MEMORY_BUDGET
-from ._tokens import LogProbRows, grouped_vjp
-from ._transform import Transform
 
 if TYPE_CHECKING:
     from ._typing import Unpack
@@ -83,18 +82,9 @@ class PolicyAux(NamedTuple):
     ratio_mean: jax.Array
 
 
-class Objective(NamedTuple):
-    """The static choices of the objective."""
-
-    loss_type: str
-    level: str
-    kl_correction: bool
-
-
 class PolicyConsts(NamedTuple):
-    """The traced options (0-d arrays; None where off)."""
+    """The objective's traced options (0-d arrays; None where off)."""
 
-    transform: Transform
     epsilon: Any
     epsilon_high: Any
     delta: Any = None
@@ -116,107 +106,70 @@ class TokenData(NamedTuple):
     token_mean: jax.Array | None = None  # m / (counted tokens of the batch): the entropy bonus's weight
 
 
-def objective(obj: Objective, lp, h, ref, d: TokenData, c: PolicyConsts):
-    """``(n m l, metrics)`` per token for ``[g, k]`` arrays: ``g`` completions of ``k`` tokens.
-
-    ``k`` is the whole completion at the sequence level; at the token level
-    any grouping gives the same per-token values. ``h`` (the entropy) and
-    ``ref`` may be None. Masked tokens give exactly 0 with a zero gradient,
-    whatever their data (NaN included). The metrics are the six per-token
-    terms behind :class:`PolicyAux`, 0 where not counted.
-    """
-    m = d.mask
-    zero = jnp.zeros((), lp.dtype)
-    lp = jnp.where(m, lp, zero)
-    adv = jnp.where(m, d.advantages, zero)
-    old = lax.stop_gradient(lp) if d.old is None else jnp.where(m, d.old, zero)
-    log_ratio = lp - old
-    if obj.level == "sequence":
-        count = jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), 1).astype(lp.dtype)
-        log_ratio = jnp.broadcast_to(jnp.sum(log_ratio, axis=-1, keepdims=True) / count, lp.shape)
-    r = jnp.exp(log_ratio)
-    false = jnp.zeros(lp.shape, bool)
-    if obj.loss_type == "cispo":
-        pg = -lax.stop_gradient(jnp.minimum(r, c.epsilon_high)) * adv * lp
-        low, high = false, r > c.epsilon_high
-    elif obj.loss_type == "sapo":
-        tau = jnp.where(adv > 0, c.sapo_pos, c.sapo_neg)
-        pg = -adv * (4 / tau) * jax.nn.sigmoid(tau * (r - 1))
-        low, high = false, false
-    else:
-        lo, hi = 1 - c.epsilon, 1 + c.epsilon_high
-        capped = r if c.delta is None else jnp.minimum(r, c.delta)
-        pg = -jnp.minimum(capped * adv, jnp.clip(r, lo, hi) * adv)
-        low, high = r < lo, r > hi
-    if d.sampler is not None:
-        pg = pg * jnp.where(m, d.sampler, zero)
-    loss = pg
-    kl = jnp.full(lp.shape, jnp.nan, lp.dtype)
-    if ref is not None:
-        x = jnp.where(m, ref, zero) - lp
-        kl = jnp.exp(x) - x - 1
-        if obj.kl_correction:
-            kl = kl * r
-        if c.beta is not None:
-            loss = loss + c.beta * kl
-    value = d.weight * loss
-    if c.entropy_coef is not None:
-        # TRL 1.16: the bonus is c times the token mean of H over the batch, whatever loss_type.
-        value = value - c.entropy_coef * d.token_mean * jnp.where(m, h, zero)
-    # A counted token whose log-probability is NaN (a label out of range) makes the loss NaN, on every
-    # backend: min and clip need not propagate NaN (XLA:CPU in jax 0.6 returns the other operand).
-    value = jnp.where(m, jnp.where(jnp.isnan(lp), lp, value), zero)
-    clip_low, clip_high = low & (adv < 0), high & (adv > 0)
-    terms = (kl, h if h is not None else kl, clip_low, clip_high, clip_low | clip_high, r)
-    metrics = tuple(jnp.where(m, lax.stop_gradient(x).astype(lp.dtype), zero) for x in terms)
-    return value, metrics
-
-
-def _vjp_terms(obj: Objective, lp, h, ref, d: TokenData, c: PolicyConsts, shape):
-    """The objective's per-token values, its cotangents for ``lp`` and ``h``, and the metrics, for
-    flat ``[T]`` arrays grouped as ``shape``."""
-    group = lambda x: None if x is None else x.reshape(shape)  # noqa: E731
-    d = jax.tree.map(group, d)
-    value, (d_lp, d_h), metrics = grouped_vjp(lambda lp, h: objective(obj, lp, h, group(ref), d, c), (lp, h), shape)
-    return value, d_lp, d_h, tuple(x.reshape(-1) for x in metrics)
-
-
-def _split(outputs, entropy: bool, reference: bool, data: TokenData):
-    """``(log p, H or None, the reference's log p or None)`` from the per-row outputs of
-    :class:`~jaxsce._tokens.LogProbRows` (a streamed reference head) or the given ``data.ref``."""
-    h = outputs[1] if entropy else None
-    return outputs[0], h, outputs[-1] if reference else data.ref
-
-
-class PolicyRowData(NamedTuple):
-    """Per-row data of the fused loss: the sampled tokens and the objective's per-token data."""
-
-    labels: jax.Array
-    data: TokenData
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PolicyRows(LogProbRows):
-    """The log-probabilities (and entropy, and a reference head's log-probabilities) of
-    :class:`~jaxsce._tokens.LogProbRows`, with the policy objective as its scalar."""
+class Objective(_tokens.TokenObjective):
+    """The policy objective: its static choices, and the per-token loss as a token objective."""
 
-    objective: Objective
+    loss_type: str
+    level: str
+    kl_correction: bool
 
-    def label_ids(self, rows: PolicyRowData):
-        return rows.labels
+    def __call__(self, lp, h, ref, d: TokenData, c: PolicyConsts):
+        """``(n m l, metrics)`` per token for ``[g, k]`` arrays: ``g`` completions of ``k`` tokens.
 
-    def transform(self, z, head, c: PolicyConsts):
-        return _transform.apply(z, c.transform)
-
-    def transform_grad(self, s, ds, head, c: PolicyConsts):
-        return _transform.chain(s, ds, c.transform)
-
-    def scalar(self, outputs, rows: PolicyRowData, c: PolicyConsts):
-        lp, h, ref = _split(outputs, self.entropy, self.reference, rows.data)
-        shape = (lp.shape[0] // self.row_group, self.row_group)
-        value, d_lp, d_h, metrics = _vjp_terms(self.objective, lp, h, ref, rows.data, c, shape)
-        cts = (d_lp,) + ((d_h,) if self.entropy else ()) + ((None,) if self.reference else ())
-        return _stream.Scalar(value, jnp.zeros_like(value), cts, metrics)
+        ``k`` is the whole completion at the sequence level; at the token level
+        any grouping gives the same per-token values. ``h`` (the entropy) and
+        ``ref`` (a streamed reference head's log-probabilities; else ``d.ref``)
+        may be None. Masked tokens give exactly 0 with a zero gradient,
+        whatever their data (NaN included). The metrics are the six per-token
+        terms behind :class:`PolicyAux`, 0 where not counted.
+        """
+        m = d.mask
+        ref = d.ref if ref is None else ref
+        zero = jnp.zeros((), lp.dtype)
+        lp = jnp.where(m, lp, zero)
+        adv = jnp.where(m, d.advantages, zero)
+        old = lax.stop_gradient(lp) if d.old is None else jnp.where(m, d.old, zero)
+        log_ratio = lp - old
+        if self.level == "sequence":
+            count = jnp.maximum(jnp.sum(m, axis=-1, keepdims=True), 1).astype(lp.dtype)
+            log_ratio = jnp.broadcast_to(jnp.sum(log_ratio, axis=-1, keepdims=True) / count, lp.shape)
+        r = jnp.exp(log_ratio)
+        false = jnp.zeros(lp.shape, bool)
+        if self.loss_type == "cispo":
+            pg = -lax.stop_gradient(jnp.minimum(r, c.epsilon_high)) * adv * lp
+            low, high = false, r > c.epsilon_high
+        elif self.loss_type == "sapo":
+            tau = jnp.where(adv > 0, c.sapo_pos, c.sapo_neg)
+            pg = -adv * (4 / tau) * jax.nn.sigmoid(tau * (r - 1))
+            low, high = false, false
+        else:
+            lo, hi = 1 - c.epsilon, 1 + c.epsilon_high
+            capped = r if c.delta is None else jnp.minimum(r, c.delta)
+            pg = -jnp.minimum(capped * adv, jnp.clip(r, lo, hi) * adv)
+            low, high = r < lo, r > hi
+        if d.sampler is not None:
+            pg = pg * jnp.where(m, d.sampler, zero)
+        loss = pg
+        kl = jnp.full(lp.shape, jnp.nan, lp.dtype)
+        if ref is not None:
+            x = jnp.where(m, ref, zero) - lp
+            kl = jnp.exp(x) - x - 1
+            if self.kl_correction:
+                kl = kl * r
+            if c.beta is not None:
+                loss = loss + c.beta * kl
+        value = d.weight * loss
+        if c.entropy_coef is not None:
+            # TRL 1.16: the bonus is c times the token mean of H over the batch, whatever loss_type.
+            value = value - c.entropy_coef * d.token_mean * jnp.where(m, h, zero)
+        # A counted token whose log-probability is NaN (a label out of range) makes the loss NaN, on every
+        # backend: min and clip need not propagate NaN (XLA:CPU in jax 0.6 returns the other operand).
+        value = jnp.where(m, jnp.where(jnp.isnan(lp), lp, value), zero)
+        clip_low, clip_high = low & (adv < 0), high & (adv > 0)
+        terms = (kl, h if h is not None else kl, clip_low, clip_high, clip_low | clip_high, r)
+        metrics = tuple(jnp.where(m, lax.stop_gradient(x).astype(lp.dtype), zero) for x in terms)
+        return value, metrics
 
 
 # --- options and per-token data -----------------------------------------------------------
@@ -324,7 +277,6 @@ def _settings(
     pos, neg = (_float(t, "sapo_temperatures") for t in sapo_temperatures)
     sapo = loss_type == "sapo"
     consts = PolicyConsts(
-        transform=_options.transform(logit_softcap, temperature),
         epsilon=eps,
         epsilon_high=eps_high,
         delta=None if delta is None else _float(delta, "delta"),
@@ -333,9 +285,14 @@ def _settings(
         sapo_neg=neg if sapo else None,
         entropy_coef=_float(entropy_coef, "entropy_coef", off_when_zero=True),
     )
+    consts = _tokens.TokenConsts(_options.transform(logit_softcap, temperature), consts)
     num_items = None if num_items_in_batch is None else _float(num_items_in_batch, "num_items_in_batch")
     static = dict(
-        objective=Objective(loss_type, level, _options.flag(kl_importance_correction, "kl_importance_correction")),
+        objective=Objective(
+            loss_type=loss_type,
+            level=level,
+            kl_correction=_options.flag(kl_importance_correction, "kl_importance_correction"),
+        ),
         max_completion_length=max_len,
         return_aux=_options.flag(return_aux, "return_aux"),
         axis_name=_options.hashable_axes(axis_name, "axis_name"),
@@ -347,21 +304,24 @@ def _settings(
     return Settings(static, consts, num_items)
 
 
-def _consts_in(c: PolicyConsts, ct) -> PolicyConsts:
+def _consts_in(tc: _tokens.TokenConsts, ct) -> _tokens.TokenConsts:
     """The traced options in the compute dtype, without gradients; NaN where a traced value is out of range."""
 
     def conv(name, x):
         return None if x is None else _options.traced_in_dtype(x, ct, _BOUNDS[name])
 
-    return PolicyConsts(
-        transform=_options.in_dtype(c.transform, ct),
-        epsilon=conv("epsilon", c.epsilon),
-        epsilon_high=conv("epsilon_high", c.epsilon_high),
-        delta=conv("delta", c.delta),
-        beta=conv("beta", c.beta),
-        sapo_pos=conv("sapo_temperatures", c.sapo_pos),
-        sapo_neg=conv("sapo_temperatures", c.sapo_neg),
-        entropy_coef=conv("entropy_coef", c.entropy_coef),
+    c = tc.objective
+    return _tokens.TokenConsts(
+        _options.in_dtype(tc.transform, ct),
+        PolicyConsts(
+            epsilon=conv("epsilon", c.epsilon),
+            epsilon_high=conv("epsilon_high", c.epsilon_high),
+            delta=conv("delta", c.delta),
+            beta=conv("beta", c.beta),
+            sapo_pos=conv("sapo_temperatures", c.sapo_pos),
+            sapo_neg=conv("sapo_temperatures", c.sapo_neg),
+            entropy_coef=conv("entropy_coef", c.entropy_coef),
+        ),
     )
 
 
@@ -418,10 +378,10 @@ def _token_data(obj: Objective, valid, batch_shape, data, num_items, max_len, ba
     return data, total
 
 
-def _share(obj: Objective, num_items, consts: PolicyConsts) -> bool:
+def _share(obj: Objective, num_items, consts: _tokens.TokenConsts) -> bool:
     """Whether the loss is a plain sum over the given ``num_items_in_batch`` (a shard's share of it);
     not with an entropy bonus, a mean over the batch's tokens."""
-    return obj.loss_type in ("dapo", "cispo") and num_items is not None and consts.entropy_coef is None
+    return obj.loss_type in ("dapo", "cispo") and num_items is not None and consts.objective.entropy_coef is None
 
 
 def _finish(value_sum, metric_sums, total, return_aux: bool, has_reference: bool, batch_axis_name, share: bool):
@@ -442,12 +402,48 @@ def _finish(value_sum, metric_sums, total, return_aux: bool, has_reference: bool
     return loss, PolicyAux(*means)
 
 
-def _from_outputs(obj, outputs, entropy: bool, reference: bool, data: TokenData, c, batch_shape):
-    """The loss's sums from per-token outputs (``[T]``), differentiated by JAX (the streaming path)."""
-    shape = lambda x: None if x is None else x.reshape(batch_shape)  # noqa: E731
-    lp, h, ref = _split(tuple(shape(x) for x in outputs), entropy, reference, data)
-    value, metrics = objective(obj, lp, h, ref, data, c)
-    return jnp.sum(value), tuple(jnp.sum(x) for x in metrics)
+def _evaluate(
+    objective: Objective,
+    heads,
+    valid,
+    y,
+    data,
+    consts,
+    num_items,
+    ct,
+    batch_shape,
+    vocab,
+    num_classes,
+    *,
+    max_completion_length,
+    batch_axis_name,
+    return_aux,
+    invariant,
+    reference=False,
+    fused=None,
+):
+    """The loss's sum over the local tokens, the metrics' sums, and the global count of counted tokens."""
+    consts = _consts_in(consts, ct)
+    tokens, total = _token_data(
+        objective, valid, batch_shape, data, num_items, max_completion_length, batch_axis_name, ct
+    )
+    group = batch_shape[1] if objective.level == "sequence" else 1
+    value, metrics = _tokens.evaluate(
+        dataclasses.replace(objective, group=group),
+        heads,
+        valid,
+        y,
+        jax.tree.map(lambda x: x.reshape(-1), tokens),
+        consts,
+        num_classes=num_classes,
+        vocab=vocab,
+        reference=reference,
+        entropy=return_aux or consts.objective.entropy_coef is not None,
+        fused=fused,
+        n_metrics=6 if return_aux else 0,
+        invariant=invariant,
+    )
+    return value, metrics, total
 
 
 def _check_batch_shape(batch_shape, name: str, full_shape):
@@ -663,20 +659,11 @@ def _policy_loss(
     valid = _front.counted(where, batch_shape, "[B, L]: logits.shape without axis")
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, ignore_index, False)
     ct = _validate.compute_dtype(z.dtype)
-    consts = _consts_in(consts, ct)
-    entropy = return_aux or consts.entropy_coef is not None
-    tokens, total = _token_data(
-        objective, valid, batch_shape, data, num_items, max_completion_length, batch_axis_name, ct
-    )
-    loss = LogProbRows(
-        num_classes=num_classes,
-        entropy=entropy,
-        vocab_axis=axis_name,
-        unchecked=_spmd.unchecked(axis_name),
-        classes=padding,
-    )
-    outputs = _front.whole(loss, (z,), valid, y, None, consts.transform, "vjp", invariant=batch_invariant)
-    value, metrics = _from_outputs(objective, outputs, entropy, False, tokens, consts, batch_shape)
+    value, metrics, total = _evaluate(
+        objective, (z,), valid, y, data, consts, num_items, ct, batch_shape, (axis_name, padding), num_classes,
+        max_completion_length=max_completion_length, batch_axis_name=batch_axis_name, return_aux=return_aux,
+        invariant=batch_invariant,
+    )  # fmt: skip
     share = _share(objective, num_items, consts)
     return _finish(value, metrics, total, return_aux, data[2] is not None, batch_axis_name, share)
 
@@ -892,42 +879,17 @@ def _linear_policy_loss(
     valid = _front.counted(where, batch_shape, "hidden.shape[:-1]")
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, ignore_index, False)
     ct = _stream.acc_dtype(*(x for hd in all_heads for x in hd))
-    consts = _consts_in(consts, ct)
-    entropy = return_aux or consts.entropy_coef is not None
-    tokens, total = _token_data(
-        objective, valid, batch_shape, data, num_items, max_completion_length, batch_axis_name, ct
-    )
-    loss = PolicyRows(
-        num_classes=num_classes,
-        entropy=entropy,
-        reference=reference,
-        objective=objective,
-        row_group=batch_shape[1] if objective.level == "sequence" else 1,
-        vocab_axis=axis_name,
-        unchecked=_spmd.unchecked(axis_name),
-        classes=padding,
-    )
-    flat_tokens = jax.tree.map(lambda x: x.reshape(n), tokens)
-    out = _front.fused(
-        loss,
-        all_heads,
-        valid,
-        PolicyRowData(y, flat_tokens),
-        None,
-        consts,
-        (weight_layout,) * len(all_heads),
-        n_outputs=1 + entropy + reference,
-        scalar=True,
+    fused = dict(
+        layouts=(weight_layout,) * len(all_heads),
         token_block=token_block,
         vocab_block=vocab_block,
         memory_budget=memory_budget,
-        n_aux=6 if return_aux else 0,
-        invariant=batch_invariant,
     )
-    if isinstance(out, _front.Total):
-        value, metrics = out.total, out.aux
-    else:
-        value, metrics = _from_outputs(objective, out, entropy, reference, tokens, consts, batch_shape)
+    value, metrics, total = _evaluate(
+        objective, all_heads, valid, y, data, consts, num_items, ct, batch_shape, (axis_name, padding), num_classes,
+        max_completion_length=max_completion_length, batch_axis_name=batch_axis_name, return_aux=return_aux,
+        invariant=batch_invariant, reference=reference, fused=fused,
+    )  # fmt: skip
     has_reference = reference or data[2] is not None
     share = _share(objective, num_items, consts)
     return _finish(value, metrics, total, return_aux, has_reference, batch_axis_name, share)

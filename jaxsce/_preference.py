@@ -17,10 +17,10 @@ The weights that spread a pair's loss over its tokens depend on the masks
 only, so each token's cotangent is known as soon as its pair's
 log-probabilities are: the fused loss forms the gradient in its forward
 stream (the engine's single-pass path, token blocks of whole pairs, 3
-matmul passes), from :func:`objective` and ``jax.vjp`` of it per block.
+matmul passes), from ``jax.vjp`` of the token objective (:class:`Objective`) per block.
 Elsewhere (vocabulary sharding, a ``d_W`` beyond the memory budget, an
 explicit ``vocab_block``, ``return_aux``) the per-token log-probabilities
-are streamed and JAX differentiates the same :func:`objective` (4 passes).
+are streamed and JAX differentiates the same objective (4 passes).
 """
 
 from __future__ import annotations
@@ -32,11 +32,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _auto, _front, _labels, _options, _spmd, _stream, _transform, _typing, _validate
+from . import _auto, _front, _labels, _options, _spmd, _stream, _tokens, _typing, _validate
 from ._inputs import check_class_ids, check_head, check_logit_labels
 from ._stream import DEFAULT_MEMORY_BUDGET
-from ._tokens import LogProbRows, grouped_vjp
-from ._transform import Transform
+from ._tokens import LogProbRows
 
 if TYPE_CHECKING:
     from ._typing import Unpack
@@ -105,9 +104,8 @@ class PreferenceAux(NamedTuple):
 
 
 class PreferenceConsts(NamedTuple):
-    """The traced options (0-d arrays; None where off)."""
+    """The objective's traced options (0-d arrays; None where off)."""
 
-    transform: Transform
     beta: Any
     label_smoothing: Any = None
     gamma: Any = None
@@ -170,75 +168,53 @@ def pair_losses(loss_type: str, c, r, rc, rr, k: PreferenceConsts):
     return loss, beta * a, beta * b
 
 
-def objective(loss_type: str, lp, ref, d: PairData, k: PreferenceConsts):
-    """``(per-token values, (chosen_rewards, rejected_rewards, c, r))`` for ``[g, 2, L]`` log-probabilities.
-
-    The values sum to the loss: each pair's ``l`` spread over its counted
-    tokens (``d.weight``), plus the NLL term on the chosen tokens. ``ref``:
-    the reference's per-token log-probabilities (a streamed head), or None
-    (then ``d.ref_seq``, or 0). Masked tokens give exactly 0 with a zero
-    gradient, whatever their data.
-    """
-    m = d.mask
-    zero = jnp.zeros((), lp.dtype)
-    lp = jnp.where(m, lp, zero)
-    mean = loss_type in MEAN_TYPES
-    seq = _sequence(lp, m, mean)
-    if ref is not None:
-        ref_seq = _sequence(ref, m, mean)
-    elif d.ref_seq is not None:
-        ref_seq = d.ref_seq[..., 0]
-        if mean:
-            ref_seq = ref_seq / jnp.sum(m, axis=-1).astype(ref_seq.dtype)
-    else:
-        ref_seq = jnp.zeros_like(seq)
-    loss, chosen_rewards, rejected_rewards = pair_losses(
-        loss_type, seq[..., 0], seq[..., 1], ref_seq[..., 0], ref_seq[..., 1], k
-    )
-    counted = jnp.any(m, axis=(-2, -1))
-    loss = jnp.where(counted, loss, zero)
-    value = d.weight * loss[..., None, None]
-    if k.nll_weight is not None:
-        value = value - k.nll_weight * d.nll * lp
-    value = jnp.where(m, value, zero)
-    metrics = tuple(
-        jnp.where(counted, lax.stop_gradient(x), zero)
-        for x in (chosen_rewards, rejected_rewards, seq[..., 0], seq[..., 1])
-    )
-    return value, metrics
-
-
-class PairRowData(NamedTuple):
-    """Per-row data of the fused loss: class ids and the objective's data, flattened from ``[P, 2, L]``."""
-
-    labels: jax.Array
-    data: PairData
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PreferenceRows(LogProbRows):
-    """The log-probabilities (and a reference head's) of :class:`~jaxsce._tokens.LogProbRows`,
-    with the preference objective as its scalar; rows are ``[P, 2, L]`` flattened (``row_group = 2 L``)."""
+class Objective(_tokens.TokenObjective):
+    """The preference objective over pairs of completions of length ``length``, as a token objective."""
 
     loss_type: str
     length: int
+    summed_metrics: bool = False  # per-pair rewards and sequence log-probabilities
 
-    def label_ids(self, rows: PairRowData):
-        return rows.labels
+    def shape(self, tokens: int) -> tuple[int, ...]:
+        return (tokens // (2 * self.length), 2, self.length)
 
-    def transform(self, z, head, c: PreferenceConsts):
-        return _transform.apply(z, c.transform)
+    def __call__(self, lp, h, ref, d: PairData, k: PreferenceConsts):
+        """``(per-token values, (chosen_rewards, rejected_rewards, c, r))`` for ``[g, 2, L]`` log-probabilities.
 
-    def transform_grad(self, s, ds, head, c: PreferenceConsts):
-        return _transform.chain(s, ds, c.transform)
-
-    def scalar(self, outputs, rows: PairRowData, c: PreferenceConsts):
-        lp = outputs[0]
-        shape = (lp.shape[0] // self.row_group, 2, self.length)
-        data = jax.tree.map(lambda x: x.reshape(shape), rows.data)
-        ref = outputs[-1].reshape(shape) if self.reference else None
-        value, (d_lp,), _ = grouped_vjp(lambda lp: objective(self.loss_type, lp, ref, data, c), (lp,), shape)
-        return _stream.Scalar(value, jnp.zeros_like(value), (d_lp,) + ((None,) if self.reference else ()))
+        The values sum to the loss: each pair's ``l`` spread over its counted
+        tokens (``d.weight``), plus the NLL term on the chosen tokens. ``ref``:
+        the reference's per-token log-probabilities (a streamed head), or None
+        (then ``d.ref_seq``, or 0). Masked tokens give exactly 0 with a zero
+        gradient, whatever their data.
+        """
+        m = d.mask
+        zero = jnp.zeros((), lp.dtype)
+        lp = jnp.where(m, lp, zero)
+        mean = self.loss_type in MEAN_TYPES
+        seq = _sequence(lp, m, mean)
+        if ref is not None:
+            ref_seq = _sequence(ref, m, mean)
+        elif d.ref_seq is not None:
+            ref_seq = d.ref_seq[..., 0]
+            if mean:
+                ref_seq = ref_seq / jnp.sum(m, axis=-1).astype(ref_seq.dtype)
+        else:
+            ref_seq = jnp.zeros_like(seq)
+        loss, chosen_rewards, rejected_rewards = pair_losses(
+            self.loss_type, seq[..., 0], seq[..., 1], ref_seq[..., 0], ref_seq[..., 1], k
+        )
+        counted = jnp.any(m, axis=(-2, -1))
+        loss = jnp.where(counted, loss, zero)
+        value = d.weight * loss[..., None, None]
+        if k.nll_weight is not None:
+            value = value - k.nll_weight * d.nll * lp
+        value = jnp.where(m, value, zero)
+        metrics = tuple(
+            jnp.where(counted, lax.stop_gradient(x), zero)
+            for x in (chosen_rewards, rejected_rewards, seq[..., 0], seq[..., 1])
+        )
+        return value, metrics
 
 
 # --- options and per-pair data ---------------------------------------------------------------
@@ -274,29 +250,31 @@ def _settings(loss_type, beta, label_smoothing, gamma, nll_weight, discopop_tau,
     beta_v = _float(beta, "beta")
     if beta_v is None:
         raise TypeError("beta must be a positive real number, got None.")
-    return loss_type, PreferenceConsts(
-        transform=_options.transform(logit_softcap, temperature),
-        beta=beta_v,
-        label_smoothing=eps,
-        gamma=_float(gamma, "gamma") if loss_type == "simpo" else None,
-        nll_weight=_float(nll_weight, "nll_weight", off_when_zero=True),
-        discopop_tau=_float(discopop_tau, "discopop_tau") if loss_type == "discopop" else None,
+    return loss_type, _tokens.TokenConsts(
+        _options.transform(logit_softcap, temperature),
+        PreferenceConsts(
+            beta=beta_v,
+            label_smoothing=eps,
+            gamma=_float(gamma, "gamma") if loss_type == "simpo" else None,
+            nll_weight=_float(nll_weight, "nll_weight", off_when_zero=True),
+            discopop_tau=_float(discopop_tau, "discopop_tau") if loss_type == "discopop" else None,
+        ),
     )
 
 
-def _consts_in(k: PreferenceConsts, ct, loss_type: str) -> PreferenceConsts:
+def _consts_in(tc: _tokens.TokenConsts, ct, loss_type: str) -> _tokens.TokenConsts:
     """The traced options in the compute dtype; NaN where a traced value is out of range."""
 
     def conv(name, x):
         return None if x is None else _options.traced_in_dtype(x, ct, _BOUNDS[name])
 
-    fields = {n: conv(n, getattr(k, n)) for n in PreferenceConsts._fields if n != "transform"}
+    fields = {n: conv(n, getattr(tc.objective, n)) for n in PreferenceConsts._fields}
     eps = fields["label_smoothing"]
     if eps is not None and loss_type == "robust":
         fields["label_smoothing"] = jnp.where(eps < 0.5, eps, jnp.nan)
     if eps is not None and loss_type == "exo_pair":
         fields["label_smoothing"] = jnp.where((eps > 0) & (eps < 1), eps, jnp.nan)
-    return PreferenceConsts(transform=_options.in_dtype(k.transform, ct), **fields)
+    return _tokens.TokenConsts(_options.in_dtype(tc.transform, ct), PreferenceConsts(**fields))
 
 
 def _psum(x, axes):
@@ -558,9 +536,9 @@ def _preference_loss(
     lps = []
     for i, (z, y) in enumerate(zip(zs, ys)):
         y, valid = _labels.label_validity(y.reshape(-1), num, mask[:, i].reshape(-1), None, False)
-        lps.append(_front.whole(loss, (z,), valid, y, None, consts.transform, "vjp")[0].reshape(shape))
+        lps.append(_front.whole(loss, (z,), valid, y, None, consts, "vjp")[0].reshape(shape))
     lp = jnp.stack(lps, axis=1)
-    value, metrics = objective(loss_type, lp, None, data, consts)
+    value, metrics = Objective(loss_type=loss_type, length=shape[1])(lp, None, None, data, consts.objective)
     return _finish(jnp.sum(value), metrics, pairs, return_aux, batch_axis_name)
 
 
@@ -787,37 +765,22 @@ def _linear_preference_loss(
     y = jnp.stack(ys, axis=1).reshape(-1)
     y, valid = _labels.label_validity(y, num, mask.reshape(-1), None, False)
     consts = _consts_in(consts, ct, loss_type)
-    length = shape[1]
-    loss = PreferenceRows(
-        num_classes=num,
-        entropy=False,
-        reference=reference,
-        loss_type=loss_type,
-        length=length,
-        row_group=2 * length,
-        vocab_axis=axis_name,
-        unchecked=_spmd.unchecked(axis_name),
-        classes=padding,
-    )
-    flat = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[3:]), data)
-    out = _front.fused(
-        loss,
+    value, metrics = _tokens.evaluate(
+        Objective(loss_type=loss_type, length=shape[1], group=2 * shape[1]),
         heads,
         valid,
-        PairRowData(y, flat),
-        None,
+        y,
+        jax.tree.map(lambda x: x.reshape((-1,) + x.shape[3:]), data),
         consts,
-        (weight_layout,) * len(heads),
-        n_outputs=1 + reference,
-        scalar=not return_aux,
-        token_block=token_block,
-        vocab_block=vocab_block,
-        memory_budget=memory_budget,
+        num_classes=num,
+        vocab=(axis_name, padding),
+        reference=reference,
+        fused=dict(
+            layouts=(weight_layout,) * len(heads),
+            token_block=token_block,
+            vocab_block=vocab_block,
+            memory_budget=memory_budget,
+        ),
+        n_metrics=4 if return_aux else 0,
     )
-    if isinstance(out, _front.Total):
-        return _finish(out.total, (), pairs, False, batch_axis_name)
-    pair_shape = (shape[0], 2, length)
-    lp = out[0].reshape(pair_shape)
-    ref = out[-1].reshape(pair_shape) if reference else None
-    value, metrics = objective(loss_type, lp, ref, data, consts)
-    return _finish(jnp.sum(value), metrics, pairs, return_aux, batch_axis_name)
+    return _finish(value, metrics, pairs, return_aux, batch_axis_name)

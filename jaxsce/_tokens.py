@@ -34,12 +34,12 @@ two large numbers.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from . import _sampler, _spmd, _stream, _transform
+from . import _front, _sampler, _spmd, _stream, _transform
 from ._targets import block_hits, in_block, label_entry
 from ._transform import Transform
 
@@ -55,6 +55,13 @@ def entropy_sum(a, blk: _stream.Block, head: int = 0):
 def entropy_to_global(a, sh: _stream.Shards, head: int = 0):
     """A shard's ``A`` relative to the global max: ``scale (A + (m_local - m) se_local)``."""
     return sh.scale[head] * (a + (sh.m_local[head] - sh.m_global[head]) * sh.se_local[head])
+
+
+class TokenConsts(NamedTuple):
+    """The traced parameters of the token tier: the logit transform, and a token objective's own (a pytree)."""
+
+    transform: Transform
+    objective: Any = None
 
 
 class LogProbSums(NamedTuple):
@@ -105,11 +112,11 @@ class LogProbRows(_stream.RowLoss):
         """The class ids among the per-row data (all of it here, or :class:`SampledRows`)."""
         return rows.labels if isinstance(rows, SampledRows) else rows
 
-    def transform(self, z, head, c: Transform):
-        return _transform.apply(z, c)
+    def transform(self, z, head, c: TokenConsts):
+        return _transform.apply(z, c.transform)
 
-    def transform_grad(self, s, ds, head, c: Transform):
-        return _transform.chain(s, ds, c)
+    def transform_grad(self, s, ds, head, c: TokenConsts):
+        return _transform.chain(s, ds, c.transform)
 
     def searches(self) -> bool:
         # Top-p alone over more classes than the candidates hold: rows whose candidates do not reach p
@@ -248,3 +255,154 @@ def grouped_vjp(fn, args: tuple, shape: tuple):
     cotangents = vjp(_spmd.vary_like(jnp.ones_like(value), value))
     flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
     return value.reshape(-1), tuple(flat(g) for g in cotangents), aux
+
+
+# --- token objectives ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TokenObjective:
+    """A loss that is a function of per-token log-probabilities (and the entropy, and a reference's).
+
+    A subclass is a frozen dataclass of its static choices and defines
+    :meth:`__call__`; the tier gives it the logit level, the fused single
+    pass (its cotangents from ``jax.vjp`` per token block), streaming,
+    vocabulary sharding and the metrics, through :func:`evaluate`.
+
+    Attributes:
+      group: tokens per group on the single-pass path (a completion, a pair):
+        token blocks hold whole groups, so the objective may combine a
+        group's tokens. 1: each token stands alone.
+      entropy: the objective reads the entropy ``h``.
+      summed_metrics: the metrics are per-token terms the caller sums (so
+        the single-pass path may return their sums); else they are returned
+        as the objective forms them, and the single pass is not taken when
+        they are asked for.
+    """
+
+    group: int = 1
+    entropy: bool = False
+    summed_metrics: bool = True
+
+    def __call__(self, lp, h, ref, data, consts):
+        """``(per-token values, metrics)`` for ``lp`` (and ``h``, ``ref``, ``data``) of shape ``shape(T)``.
+
+        Masked tokens must give exactly 0 with a zero gradient, whatever their data.
+        """
+        raise NotImplementedError
+
+    def shape(self, tokens: int) -> tuple[int, ...]:
+        """The shape the ``tokens`` per-token arrays take in :meth:`__call__`: whole groups (default:
+        ``[tokens / group, group]``)."""
+        return (tokens // self.group, self.group)
+
+
+class ObjectiveRowData(NamedTuple):
+    """Per-row data of a token objective: the class ids and the objective's data (tokens on axis 0)."""
+
+    labels: jax.Array
+    data: Any
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ObjectiveRows(LogProbRows):
+    """:class:`LogProbRows` whose scalar is a :class:`TokenObjective` (the single-pass path)."""
+
+    objective: TokenObjective
+
+    def label_ids(self, rows: ObjectiveRowData):
+        return rows.labels
+
+    def scalar(self, outputs, rows: ObjectiveRowData, c: TokenConsts):
+        obj = self.objective
+        lp = outputs[0]
+        shape = obj.shape(lp.shape[0])
+        grouped = lambda x: None if x is None else x.reshape(shape + x.shape[1:])  # noqa: E731
+        data = jax.tree.map(grouped, rows.data)
+        ref = grouped(outputs[-1]) if self.reference else None
+        h = outputs[1] if self.entropy else None
+        fn = lambda lp, h: obj(lp, h, ref, data, c.objective)  # noqa: E731
+        value, (d_lp, d_h), metrics = grouped_vjp(fn, (lp, h), shape)
+        cts = (d_lp,) + ((d_h,) if self.entropy else ()) + ((None,) if self.reference else ())
+        metrics = tuple(x.reshape(-1) for x in metrics) if obj.summed_metrics else ()
+        return _stream.Scalar(value, jnp.zeros_like(value), cts, metrics)
+
+
+def evaluate(
+    objective: TokenObjective,
+    heads: tuple,
+    valid,
+    labels,
+    data,
+    consts: TokenConsts,
+    *,
+    num_classes: int,
+    vocab: tuple,
+    reference: bool = False,
+    entropy: bool = False,
+    fused: dict | None = None,
+    n_metrics: int = 0,
+    invariant: bool = False,
+):
+    """The sum of a token objective's values over the tokens, and its metrics.
+
+    ``heads``: the logits ``([T, V],)`` (the logit level) or the linear
+    heads (:class:`~jaxsce._stream.Head`, a reference head second), with
+    ``fused`` the fused path's options (``layouts``, ``token_block``,
+    ``vocab_block``, ``memory_budget``). ``valid``, ``labels``: ``[T]``;
+    ``data``: the objective's per-token data, a pytree of ``[T, ...]``
+    arrays (grouped as ``objective.shape(T)`` before the objective sees
+    them). ``vocab``: ``(axis_name, padding)``.
+    ``n_metrics``: the metrics wanted (0: none), summed per token where the
+    objective's metrics are (``summed_metrics``), else as it forms them.
+
+    Returns ``(value, metrics)``. A scalar loss whose ``d_W`` fits the
+    budget forms its gradient in the forward stream (3 matmul passes);
+    otherwise the log-probabilities are streamed and JAX differentiates the
+    objective (4).
+    """
+    axis, padding = vocab
+    entropy = entropy or objective.entropy
+    rows = ObjectiveRows(
+        num_classes=num_classes,
+        entropy=entropy,
+        reference=reference,
+        objective=objective,
+        row_group=objective.group,
+        vocab_axis=axis,
+        unchecked=_spmd.unchecked(axis),
+        classes=padding,
+    )
+    if fused is None:
+        outputs = _front.whole(
+            rows, heads, valid, ObjectiveRowData(labels, None), None, consts, "vjp", invariant=invariant
+        )
+    else:
+        out = _front.fused(
+            rows,
+            heads,
+            valid,
+            ObjectiveRowData(labels, data),
+            None,
+            consts,
+            fused["layouts"],
+            n_outputs=1 + entropy + reference,
+            scalar=objective.summed_metrics or not n_metrics,
+            token_block=fused["token_block"],
+            vocab_block=fused["vocab_block"],
+            memory_budget=fused["memory_budget"],
+            n_aux=n_metrics if objective.summed_metrics else 0,
+            invariant=invariant,
+        )
+        if isinstance(out, _front.Total):
+            return out.total, out.aux
+        outputs = out
+    shape = objective.shape(outputs[0].shape[0])
+    grouped = tuple(x.reshape(shape) for x in outputs)
+    lp, h = grouped[0], grouped[1] if entropy else None
+    ref = grouped[-1] if reference else None
+    data = jax.tree.map(lambda x: x.reshape(shape + x.shape[1:]), data)
+    value, metrics = objective(lp, h, ref, data, consts.objective)
+    if objective.summed_metrics:
+        metrics = tuple(jnp.sum(x) for x in metrics)
+    return jnp.sum(value), metrics if n_metrics else ()
