@@ -38,6 +38,7 @@ from jax import lax
 from . import _auto, _divergence, _front, _labels, _options, _sampler, _spmd, _stream, _transform, _validate
 from ._divergence import DistillConsts
 from ._inputs import check_class_ids, check_head, check_logit_labels
+from ._rowloss import Vocab
 from ._stream import DEFAULT_MEMORY_BUDGET
 from ._targets import block_hits, in_block, label_entry
 
@@ -410,9 +411,7 @@ def _distillation_loss(
         hard=hard,
         num_classes=count,
         top_k=top_k if top_k is not None and top_k < count else None,
-        vocab_axis=axis_name,
-        unchecked=_spmd.unchecked(axis_name),
-        classes=padding,
+        vocab=Vocab.of(axis_name, padding),
     )
     z = (s_rows, lax.stop_gradient(flat(teacher)))
     outputs = _front.whole(loss, z, valid, y if hard else None, None, consts, derivative)
@@ -655,9 +654,7 @@ def _linear_distillation_loss(
         hard=hard,
         num_classes=count,
         top_k=top_k if top_k is not None and top_k < count else None,
-        vocab_axis=axis_name,
-        unchecked=_spmd.unchecked(axis_name),
-        classes=padding,
+        vocab=Vocab.of(axis_name, padding),
     )
     out = _front.fused(
         loss,

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from . import _auto, _front, _labels, _options, _reduce, _spmd, _stream, _targets, _transform, _typing
 from ._inputs import check_class_ids, check_head
 from ._logit_ce import in_range, total_weight
+from ._rowloss import Vocab
 from ._stream import DEFAULT_MEMORY_BUDGET, Head
 from ._targets import Options
 
@@ -423,7 +424,7 @@ def _linear_cross_entropy(
         batch_axis_name=batch_axis_name,
         batch_shape=batch_shape,
     )
-    loss = CrossEntropyRows(vocab_axis=axis_name, unchecked=opts.vocab_unchecked, argmax=return_aux, classes=padding)
+    loss = CrossEntropyRows(vocab=Vocab(axis_name, opts.vocab_unchecked, padding), argmax=return_aux)
     # "none" and the aux outputs need per-token outputs: never the single pass.
     out = _front.fused(
         loss,

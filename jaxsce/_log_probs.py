@@ -14,6 +14,7 @@ import jax
 
 from . import _auto, _front, _labels, _options, _sampler, _spmd, _stream, _typing, _validate
 from ._inputs import check_class_ids, check_head, check_logit_labels
+from ._rowloss import Vocab
 from ._stream import DEFAULT_MEMORY_BUDGET
 from ._tokens import LogProbRows, SampledRows, TokenConsts
 from ._transform import Transform
@@ -220,9 +221,7 @@ def _log_probs(
     loss = LogProbRows(
         num_classes=num_classes,
         entropy=return_entropy,
-        vocab_axis=axis_name,
-        unchecked=_spmd.unchecked(axis_name),
-        classes=padding,
+        vocab=Vocab.of(axis_name, padding),
         sampler=sampler,
     )
     outputs = _front.whole(loss, (z,), valid, rows, None, consts, derivative, invariant=batch_invariant)
@@ -403,9 +402,7 @@ def _linear_log_probs(
     loss = LogProbRows(
         num_classes=num_classes,
         entropy=return_entropy,
-        vocab_axis=axis_name,
-        unchecked=_spmd.unchecked(axis_name),
-        classes=padding,
+        vocab=Vocab.of(axis_name, padding),
         sampler=sampler,
     )
     outputs = _front.fused(

@@ -49,6 +49,7 @@ from jax import lax
 
 from . import _auto, _front, _labels, _options, _spmd, _stream, _tokens, _typing, _validate
 from ._inputs import check_class_ids, check_head, check_logit_labels
+from ._rowloss import Vocab
 from ._stream import DEFAULT_MEMORY_BUDGET
 
 if TYPE_CHECKING:
@@ -190,11 +191,11 @@ def _float(value, name: str, *, off_when_zero: bool = False):
 
 
 class Settings(NamedTuple):
-    """The checked options: static ones by name, traced ones as :class:`PolicyConsts`, and the
-    normalizer's ``num_items_in_batch``."""
+    """The checked options: static ones by name, traced ones (the transform and the :class:`PolicyConsts`),
+    and the normalizer's ``num_items_in_batch``."""
 
     static: dict
-    consts: PolicyConsts
+    consts: _tokens.TokenConsts
     num_items: Any
 
 
@@ -660,7 +661,7 @@ def _policy_loss(
     y, valid = _labels.label_validity(labels.reshape(n), num_classes, valid, ignore_index, False)
     ct = _validate.compute_dtype(z.dtype)
     value, metrics, total = _evaluate(
-        objective, (z,), valid, y, data, consts, num_items, ct, batch_shape, (axis_name, padding), num_classes,
+        objective, (z,), valid, y, data, consts, num_items, ct, batch_shape, Vocab.of(axis_name, padding), num_classes,
         max_completion_length=max_completion_length, batch_axis_name=batch_axis_name, return_aux=return_aux,
         invariant=batch_invariant,
     )  # fmt: skip
@@ -885,8 +886,9 @@ def _linear_policy_loss(
         vocab_block=vocab_block,
         memory_budget=memory_budget,
     )
+    vocab = Vocab.of(axis_name, padding)
     value, metrics, total = _evaluate(
-        objective, all_heads, valid, y, data, consts, num_items, ct, batch_shape, (axis_name, padding), num_classes,
+        objective, all_heads, valid, y, data, consts, num_items, ct, batch_shape, vocab, num_classes,
         max_completion_length=max_completion_length, batch_axis_name=batch_axis_name, return_aux=return_aux,
         invariant=batch_invariant, reference=reference, fused=fused,
     )  # fmt: skip

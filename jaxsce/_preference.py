@@ -34,6 +34,7 @@ from jax import lax
 
 from . import _auto, _front, _labels, _options, _spmd, _stream, _tokens, _typing, _validate
 from ._inputs import check_class_ids, check_head, check_logit_labels
+from ._rowloss import Vocab
 from ._stream import DEFAULT_MEMORY_BUDGET
 from ._tokens import LogProbRows
 
@@ -530,9 +531,7 @@ def _preference_loss(
     data, pairs = _pair_data(mask, refs, batch_axis_name, ct)
     num, padding = _options.class_count(num_classes, zs[0].shape[1], axis_name, "the logits' class axis")
     consts = _consts_in(consts, ct, loss_type)
-    loss = LogProbRows(
-        num_classes=num, entropy=False, vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name), classes=padding
-    )
+    loss = LogProbRows(num_classes=num, entropy=False, vocab=Vocab.of(axis_name, padding))
     lps = []
     for i, (z, y) in enumerate(zip(zs, ys)):
         y, valid = _labels.label_validity(y.reshape(-1), num, mask[:, i].reshape(-1), None, False)
@@ -773,7 +772,7 @@ def _linear_preference_loss(
         jax.tree.map(lambda x: x.reshape((-1,) + x.shape[3:]), data),
         consts,
         num_classes=num,
-        vocab=(axis_name, padding),
+        vocab=Vocab.of(axis_name, padding),
         reference=reference,
         fused=dict(
             layouts=(weight_layout,) * len(heads),

@@ -15,6 +15,8 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from . import _spmd
+
 
 class Block(NamedTuple):
     """What a loss sees of one ``[Tb, Vb]`` block in the forward pass.
@@ -111,6 +113,30 @@ class Acc(NamedTuple):
     tangents: Any = ()
 
 
+class Vocab(NamedTuple):
+    """How a loss's vocabulary is laid out: static, part of the loss's configuration.
+
+    Attributes:
+      axis: mesh axes splitting the vocabulary inside ``shard_map`` (the
+        engine's collectives run over them), or None.
+      unchecked: inside ``shard_map(check_vma=False)`` over ``axis``.
+      classes: the number of real classes when the last columns (over all
+        shards) are padding (``num_classes``): the engine leaves columns at
+        or beyond it out of every block a loss sees (as it does stale
+        columns, through ``Block.fresh``) and gives them exactly 0 gradient.
+        None: every column is a class.
+    """
+
+    axis: str | tuple[str, ...] | None = None
+    unchecked: bool = False
+    classes: int | None = None
+
+    @classmethod
+    def of(cls, axis_name, classes: int | None = None) -> Vocab:
+        """The vocabulary split over ``axis_name`` (its ``check_vma`` mode read from the current trace)."""
+        return cls(axis_name, _spmd.unchecked(axis_name), classes)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RowLoss:
     """A loss as per-row statistics of softmax rows: static configuration and formulas.
@@ -124,26 +150,30 @@ class RowLoss:
     have defaults.
 
     Attributes:
-      vocab_axis: mesh axes splitting the vocabulary inside ``shard_map``
-        (the engine's collectives run over them), or None.
-      unchecked: inside ``shard_map(check_vma=False)`` over ``vocab_axis``.
+      vocab: the vocabulary's layout (:class:`Vocab`): its mesh axes, their
+        ``check_vma`` mode and the real classes.
       argmax: whether the engine finds head 0's first argmax (``Stats.argmax``).
       row_group: on the single-pass path, token blocks hold whole groups of
         this many consecutive rows (a completion of a policy loss), so that
         :meth:`scalar` may combine a group's rows; the token count must be
         a multiple of it, or the streaming path is taken.
-      classes: the number of real classes when the last columns (over all
-        shards) are padding (``num_classes``): the engine leaves columns at
-        or beyond it out of every block a loss sees (as it does stale
-        columns, through ``Block.fresh``) and gives them exactly 0 gradient.
-        None: every column is a class.
     """
 
-    vocab_axis: str | tuple[str, ...] | None = None
-    unchecked: bool = False
+    vocab: Vocab = Vocab()
     argmax: bool = False
     row_group: int = 1
-    classes: int | None = None
+
+    @property
+    def vocab_axis(self):
+        return self.vocab.axis
+
+    @property
+    def unchecked(self) -> bool:
+        return self.vocab.unchecked
+
+    @property
+    def classes(self) -> int | None:
+        return self.vocab.classes
 
     #: Number of linear heads (logits matrices) the loss reads; gradients flow to head 0.
     heads: ClassVar[int] = 1

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from . import _front, _sampler, _spmd, _stream, _transform
+from ._rowloss import Vocab
 from ._targets import block_hits, in_block, label_entry
 from ._transform import Transform
 
@@ -337,7 +338,7 @@ def evaluate(
     consts: TokenConsts,
     *,
     num_classes: int,
-    vocab: tuple,
+    vocab: Vocab | None = None,
     reference: bool = False,
     entropy: bool = False,
     fused: dict | None = None,
@@ -352,7 +353,7 @@ def evaluate(
     ``vocab_block``, ``memory_budget``). ``valid``, ``labels``: ``[T]``;
     ``data``: the objective's per-token data, a pytree of ``[T, ...]``
     arrays (grouped as ``objective.shape(T)`` before the objective sees
-    them). ``vocab``: ``(axis_name, padding)``.
+    them). ``vocab``: the vocabulary's layout (None: whole, every column a class).
     ``n_metrics``: the metrics wanted (0: none), summed per token where the
     objective's metrics are (``summed_metrics``), else as it forms them.
 
@@ -361,7 +362,6 @@ def evaluate(
     otherwise the log-probabilities are streamed and JAX differentiates the
     objective (4).
     """
-    axis, padding = vocab
     entropy = entropy or objective.entropy
     rows = ObjectiveRows(
         num_classes=num_classes,
@@ -369,9 +369,7 @@ def evaluate(
         reference=reference,
         objective=objective,
         row_group=objective.group,
-        vocab_axis=axis,
-        unchecked=_spmd.unchecked(axis),
-        classes=padding,
+        vocab=vocab or Vocab(),
     )
     if fused is None:
         outputs = _front.whole(

@@ -36,6 +36,7 @@ from jax import lax
 from . import _auto, _divergence, _front, _labels, _options, _spmd, _stream, _transform, _validate
 from ._divergence import DIVERGENCES, DistillConsts
 from ._inputs import check_head
+from ._rowloss import Vocab
 from ._stream import DEFAULT_MEMORY_BUDGET
 
 AxisName = str | tuple[str, ...] | None
@@ -215,9 +216,7 @@ def _setup(data, batch_shape, what: str, ct, classes, *, divergence, tail, axis_
         tail=tail,
         num_classes=count,
         k=k,
-        vocab_axis=axis_name,
-        unchecked=_spmd.unchecked(axis_name),
-        classes=padding,
+        vocab=Vocab.of(axis_name, padding),
     )
     rows = TopKRows(idx, lax.stop_gradient(lt.astype(ct)))
     return loss, rows, valid, _divergence.consts_in(consts, ct, divergence)

@@ -18,7 +18,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from reference import np_log_softmax
 
-from jaxsce import _front, _spmd, _stream
+from jaxsce import _front, _rowloss, _stream
 from jaxsce._targets import block_hits, label_entry
 
 
@@ -194,7 +194,7 @@ def test_a_new_loss_is_vocabulary_parallel(name, driver, check_vma):
     cot = jnp.asarray(np.random.default_rng(6).normal(size=T))
 
     def values(h, w, b, axis_name=None):
-        loss = LOSSES[name](vocab_axis=axis_name, unchecked=_spmd.unchecked(axis_name))
+        loss = LOSSES[name](vocab=_rowloss.Vocab.of(axis_name))
         if driver == "logits":
             return _stream.whole_vjp((h @ w + b[None, :],), valid, (y, weights), None, None, loss)[0]
         return _fused(loss, h, w, b, y, weights, valid)[0]
