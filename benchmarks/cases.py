@@ -135,7 +135,7 @@ def block_matmuls(tokens: int, d: int, vocab: int, dtype) -> Callable:
     does the same three with ``ds`` = the logits block and nothing between:
     the time the fused path cannot go below on this machine.
     """
-    from jaxsce import _stream
+    from jaxsce._engine import _stream
 
     narrow = _stream.is_narrow_float(jnp.dtype(dtype))
     tb = _stream.sum_path_token_block(tokens, d, vocab, _stream.DEFAULT_MEMORY_BUDGET, None, narrow)

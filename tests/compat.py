@@ -7,7 +7,7 @@ from jax import (
     sharding,
 )
 
-from jaxsce._spmd import jax_version
+from jaxsce._base._spmd import jax_version
 
 JAX = jax_version()
 

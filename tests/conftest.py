@@ -56,7 +56,7 @@ def residual_branch(request, monkeypatch):
     """Runs a test under each branch of ``cross_entropy``'s platform-dependent
     residuals: ``"cpu"`` keeps ``exp(s - m)``, ``"accelerator"`` (the GPU/TPU
     branch, forced on CPU through the same switch) keeps the logits."""
-    from jaxsce import _logit_ce
+    from jaxsce._engine import _logit_ce
 
     monkeypatch.setattr(_logit_ce, "CPU_KEEPS_EXP", request.param == "cpu")
     jax.clear_caches()  # the switch is read when tracing
@@ -68,7 +68,7 @@ def residual_branch(request, monkeypatch):
 def search_branch(request, monkeypatch):
     """Runs a test under each branch of the top-p search's sums: ``"cpu"`` bins and scatter-adds,
     ``"accelerator"`` (the GPU/TPU branch, forced on CPU through the same switch) reduces per threshold."""
-    from jaxsce import _sampler
+    from jaxsce._engine import _sampler
 
     monkeypatch.setattr(_sampler, "CPU_SCATTERS", request.param == "cpu")
     jax.clear_caches()  # the switch is read when tracing

@@ -619,7 +619,7 @@ def test_forward_mode_works_for_every_loss(case):
 
 
 @pytest.mark.skipif(
-    not jaxsce._spmd.jax_version() >= (0, 10), reason="reverse mode through the streaming jvp needs jax >= 0.10"
+    not jaxsce._base._spmd.jax_version() >= (0, 10), reason="reverse mode through the streaming jvp needs jax >= 0.10"
 )
 @pytest.mark.parametrize(
     "case", ["log_probs", "linear_log_probs", "distillation_loss-jsd", "linear_distillation_loss-reverse_kl"]

@@ -2,7 +2,7 @@
 
 ``WeightedLabelLogProb`` (one pass) and ``SecondPassEntropy`` (a second pass
 once the normalizer is known) are not jaxsce losses: each is one small
-:class:`~jaxsce._rowloss.RowLoss`, run through every driver (logit level,
+:class:`~jaxsce._engine._rowloss.RowLoss`, run through every driver (logit level,
 streamed, single pass, forward mode, vocabulary-sharded in both ``check_vma``
 modes) and compared with float64 NumPy formulas of its definition.
 """
@@ -18,8 +18,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from reference import np_log_softmax
 
-from jaxsce import _front, _rowloss, _stream
-from jaxsce._targets import block_hits, label_entry
+from jaxsce._api import _front
+from jaxsce._engine import _rowloss, _stream
+from jaxsce._engine._targets import block_hits, label_entry
 
 
 class LabelSum(NamedTuple):

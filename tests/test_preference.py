@@ -14,7 +14,7 @@ from marks import fast_cases
 from reference import naive_preference_loss
 
 import jaxsce
-from jaxsce._preference import DPO_TYPES, LOSS_TYPES
+from jaxsce._losses._preference import DPO_TYPES, LOSS_TYPES
 
 PAIRS, L, D, V = 3, 5, 6, 37
 SMOOTHING = {"robust": 0.1, "exo_pair": 1e-3, "simpo": 0.1, "cpo": 0.1, "sigmoid": 0.1}

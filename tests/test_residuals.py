@@ -14,7 +14,7 @@ from marks import all_cases_fast, fast_cases
 from reference import naive_cross_entropy, np_cross_entropy
 
 import jaxsce
-from jaxsce import _logit_ce
+from jaxsce._engine import _logit_ce
 
 N, C = 12, 37
 

@@ -35,15 +35,17 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, cast, overload
 import jax
 import jax.numpy as jnp
 
-from . import _auto, _front, _labels, _options, _reduce, _spmd, _stream, _targets, _transform, _typing
-from ._inputs import check_class_ids, check_head
-from ._logit_ce import in_range, total_weight
-from ._rowloss import Vocab
-from ._stream import DEFAULT_MEMORY_BUDGET, Head
-from ._targets import Options
+from .._api import _auto, _front, _options
+from .._api._inputs import check_class_ids, check_head
+from .._base import _labels, _reduce, _spmd, _transform, _typing
+from .._engine import _stream, _targets
+from .._engine._logit_ce import in_range, total_weight
+from .._engine._rowloss import Vocab
+from .._engine._stream import DEFAULT_MEMORY_BUDGET, Head
+from .._engine._targets import Options
 
 if TYPE_CHECKING:
-    from ._typing import Unpack
+    from .._base._typing import Unpack
 
 
 class CERows(NamedTuple):

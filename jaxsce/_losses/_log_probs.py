@@ -1,7 +1,7 @@
 r"""``log_probs`` and ``linear_log_probs``: per-token log-probabilities and entropy.
 
 The per-row math (``log p_y``, the entropy, their gradients, the sampler's
-kept set) is :class:`~jaxsce._tokens.LogProbRows`; this module holds the two
+kept set) is :class:`~jaxsce._tiers._tokens.LogProbRows`; this module holds the two
 public functions and their checks.
 """
 
@@ -12,15 +12,17 @@ from typing import TYPE_CHECKING, Literal, overload
 
 import jax
 
-from . import _auto, _front, _labels, _options, _sampler, _spmd, _stream, _typing, _validate
-from ._inputs import check_class_ids, check_head, check_logit_labels
-from ._rowloss import Vocab
-from ._stream import DEFAULT_MEMORY_BUDGET
-from ._tokens import LogProbRows, SampledRows, TokenConsts
-from ._transform import Transform
+from .._api import _auto, _front, _options
+from .._api._inputs import check_class_ids, check_head, check_logit_labels
+from .._base import _labels, _spmd, _typing, _validate
+from .._base._transform import Transform
+from .._engine import _sampler, _stream
+from .._engine._rowloss import Vocab
+from .._engine._stream import DEFAULT_MEMORY_BUDGET
+from .._tiers._tokens import LogProbRows, SampledRows, TokenConsts
 
 if TYPE_CHECKING:
-    from ._typing import Unpack
+    from .._base._typing import Unpack
 
 AxisName = str | tuple[str, ...] | None
 

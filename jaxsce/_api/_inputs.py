@@ -10,8 +10,8 @@ import math
 
 import jax.numpy as jnp
 
-from . import _validate
-from ._stream import Head
+from .._base import _validate
+from .._engine._stream import Head
 
 
 def check_head(hidden, weight, bias, layout: str, prefix: str = "", linear: str = "linear_") -> tuple[Head, int]:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _spmd, _validate
+from .._base import _spmd, _validate
 
 
 class Blocks(NamedTuple):

@@ -27,9 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _labels, _spmd, _validate
-from ._targets import Options
-from ._transform import Transform
+from .._base import _labels, _spmd, _validate
+from .._base._transform import Transform
+from .._engine._targets import Options
 
 REDUCTIONS = ("mean", "sum", "none")
 _P = ParamSpec("_P")
@@ -399,7 +399,7 @@ def temperature_option(value: Any) -> jax.Array | None:
 
 
 def transform(logit_softcap: Any, temperature: Any) -> Transform:
-    """The public ``logit_softcap`` and ``temperature`` as a :class:`~jaxsce._transform.Transform`."""
+    """The public ``logit_softcap`` and ``temperature`` as a :class:`~jaxsce._base._transform.Transform`."""
     return Transform(
         logit_softcap=float_option(logit_softcap, "logit_softcap", off_when_zero=False),
         temperature=temperature_option(temperature),

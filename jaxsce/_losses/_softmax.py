@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _options, _validate
+from .._api import _options
+from .._base import _validate
 
 Axis = int | tuple[int, ...] | None
 

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _spmd
+from .._base import _spmd
 
 #: The candidate bound of ``top_p`` without ``top_k``: rows whose nucleus holds more tokens search it.
 TOP_P_CANDIDATES = 256

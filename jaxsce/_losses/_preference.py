@@ -32,14 +32,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _auto, _front, _labels, _options, _spmd, _stream, _tokens, _typing, _validate
-from ._inputs import check_class_ids, check_head, check_logit_labels
-from ._rowloss import Vocab
-from ._stream import DEFAULT_MEMORY_BUDGET
-from ._tokens import LogProbRows
+from .._api import _auto, _front, _options
+from .._api._inputs import check_class_ids, check_head, check_logit_labels
+from .._base import _labels, _spmd, _typing, _validate
+from .._engine import _stream
+from .._engine._rowloss import Vocab
+from .._engine._stream import DEFAULT_MEMORY_BUDGET
+from .._tiers import _tokens
+from .._tiers._tokens import LogProbRows
 
 if TYPE_CHECKING:
-    from ._typing import Unpack
+    from .._base._typing import Unpack
 
 AxisName = str | tuple[str, ...] | None
 
@@ -431,7 +434,7 @@ def preference_loss(
     :math:`-\beta\log\sigma((c - r) - (\log(1 - e^c) - \log(1 - e^r)))`.
     :math:`P` counts the pairs with a counted token and :math:`N_c` the
     counted chosen tokens, over ``batch_axis_name`` too. The guide lists
-    every formula (:data:`jaxsce._preference.FORMULAS`).
+    every formula (:data:`jaxsce._losses._preference.FORMULAS`).
 
     Args:
       chosen_logits, rejected_logits: ``[P, L, V]`` floating.

@@ -5,7 +5,7 @@ A fused loss reads one or more linear heads, ``z_k = h_k W_k + b_k`` (one
 teacher's), and is, per token, a function of a few sums over the rows of
 ``s_k = f_k(z_k)`` (``f_k``: soft cap, temperature). Here the logits only
 ever exist as ``[token_block, vocab_block]`` blocks (``_blocks``). A loss
-is a :class:`~jaxsce._rowloss.RowLoss` (``_rowloss``); the engine owns the
+is a :class:`~jaxsce._engine._rowloss.RowLoss` (``_rowloss``); the engine owns the
 loops, the online max and sum of exponentials of every head, masking, the
 matmuls and the collectives. Its drivers:
 
@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _spmd, _validate
+from .._base import _spmd, _validate
 from ._blocks import (
     DEFAULT_MEMORY_BUDGET,
     Blocks,
@@ -177,7 +177,7 @@ def _whole_pass(loss: RowLoss, s, norm, col0, rows_data, cols, consts):
 
 
 def _after_first_pass(loss: RowLoss, acc: Acc, stats: Stats, rows, valid, run_pass):
-    """What :meth:`~jaxsce._rowloss.RowLoss.finish` gets as ``second``: the second pass's sums, the final
+    """What :meth:`~jaxsce._engine._rowloss.RowLoss.finish` gets as ``second``: the second pass's sums, the final
     state of a loss's search, or None. ``run_pass(rows)`` sums one more pass over the blocks."""
     if loss.second_pass:
         return run_pass(loss.second_rows(acc, rows))
@@ -187,7 +187,7 @@ def _after_first_pass(loss: RowLoss, acc: Acc, stats: Stats, rows, valid, run_pa
 
 
 def search(loss: RowLoss, state, rows, valid, run_pass):
-    """A loss's search (:meth:`~jaxsce._rowloss.RowLoss.searches`): passes while any counted row is pending,
+    """A loss's search (:meth:`~jaxsce._engine._rowloss.RowLoss.searches`): passes while any counted row is pending,
     at most ``loss.search_limit()``. Each pass reads every block once more (a matmul pass when fused).
 
     The loop's condition depends only on sums already combined over the vocabulary shards, so every

@@ -39,10 +39,12 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import _front, _sampler, _spmd, _stream, _transform
-from ._rowloss import Vocab
-from ._targets import block_hits, in_block, label_entry
-from ._transform import Transform
+from .._api import _front
+from .._base import _spmd, _transform
+from .._base._transform import Transform
+from .._engine import _sampler, _stream
+from .._engine._rowloss import Vocab
+from .._engine._targets import block_hits, in_block, label_entry
 
 
 def entropy_sum(a, blk: _stream.Block, head: int = 0):
@@ -67,7 +69,7 @@ class TokenConsts(NamedTuple):
 
 class LogProbSums(NamedTuple):
     """Per-row sums: the label's ``s_y``, for the entropy ``A = sum_c exp(s_c - m)(s_c - m)``,
-    a reference head's ``s_y``, and a sampler's candidates (:mod:`jaxsce._sampler`)."""
+    a reference head's ``s_y``, and a sampler's candidates (:mod:`jaxsce._engine._sampler`)."""
 
     label: jax.Array
     entropy: jax.Array | None = None
@@ -91,7 +93,7 @@ class LogProbRows(_stream.RowLoss):
     (a frozen reference policy) read in the same stream: its log-probability
     of the same label is one more output, without a gradient. With
     ``sampler``, both outputs are of the distribution a top-k / top-p
-    sampler drew from (:mod:`jaxsce._sampler`); its kept set is a constant
+    sampler drew from (:mod:`jaxsce._engine._sampler`); its kept set is a constant
     for differentiation, and the rows are :class:`SampledRows`.
     """
 
@@ -121,7 +123,7 @@ class LogProbRows(_stream.RowLoss):
 
     def searches(self) -> bool:
         # Top-p alone over more classes than the candidates hold: rows whose candidates do not reach p
-        # find their threshold in further passes (:mod:`jaxsce._sampler`).
+        # find their threshold in further passes (:mod:`jaxsce._engine._sampler`).
         sp = self.sampler
         return sp is not None and sp.top_p and not sp.covered
 
@@ -244,7 +246,8 @@ class LogProbRows(_stream.RowLoss):
 
 
 def grouped_vjp(fn, args: tuple, shape: tuple):
-    """A per-token objective on a token block, for the single-pass path's :meth:`~jaxsce._rowloss.RowLoss.scalar`.
+    """A per-token objective on a token block, for the single-pass path
+    (:meth:`~jaxsce._engine._rowloss.RowLoss.scalar`).
 
     ``fn(*args)`` takes the flat ``[T]`` arrays ``args`` (None entries stay
     None) reshaped to ``shape`` (whole groups of rows: completions, pairs)
@@ -348,7 +351,7 @@ def evaluate(
     """The sum of a token objective's values over the tokens, and its metrics.
 
     ``heads``: the logits ``([T, V],)`` (the logit level) or the linear
-    heads (:class:`~jaxsce._stream.Head`, a reference head second), with
+    heads (:class:`~jaxsce._engine._stream.Head`, a reference head second), with
     ``fused`` the fused path's options (``layouts``, ``token_block``,
     ``vocab_block``, ``memory_budget``). ``valid``, ``labels``: ``[T]``;
     ``data``: the objective's per-token data, a pytree of ``[T, ...]``

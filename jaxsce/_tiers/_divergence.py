@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _options, _reduce, _validate
-from ._transform import Transform
+from .._api import _options
+from .._base import _reduce, _validate
+from .._base._transform import Transform
 
 DIVERGENCES = ("kl", "reverse_kl", "jsd")
 

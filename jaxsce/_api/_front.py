@@ -2,7 +2,7 @@
 
 A public loss is its signature and docstring, the checks of its own options,
 and a jitted implementation (:func:`implementation`) that builds its
-:class:`~jaxsce._rowloss.RowLoss` and hands it to :func:`fused` (from hidden
+:class:`~jaxsce._engine._rowloss.RowLoss` and hands it to :func:`fused` (from hidden
 states and heads) or to the logit-level drivers. What every loss shares is
 here, once:
 
@@ -23,7 +23,8 @@ from typing import NamedTuple, cast
 import jax
 import jax.numpy as jnp
 
-from . import _reduce, _stream, _validate
+from .._base import _reduce, _validate
+from .._engine import _stream
 
 
 def implementation(fn):
@@ -121,7 +122,7 @@ def fused(
     ``scalar``: the caller reduces to ``"mean"``/``"sum"`` and needs no
     per-row output, so the single-pass path may be taken (not with vocabulary
     sharding, an explicit ``vocab_block``, or forward mode); its
-    :meth:`~jaxsce._rowloss.RowLoss.scalar` then returns ``n_aux`` aux
+    :meth:`~jaxsce._engine._rowloss.RowLoss.scalar` then returns ``n_aux`` aux
     terms. Zero tokens give empty outputs without streaming.
 
     ``invariant`` (``batch_invariant=True``): every row's outputs are

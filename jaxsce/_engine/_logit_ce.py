@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _spmd, _targets, _transform
+from .._base import _spmd, _transform
+from .._base._validate import compute_dtype
+from . import _targets
 from ._targets import Options
-from ._validate import compute_dtype
 
 
 def psum_rows(*rows: jax.Array, opts: Options):

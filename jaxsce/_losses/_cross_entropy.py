@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING, Literal, overload
 import jax
 import jax.numpy as jnp
 
-from . import _auto, _front, _labels, _logit_ce, _options, _reduce, _spmd, _typing, _validate
+from .._api import _auto, _front, _options
+from .._base import _labels, _reduce, _spmd, _typing, _validate
+from .._engine import _logit_ce
 
 if TYPE_CHECKING:
-    from ._typing import Unpack
+    from .._base._typing import Unpack
 
 AxisName = str | tuple[str, ...] | None
 

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._transform import Transform
+from .._base._transform import Transform
 
 
 @functools.partial(

@@ -27,10 +27,10 @@ from typing import Any, Literal, overload
 import jax
 from jax.sharding import Mesh
 
-from . import _auto, _options
+from .._api import _auto, _options
+from .._base._reduce import LossAux
 from ._cross_entropy import cross_entropy
 from ._linear import linear_cross_entropy
-from ._reduce import LossAux
 
 # The options the wrappers pass on (a mistyped one is named up front, with the nearest valid names).
 _FORWARDED_CE = tuple(inspect.signature(cross_entropy).parameters)

@@ -29,7 +29,7 @@ Since the weights are known before the stream and a token's loss depends
 on its own log-probability (or its completion's, at the sequence level),
 each token's cotangent is known as soon as its log-probability is. The
 loss is a token objective (:class:`Objective`, on the tier of
-:mod:`jaxsce._tokens`): the fused loss forms the gradient in its forward
+:mod:`jaxsce._tiers._tokens`): the fused loss forms the gradient in its forward
 stream, from ``jax.vjp`` of the objective per token block (3 matmul
 passes). Where that path does not apply (vocabulary sharding, a ``d_W``
 larger than the memory budget, an explicit ``vocab_block``) the per-token
@@ -47,13 +47,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _auto, _front, _labels, _options, _spmd, _stream, _tokens, _typing, _validate
-from ._inputs import check_class_ids, check_head, check_logit_labels
-from ._rowloss import Vocab
-from ._stream import DEFAULT_MEMORY_BUDGET
+from .._api import _auto, _front, _options
+from .._api._inputs import check_class_ids, check_head, check_logit_labels
+from .._base import _labels, _spmd, _typing, _validate
+from .._engine import _stream
+from .._engine._rowloss import Vocab
+from .._engine._stream import DEFAULT_MEMORY_BUDGET
+from .._tiers import _tokens
 
 if TYPE_CHECKING:
-    from ._typing import Unpack
+    from .._base._typing import Unpack
 
 AxisName = str | tuple[str, ...] | None
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo")

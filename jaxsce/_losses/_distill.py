@@ -35,12 +35,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _auto, _divergence, _front, _labels, _options, _sampler, _spmd, _stream, _transform, _validate
-from ._divergence import DistillConsts
-from ._inputs import check_class_ids, check_head, check_logit_labels
-from ._rowloss import Vocab
-from ._stream import DEFAULT_MEMORY_BUDGET
-from ._targets import block_hits, in_block, label_entry
+from .._api import _auto, _front, _options
+from .._api._inputs import check_class_ids, check_head, check_logit_labels
+from .._base import _labels, _spmd, _transform, _validate
+from .._engine import _sampler, _stream
+from .._engine._rowloss import Vocab
+from .._engine._stream import DEFAULT_MEMORY_BUDGET
+from .._engine._targets import block_hits, in_block, label_entry
+from .._tiers import _divergence
+from .._tiers._divergence import DistillConsts
 
 AxisName = str | tuple[str, ...] | None
 

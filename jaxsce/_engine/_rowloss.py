@@ -15,7 +15,7 @@ from typing import Any, ClassVar, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from . import _spmd
+from .._base import _spmd
 
 
 class Block(NamedTuple):

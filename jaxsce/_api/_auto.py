@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from . import _validate
+from .._base import _validate
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")

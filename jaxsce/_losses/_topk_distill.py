@@ -33,11 +33,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from . import _auto, _divergence, _front, _labels, _options, _spmd, _stream, _transform, _validate
-from ._divergence import DIVERGENCES, DistillConsts
-from ._inputs import check_head
-from ._rowloss import Vocab
-from ._stream import DEFAULT_MEMORY_BUDGET
+from .._api import _auto, _front, _options
+from .._api._inputs import check_head
+from .._base import _labels, _spmd, _transform, _validate
+from .._engine import _stream
+from .._engine._rowloss import Vocab
+from .._engine._stream import DEFAULT_MEMORY_BUDGET
+from .._tiers import _divergence
+from .._tiers._divergence import DIVERGENCES, DistillConsts
 
 AxisName = str | tuple[str, ...] | None
 
@@ -253,7 +256,7 @@ def topk_distillation_loss(
     The divergence of the bins is ``"kl"`` (:math:`\mathrm{KL}(P_t \| q)`, the
     default), ``"reverse_kl"`` or ``"jsd"``, as in
     :func:`jaxsce.distillation_loss`. The gradient with respect to the
-    student's logits is analytic (see the module ``jaxsce._topk_distill``);
+    student's logits is analytic (see the module ``jaxsce._losses._topk_distill``);
     the backward keeps one number per token and bin, nothing of the logits'
     size. The temperature applies to the student only; the teacher's
     log-probabilities are used as stored.
