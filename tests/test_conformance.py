@@ -339,3 +339,45 @@ def test_vocabulary_parallel_equals_unsharded(name, check_vma):
     np.testing.assert_allclose(got, want, rtol=1e-11)
     for g, w in zip(got_g, want_g):
         np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-12)
+
+
+#: A value each kind of static option refuses.
+BAD_STATIC = {
+    "axis": [[0]],
+    "axis_name": [["x"]],
+    "batch_axis_name": [["x"]],
+    "num_classes": 0,
+    "ignore_index": 1.5,
+    "top_k": 1.5,
+    "top_p_candidates": 0,
+    "reduction": "average",
+    "derivative": "fwd",
+    "weight_layout": "vdv",
+    "token_block": -8,
+    "vocab_block": 0,
+    "memory_budget": None,
+    "max_completion_length": 0,
+}
+
+
+def _static_cases():
+    from jaxsce._api import _options
+
+    for name in NAMES:
+        params = inspect.signature(getattr(jaxsce, name)).parameters
+        for option in sorted(set(params) & set(_options.STATIC)):
+            yield name, option
+
+
+@pytest.mark.parametrize("name, option", list(_static_cases()))
+@fast_cases(lambda p: p["name"] == "linear_policy_loss")
+def test_every_static_option_is_checked_at_the_door_by_its_one_rule(name, option):
+    """Each static option is declared once (``_options.STATIC``) and checked the same way for every
+    function that takes it, before any array is looked at (so the arrays here may be anything)."""
+    bad = BAD_STATIC.get(option, "yes")  # the flags refuse a string
+    f = getattr(jaxsce, name)
+    positional = sum(
+        p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in inspect.signature(f).parameters.values()
+    )
+    with pytest.raises((TypeError, ValueError), match=option):
+        f(*([None] * positional), **{option: bad})

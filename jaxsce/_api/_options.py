@@ -21,7 +21,7 @@ import functools
 import inspect
 import operator
 from collections.abc import Callable
-from typing import Any, NamedTuple, ParamSpec, TypeVar
+from typing import Any, NamedTuple, ParamSpec, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -37,19 +37,30 @@ _R = TypeVar("_R")
 
 
 def keyword_checked(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """``fn`` whose error for an unknown keyword option suggests the nearest valid names.
+    """``fn`` with its options checked at the door: an unknown keyword gets the nearest valid names, an
+    argument that is a framework's parameter object is named, and each static option of :data:`STATIC`
+    that ``fn`` takes is checked by its one declared rule (``fn`` receives the checked value; the
+    defaults in its signature are valid by construction).
 
     Python's own error (``got an unexpected keyword argument``) does not say
     what was meant; with thirty options a typo such as ``label_smothing``
     deserves the answer.
     """
-    params = tuple(inspect.signature(fn).parameters)
+    signature = inspect.signature(fn)
+    params = tuple(signature.parameters)
+    table = {name: STATIC[name] for name in params if name in STATIC}
+    # A wrapper that forwards ``**options`` leaves the unknown ones to the function it calls.
+    forwards = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
 
     @functools.wraps(fn)
     def checked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        check_keywords(fn.__name__, kwargs, params)
+        if not forwards:
+            check_keywords(fn.__name__, kwargs, params)
         for name, value in (*zip(params, args), *kwargs.items()):
             check_not_wrapped(value, name, fn.__name__)
+        given = [name for name in kwargs if name in table]
+        if given:
+            kwargs = cast(Any, {**kwargs, **{name: table[name](kwargs[name]) for name in given}})
         return fn(*args, **kwargs)
 
     return checked
@@ -191,27 +202,56 @@ def hashable_axes(value: Any, name: str):
 def shared(
     *, reduction, ignore_index, return_aux, derivative, axis_name, batch_axis_name, check_labels, num_classes
 ) -> dict:
-    """The static options every loss takes, checked; returned by name."""
+    """The static options every loss takes (checked at the door, :data:`STATIC`), by name."""
     return dict(
-        num_classes=size(num_classes, "num_classes"),
-        reduction=choice(reduction, "reduction", REDUCTIONS),
-        ignore_index=ignored_class(ignore_index),
-        return_aux=flag(return_aux, "return_aux"),
-        derivative=choice(derivative, "derivative", DERIVATIVES),
-        axis_name=hashable_axes(axis_name, "axis_name"),
-        batch_axis_name=hashable_axes(batch_axis_name, "batch_axis_name"),
-        check_labels=flag(check_labels, "check_labels"),
+        num_classes=num_classes,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        return_aux=return_aux,
+        derivative=derivative,
+        axis_name=axis_name,
+        batch_axis_name=batch_axis_name,
+        check_labels=check_labels,
     )
 
 
 def fused(*, weight_layout, token_block, vocab_block, memory_budget) -> dict:
-    """The static options every fused loss takes (the head's layout and the blocks), checked; by name."""
+    """The static options every fused loss takes (the head's layout and the blocks; checked at the door,
+    :data:`STATIC`), by name."""
     return dict(
-        weight_layout=choice(weight_layout, "weight_layout", ("dv", "vd")),
-        token_block=size(token_block, "token_block"),
-        vocab_block=size(vocab_block, "vocab_block"),
-        memory_budget=size(memory_budget, "memory_budget", allow_none=False),
+        weight_layout=weight_layout, token_block=token_block, vocab_block=vocab_block, memory_budget=memory_budget
     )
+
+
+#: The static options (they select the compiled program), each declared once for every public function:
+#: its name and its check. Every function decorated with :func:`keyword_checked` checks the ones it takes.
+STATIC: dict[str, Callable[[Any], Any]] = {
+    "axis": lambda v: hashable_axes(v, "axis"),
+    "axis_name": lambda v: hashable_axes(v, "axis_name"),
+    "batch_axis_name": lambda v: hashable_axes(v, "batch_axis_name"),
+    "num_classes": lambda v: size(v, "num_classes"),
+    "ignore_index": ignored_class,
+    "top_k": top_k,
+    "top_p_candidates": lambda v: size(v, "top_p_candidates", allow_none=False),
+    "reduction": lambda v: choice(v, "reduction", REDUCTIONS),
+    "derivative": lambda v: choice(v, "derivative", DERIVATIVES),
+    "weight_layout": lambda v: choice(v, "weight_layout", ("dv", "vd")),
+    "token_block": lambda v: size(v, "token_block"),
+    "vocab_block": lambda v: size(v, "vocab_block"),
+    "memory_budget": lambda v: size(v, "memory_budget", allow_none=False),
+    "max_completion_length": lambda v: size(v, "max_completion_length"),
+    **{
+        name: functools.partial(lambda v, name: flag(v, name), name=name)
+        for name in (
+            "return_aux",
+            "return_entropy",
+            "check_labels",
+            "batch_invariant",
+            "kl_importance_correction",
+            "tail",
+        )
+    },
+}
 
 
 class Floats(NamedTuple):

@@ -209,7 +209,7 @@ def cross_entropy(
     """
     _labels.check_host_labels(labels)
     static = dict(
-        axis=_options.hashable_axes(axis, "axis"),
+        axis=axis,
         **_options.shared(
             reduction=reduction,
             ignore_index=ignore_index,

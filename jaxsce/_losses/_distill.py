@@ -362,10 +362,7 @@ def distillation_loss(
       >>> print(f"{jaxsce.distillation_loss(s, t):.4f}")  # 0.5 log 2 + 0.5 log(2/3)
       0.1438
     """
-    static = dict(
-        axis=_options.hashable_axes(axis, "axis"),
-        **_static(reduction, axis_name, batch_axis_name, derivative, num_classes),
-    )
+    static: dict[str, Any] = dict(axis=axis, **_static(reduction, axis_name, batch_axis_name, derivative, num_classes))
     divergence, consts, hard, static["top_k"], static["ignore_index"] = _divergence_options(
         divergence, beta, temperature, labels, hard_weight, soft_weight, ignore_index, top_k
     )
@@ -433,13 +430,13 @@ def _hard_options(consts: DistillConsts, labels, hard_weight, soft_weight) -> tu
 
 
 def _static(reduction, axis_name, batch_axis_name, derivative, num_classes) -> dict[str, Any]:
-    """The static options both distillation functions share, checked."""
+    """The static options both distillation functions share (checked at the door), by name."""
     return dict(
-        reduction=_options.choice(reduction, "reduction", _options.REDUCTIONS),
-        axis_name=_options.hashable_axes(axis_name, "axis_name"),
-        batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
-        derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
-        num_classes=_options.size(num_classes, "num_classes"),
+        reduction=reduction,
+        axis_name=axis_name,
+        batch_axis_name=batch_axis_name,
+        derivative=derivative,
+        num_classes=num_classes,
     )
 
 
@@ -456,14 +453,14 @@ def _divergence_options(divergence, beta, temperature, labels, hard_weight, soft
     if labels is not None:
         _labels.check_host_labels(labels)
     divergence, consts = _divergence.options_of(divergence, beta, temperature)
-    k = _options.top_k(top_k)
+    k = top_k
     if k is not None and divergence == "jsd":
         raise ValueError(
             "top_k bins the teacher's top k for divergence='kl' and the student's for 'reverse_kl'; "
             "'jsd' has no such bins: pass top_k=None or another divergence."
         )
     consts, hard = _hard_options(consts, labels, hard_weight, soft_weight)
-    ignore = _options.ignored_class(ignore_index)
+    ignore = ignore_index
     if labels is None and ignore not in (None, _labels.DEFAULT_IGNORE_INDEX):
         raise ValueError("ignore_index applies to labels: pass labels.")
     return divergence, consts, hard, k, ignore

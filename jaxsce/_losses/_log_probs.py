@@ -161,16 +161,16 @@ def log_probs(
     """
     _labels.check_host_labels(labels)
     static = dict(
-        axis=_options.hashable_axes(axis, "axis"),
-        return_entropy=_options.flag(return_entropy, "return_entropy"),
-        axis_name=_options.hashable_axes(axis_name, "axis_name"),
-        check_labels=_options.flag(check_labels, "check_labels"),
-        derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
-        num_classes=_options.size(num_classes, "num_classes"),
-        ignore_index=_options.ignored_class(ignore_index),
-        top_k=_options.top_k(top_k),
-        top_p_candidates=_options.size(top_p_candidates, "top_p_candidates", allow_none=False),
-        batch_invariant=_options.flag(batch_invariant, "batch_invariant"),
+        axis=axis,
+        return_entropy=return_entropy,
+        axis_name=axis_name,
+        check_labels=check_labels,
+        derivative=derivative,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        top_k=top_k,
+        top_p_candidates=top_p_candidates,
+        batch_invariant=batch_invariant,
     )
     tp = _options.transform(logit_softcap, temperature)
     return _options.run(_log_probs, (logits, labels, where, _options.top_p(top_p), tp), static)
@@ -350,15 +350,15 @@ def linear_log_probs(
         **_options.fused(
             weight_layout=weight_layout, token_block=token_block, vocab_block=vocab_block, memory_budget=memory_budget
         ),
-        return_entropy=_options.flag(return_entropy, "return_entropy"),
-        axis_name=_options.hashable_axes(axis_name, "axis_name"),
-        check_labels=_options.flag(check_labels, "check_labels"),
-        derivative=_options.choice(derivative, "derivative", _options.DERIVATIVES),
-        num_classes=_options.size(num_classes, "num_classes"),
-        ignore_index=_options.ignored_class(ignore_index),
-        top_k=_options.top_k(top_k),
-        top_p_candidates=_options.size(top_p_candidates, "top_p_candidates", allow_none=False),
-        batch_invariant=_options.flag(batch_invariant, "batch_invariant"),
+        return_entropy=return_entropy,
+        axis_name=axis_name,
+        check_labels=check_labels,
+        derivative=derivative,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        top_k=top_k,
+        top_p_candidates=top_p_candidates,
+        batch_invariant=batch_invariant,
     )
     _front.check_forward_mode(derivative, "linear_log_probs", hidden, linear_weight, linear_bias)
     tp = _options.transform(logit_softcap, temperature)

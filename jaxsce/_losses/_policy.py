@@ -256,7 +256,7 @@ def _settings(
             f"importance_sampling_level='sequence' is not defined for loss_type={loss_type!r} "
             "(its ratio is per token); use importance_sampling_level='token'."
         )
-    max_len = _options.size(max_completion_length, "max_completion_length")
+    max_len = max_completion_length
     if loss_type == "dr_grpo" and max_len is None:
         raise ValueError("loss_type='dr_grpo' divides by B * max_completion_length: pass max_completion_length.")
     if loss_type == "cispo" and epsilon_high is None:
@@ -295,15 +295,15 @@ def _settings(
         objective=Objective(
             loss_type=loss_type,
             level=level,
-            kl_correction=_options.flag(kl_importance_correction, "kl_importance_correction"),
+            kl_correction=kl_importance_correction,
         ),
         max_completion_length=max_len,
-        return_aux=_options.flag(return_aux, "return_aux"),
-        axis_name=_options.hashable_axes(axis_name, "axis_name"),
-        batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
-        num_classes=_options.size(num_classes, "num_classes"),
-        ignore_index=_options.ignored_class(ignore_index),
-        batch_invariant=_options.flag(batch_invariant, "batch_invariant"),
+        return_aux=return_aux,
+        axis_name=axis_name,
+        batch_axis_name=batch_axis_name,
+        num_classes=num_classes,
+        ignore_index=ignore_index,
+        batch_invariant=batch_invariant,
     )
     return Settings(static, consts, num_items)
 
@@ -630,7 +630,7 @@ def policy_loss(
     _labels.check_host_labels(labels)
     st = _settings(**{k: v for k, v in options.items() if k in SETTINGS}, has_reference=ref_log_probs is not None)
     data = (advantages, old_log_probs, ref_log_probs, sampler_weights)
-    axis = _options.hashable_axes(axis, "axis")
+    axis = axis
     return _policy_loss(logits, labels, where, data, st.consts, st.num_items, axis=axis, **st.static)
 
 

@@ -489,11 +489,11 @@ def preference_loss(
     )
     static = dict(
         loss_type=kind,
-        ignore_index=_options.ignored_class(ignore_index),
-        return_aux=_options.flag(return_aux, "return_aux"),
-        axis_name=_options.hashable_axes(axis_name, "axis_name"),
-        batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
-        num_classes=_options.size(num_classes, "num_classes"),
+        ignore_index=ignore_index,
+        return_aux=return_aux,
+        axis_name=axis_name,
+        batch_axis_name=batch_axis_name,
+        num_classes=num_classes,
     )
     logits = (chosen_logits, rejected_logits)
     labels = (chosen_labels, rejected_labels)
@@ -691,11 +691,11 @@ def linear_preference_loss(
             weight_layout=weight_layout, token_block=token_block, vocab_block=vocab_block, memory_budget=memory_budget
         ),
         loss_type=kind,
-        ignore_index=_options.ignored_class(ignore_index),
-        return_aux=_options.flag(return_aux, "return_aux"),
-        axis_name=_options.hashable_axes(axis_name, "axis_name"),
-        batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
-        num_classes=_options.size(num_classes, "num_classes"),
+        ignore_index=ignore_index,
+        return_aux=return_aux,
+        axis_name=axis_name,
+        batch_axis_name=batch_axis_name,
+        num_classes=num_classes,
     )
     hidden = (chosen_hidden, rejected_hidden)
     ref_head = (ref_chosen_hidden, ref_rejected_hidden, ref_weight, ref_bias)

@@ -60,6 +60,7 @@ def sharded_cross_entropy(
 def sharded_cross_entropy(
     logits: jax.Array, labels: jax.Array, *, mesh: Mesh, return_aux: bool, **options: Any
 ) -> jax.Array | tuple[jax.Array, LossAux]: ...
+@_options.keyword_checked
 def sharded_cross_entropy(
     logits: jax.Array,
     labels: jax.Array,
@@ -162,6 +163,7 @@ def sharded_linear_cross_entropy(
 def sharded_linear_cross_entropy(
     hidden: jax.Array, linear_weight: jax.Array, labels: jax.Array, *, mesh: Mesh, return_aux: bool, **options: Any
 ) -> jax.Array | tuple[jax.Array, LossAux]: ...
+@_options.keyword_checked
 def sharded_linear_cross_entropy(
     hidden: jax.Array,
     linear_weight: jax.Array,

@@ -196,11 +196,11 @@ def _teacher_top_k(indices, log_probs, batch_shape, what: str):
 def _statics(tail, reduction, axis_name, batch_axis_name, num_classes) -> dict:
     """The static options both functions share, checked."""
     return dict(
-        tail=_options.flag(tail, "tail"),
-        reduction=_options.choice(reduction, "reduction", _options.REDUCTIONS),
-        axis_name=_options.hashable_axes(axis_name, "axis_name"),
-        batch_axis_name=_options.hashable_axes(batch_axis_name, "batch_axis_name"),
-        num_classes=_options.size(num_classes, "num_classes"),
+        tail=tail,
+        reduction=reduction,
+        axis_name=axis_name,
+        batch_axis_name=batch_axis_name,
+        num_classes=num_classes,
     )
 
 
